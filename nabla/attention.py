@@ -1,0 +1,162 @@
+"""Sparse attention on FlexAttention: block mask (NABLA, STA or both) -> BlockMask -> flex_attention."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from nabla.config import SparsityConfig
+from nabla.layout import TileLayout, _on
+from nabla.masks import coarsen_block_mask, nabla_block_mask, sta_block_mask
+
+
+def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
+    """The kept (query block, key block) pairs [B, H, nb, nb] for `config` (NABLA, STA or their union)."""
+    B, H, S, _ = q.shape
+    bs = config.block_size
+    nb = math.ceil(S / bs)
+    if config.uses_nabla:
+        keep = _nabla(q, k, config.threshold, bs, layout.valid_on(q.device), config.min_density, config.max_density)
+    else:
+        keep = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=q.device)
+    if config.uses_sta:
+        keep = keep | _sta_blocks(layout, config, q.device)
+    if config.mode == "full":
+        keep = ~keep
+    return keep
+
+
+def _nabla(q, k, threshold, block_size, valid, min_density, max_density):
+    fn = _compiled_nabla() if q.is_cuda else nabla_block_mask
+    return fn(q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density)
+
+
+@lru_cache(maxsize=None)
+def _compiled_nabla():
+    return torch.compile(nabla_block_mask, dynamic=False)
+
+
+@lru_cache(maxsize=32)
+def _sta_blocks_cpu(layout: TileLayout, window: tuple, shift: bool, block_size: int) -> torch.Tensor:
+    return coarsen_block_mask(sta_block_mask(layout.grid, window, shift), block_size // layout.tile_size)
+
+
+def _sta_blocks(layout: TileLayout, config: SparsityConfig, device: torch.device) -> torch.Tensor:
+    if config.block_size % layout.tile_size:
+        raise ValueError(f"STA needs block_size ({config.block_size}) to be a multiple of the tile ({layout.tile_size})")
+    return _device_copy(_sta_blocks_cpu(layout, config.sta_window, config.sta_shift_at_border, config.block_size), device)
+
+
+@lru_cache(maxsize=64)
+def _device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device)
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the count and the ascending column indices of True entries (no argsort over all blocks)."""
+    n = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, n)  # unkept go to a dump column
+    cols = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(mask)
+    indices = torch.zeros(*mask.shape[:-1], n + 1, dtype=torch.int32, device=mask.device)
+    return counts, indices.scatter_(-1, slot.long(), cols)[..., :n]
+
+
+def _padded_valid(layout: TileLayout, block_size: int, device: torch.device) -> torch.Tensor:
+    """`layout.valid` padded with False up to whole blocks, so mask_mod never indexes past the end."""
+    valid = layout.valid_on(device)
+    return F.pad(valid, (0, -len(valid) % block_size), value=False)
+
+
+def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool) -> BlockMask:
+    """BlockMask from a block-level mask [B, H, nb, nb], built from block indices (never S x S).
+
+    Kept key blocks without padding are "full" blocks (no mask_mod evaluated); those holding padding
+    keys are "partial" and run a mask_mod that drops the padding keys. Eager flex_attention ignores
+    the block structure and applies only mask_mod, so with `exact_mask_mod` the mask_mod also looks
+    up the block mask itself (the CPU path).
+    """
+    S = layout.padded_length
+    valid = _padded_valid(layout, block_size, keep.device)
+    partial_cols = ~valid.view(-1, block_size).all(-1)
+    kv_num, kv_idx = _compact(keep & partial_cols)
+    full_num, full_idx = _compact(keep & ~partial_cols)
+    if exact_mask_mod:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[b, h, q_idx // block_size, kv_idx // block_size] & valid[kv_idx]
+
+    else:
+        mask_mod = _padding_mask_mod(layout, block_size, keep.device)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(S, S),
+        compute_q_blocks=False,
+    )
+
+
+@lru_cache(maxsize=32)
+def _padding_mask_mod(layout: TileLayout, block_size: int, device: torch.device):
+    # One function object per layout: compiled flex_attention then sees the same mask_mod every call.
+    valid = _padded_valid(layout, block_size, device)
+
+    def padding_mask_mod(b, h, q_idx, kv_idx):
+        return valid[kv_idx]
+
+    return padding_mask_mod
+
+
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _kernel_options(block_size: int, device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    options: dict = {"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else {}
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        options["USE_TMA"] = True  # Hopper bulk copies: measured ~6% faster at 10% density
+    return options
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TileLayout,
+    config: SparsityConfig,
+    *,
+    compiled: bool | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    """Block-sparse attention of tile-ordered q, k, v [B, H, S, D] (S = layout.padded_length).
+
+    Builds the block mask for `config`, turns it into a FlexAttention BlockMask and runs
+    flex_attention on it; padding keys never take part. `compiled` defaults to True on CUDA (a
+    compiled kernel, compiled once per shape) and False elsewhere (eager, exact, slow).
+    With `return_stats`, also returns {"density": [H] fraction of blocks kept per head, "mask": [B, H, nb, nb]}.
+    """
+    if q.shape[-2] != layout.padded_length:
+        raise ValueError(f"sparse_attention: sequence length {q.shape[-2]} != padded length {layout.padded_length} of {layout}")
+    compiled = q.is_cuda if compiled is None else compiled
+    keep = build_block_mask(q, k, layout, config)
+    block_mask = to_flex_block_mask(keep, layout, config.block_size, exact_mask_mod=not compiled)
+    attend = _compiled_flex() if compiled else flex_attention
+    out = attend(q, k, v, block_mask=block_mask, kernel_options=_kernel_options(config.block_size, q.device))
+    if not return_stats:
+        return out
+    return out, {"density": keep.float().mean(dim=(0, 2, 3)), "mask": keep}
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Dense attention of tile-ordered q, k, v over the real tokens (fastest SDPA backend); padding rows are 0."""
+    if not layout.has_padding:
+        return F.scaled_dot_product_attention(q, k, v)
+    real = _on(layout, "tile_index", q.device)
+    out = torch.zeros_like(q)
+    out[:, :, real] = F.scaled_dot_product_attention(q[:, :, real], k[:, :, real], v[:, :, real])
+    return out

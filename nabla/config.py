@@ -1,0 +1,128 @@
+"""Sparsity configuration: which attention a model runs, and the YAML that sets it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("full", "nabla", "sta", "nabla+sta")
+BLOCK_SIZES = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """How self-attention is sparsified.
+
+    mode: "full" (dense), "nabla", "sta" or "nabla+sta" (union of both masks).
+    threshold: NABLA pooled-mass threshold in (0, 1]; larger is denser, 1.0 keeps every block.
+    sta_window: STA window (wT, wH, wW) in tiles, odd numbers.
+    sta_shift_at_border: move the STA window inward at the borders instead of shrinking it.
+    dense_steps: the first N denoising steps run dense attention.
+    block_size: tokens per attention block: 64 (one 8x8 tile) or 128 (two tiles, faster kernels;
+        STA is then OR-pooled to 128-token blocks).
+    min_density, max_density: optional bounds on the fraction of NABLA blocks kept per query row.
+    """
+
+    mode: str = "full"
+    threshold: float = 0.7
+    sta_window: tuple[int, int, int] = (11, 3, 3)
+    sta_shift_at_border: bool = False
+    dense_steps: int = 0
+    block_size: int = 64
+    min_density: float | None = None
+    max_density: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            _bad("mode", self.mode, f"one of {', '.join(MODES)}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            _bad("threshold", self.threshold, "a number in (0, 1]")
+        if not 0.0 < self.threshold <= 1.0:
+            _bad("threshold", self.threshold, "a number in (0, 1]")
+        window = self.sta_window
+        if (
+            not isinstance(window, (tuple, list))
+            or len(window) != 3
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0 for w in window)
+        ):
+            _bad("sta_window", window, "three odd positive integers [wT, wH, wW] in tiles")
+        object.__setattr__(self, "sta_window", tuple(window))
+        if not isinstance(self.sta_shift_at_border, bool):
+            _bad("sta_shift_at_border", self.sta_shift_at_border, "true or false")
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            _bad("dense_steps", self.dense_steps, "an integer >= 0")
+        if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
+            _bad("block_size", self.block_size, f"one of {', '.join(map(str, BLOCK_SIZES))}")
+        for key in ("min_density", "max_density"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                _bad(key, value, "a number in (0, 1] or null")
+        if self.min_density is not None and self.max_density is not None and self.min_density > self.max_density:
+            _bad("min_density", self.min_density, f"a number <= max_density ({self.max_density})")
+
+    @property
+    def uses_nabla(self) -> bool:
+        return self.mode in ("nabla", "nabla+sta")
+
+    @property
+    def uses_sta(self) -> bool:
+        return self.mode in ("sta", "nabla+sta")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.mode != "full"
+
+    def replace(self, **changes: Any) -> SparsityConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "sparsity") -> SparsityConfig:
+        """Build from a mapping, rejecting unknown keys with a one-line error naming them."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in allowed:
+                raise ValueError(f"config: unknown key '{where}.{key}'; allowed keys: {', '.join(allowed)}")
+        return cls(**values)
+
+
+def _bad(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config: bad value for '{key}': {value!r}; allowed: {allowed}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning a missing file or bad YAML into a one-line ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"config: {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, other_sections: Collection[str] = ()) -> SparsityConfig:
+    """Read the `sparsity:` section of a YAML file into a SparsityConfig.
+
+    Top-level keys other than `sparsity` and `other_sections` (sections an application reads
+    itself) are rejected, as are unknown keys, wrong types and out-of-range values inside it.
+    """
+    data = read_yaml(path)
+    allowed = ["sparsity", *other_sections]
+    for key in data:
+        if key not in allowed:
+            raise ValueError(f"config: unknown top-level key '{key}' in {path}; allowed: {', '.join(allowed)}")
+    return SparsityConfig.from_dict(data.get("sparsity") or {})

@@ -1,0 +1,112 @@
+"""Block-level masks: NABLA (adaptive, from pooled q/k) and STA (static sliding tile window).
+
+Both return boolean masks over (query block, key block) pairs; nothing here is token-level, so
+nothing is ever S x S.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `x` [B, H, S, D] over consecutive blocks of `block_size` tokens, in float32.
+
+    Tokens where `valid` [S] is False (padding), and the tail past S when S is not a multiple of the
+    block, take no part in the means. Returns the means [B, H, nb, D] and the per-block count of
+    real tokens [nb].
+    """
+    S = x.shape[-2]
+    nb = math.ceil(S / block_size)
+    weight = torch.ones(S, device=x.device) if valid is None else valid.to(device=x.device, dtype=torch.float32)
+    weight = F.pad(weight, (0, nb * block_size - S))
+    x = F.pad(x, (0, 0, 0, nb * block_size - S)).unflatten(-2, (nb, block_size))
+    sums = (x.float() * weight.view(nb, block_size, 1)).sum(-2)
+    counts = weight.view(nb, block_size).sum(-1)
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+
+
+def nabla_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    threshold: float,
+    block_size: int = 64,
+    *,
+    valid: torch.Tensor | None = None,
+    min_density: float | None = None,
+    max_density: float | None = None,
+) -> torch.Tensor:
+    """NABLA block mask [B, H, nb, nb] for tile-ordered q, k [B, H, S, D] (nb = ceil(S / block_size)).
+
+    Pooled map A = softmax(mean_q @ mean_k^T / sqrt(D)); in each row keep the largest entries until
+    their total reaches `threshold` (the dropped tail has mass < 1 - threshold). `min_density` and
+    `max_density` bound the number of kept blocks per row to [ceil(min * nb), floor(max * nb)]
+    (at least one), still taken in order of pooled mass. All of it in float32.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"nabla_block_mask: threshold={threshold!r} must be in (0, 1]")
+    qa, counts = pool_blocks(q, block_size, valid)
+    ka, _ = pool_blocks(k, block_size, valid)
+    logits = (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    probs = logits.masked_fill(counts == 0, float("-inf")).softmax(-1)
+
+    nb = probs.shape[-1]
+    mass, order = probs.sort(-1, descending=True)
+    if threshold >= 1.0:
+        keep_count = torch.full(mass.shape[:-1], nb, device=mass.device)
+    else:
+        # A block is kept when the mass of the larger blocks before it is still <= threshold; this is
+        # the spec's "ascending running sum >= 1 - threshold" counted from the other end.
+        mass_before = mass.cumsum(-1) - mass
+        keep_count = (mass_before <= threshold).sum(-1)
+    low = max(1, math.ceil(min_density * nb)) if min_density is not None else 1
+    high = max(low, math.floor(max_density * nb)) if max_density is not None else nb
+    keep_count = keep_count.clamp(low, high)
+
+    rank_kept = torch.arange(nb, device=probs.device) < keep_count.unsqueeze(-1)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank_kept)
+
+
+def _check_window(grid: tuple[int, int, int], window: tuple[int, int, int]) -> None:
+    if len(grid) != 3 or any(not isinstance(g, int) or g < 1 for g in grid):
+        raise ValueError(f"sta_block_mask: grid={grid!r} must be three positive ints (T, Ht, Wt) in tiles")
+    if len(window) != 3 or any(not isinstance(w, int) or w < 1 or w % 2 == 0 for w in window):
+        raise ValueError(f"sta_block_mask: window={window!r} must be three odd positive ints (wT, wH, wW) in tiles")
+
+
+@lru_cache(maxsize=32)
+def sta_block_mask(
+    grid: tuple[int, int, int], window: tuple[int, int, int], shift_at_border: bool = False
+) -> torch.Tensor:
+    """STA tile mask [n, n], n = T * Ht * Wt, for tile grid (T, Ht, Wt) and window (wT, wH, wW) in tiles.
+
+    Query tile (t, h, w) sees key tile (t', h', w') iff |t - t'| <= wT // 2, |h - h'| <= wH // 2 and
+    |w - w'| <= wW // 2: the window shrinks at the borders (how the NABLA checkpoints were trained).
+    With `shift_at_border` the window's centre is moved inward instead, so every query tile sees a
+    full window where the grid allows (FastVideo / attention-gym STA). Cached per arguments.
+    """
+    grid, window = tuple(grid), tuple(window)
+    _check_window(grid, window)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for size, win in zip(grid, window):
+        pos = torch.arange(size)
+        radius = win // 2
+        centre = pos.clamp(radius, max(radius, size - 1 - radius)) if shift_at_border else pos
+        axis = (centre[:, None] - pos[None, :]).abs() <= radius
+        # Kronecker product over axes keeps tile order: t outermost, then h, then w.
+        mask = (mask[:, None, :, None] & axis[None, :, None, :]).flatten(0, 1).flatten(1, 2)
+    return mask
+
+
+def coarsen_block_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """OR-pool a [..., n, n] block mask by `factor` along both axes (e.g. 64-token tiles -> 128-token blocks)."""
+    if factor == 1:
+        return mask
+    n = mask.shape[-1]
+    nb = math.ceil(n / factor)
+    padded = F.pad(mask, (0, nb * factor - n, 0, nb * factor - n))
+    return padded.unflatten(-1, (nb, factor)).unflatten(-3, (nb, factor)).any(-1).any(-2)

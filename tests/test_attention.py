@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nabla.attention import build_block_mask, dense_attention, sparse_attention, to_flex_block_mask
+from nabla.config import SparsityConfig
+from nabla.layout import TileLayout
+
+
+def tiled_qkv(layout, heads, dim, gen, batch=2):
+    """Raster-ordered q, k, v [B, H, L, D] and their tile-ordered copies, with junk in padding slots."""
+    raster = [torch.randn(batch, heads, layout.length, dim, generator=gen) for _ in range(3)]
+    tiled = [layout.tile(x, dim=2) for x in raster]
+    for x in tiled:
+        x[:, :, ~layout.valid] = 5.0
+    return raster, tiled
+
+
+def token_mask(keep, layout, block_size):
+    """Token-level reference mask from the block mask: test-only, S x S."""
+    S = layout.padded_length
+    dense = keep.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)[..., :S, :S]
+    return dense & layout.valid
+
+
+CONFIGS = [
+    SparsityConfig(mode="nabla", threshold=0.5),
+    SparsityConfig(mode="nabla", threshold=0.3, block_size=128),
+    SparsityConfig(mode="sta", sta_window=(1, 3, 1)),
+    SparsityConfig(mode="nabla+sta", threshold=0.2, sta_window=(3, 1, 1), block_size=128),
+    SparsityConfig(mode="nabla", threshold=0.6, max_density=0.3),
+]
+
+
+@pytest.mark.parametrize("grid", [(2, 16, 16), (3, 10, 13), (2, 9, 20)])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-{c.threshold}-{c.block_size}")
+def test_sparse_matches_masked_sdpa(grid, config, gen):
+    layout = TileLayout(*grid)
+    _, (q, k, v) = tiled_qkv(layout, 3, 16, gen)
+    out, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
+    keep = stats["mask"]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(keep, layout, config.block_size))
+    real = layout.valid
+    torch.testing.assert_close(out[:, :, real], ref[:, :, real], atol=2e-5, rtol=1e-4)
+    assert stats["density"].shape == (3,)
+    torch.testing.assert_close(stats["density"], keep.float().mean((0, 2, 3)))
+    assert 0 < stats["density"].min() and stats["density"].max() < 1
+
+
+def test_mask_changes_the_output(gen):
+    layout = TileLayout(2, 16, 16)
+    _, (q, k, v) = tiled_qkv(layout, 2, 16, gen)
+    sparse = sparse_attention(q, k, v, layout, SparsityConfig(mode="nabla", threshold=0.2))
+    dense = sparse_attention(q, k, v, layout, SparsityConfig(mode="nabla", threshold=1.0))
+    assert (sparse - dense).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("grid", [(2, 16, 16), (3, 10, 13), (1, 45, 20)])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_threshold_one_equals_dense_raster_attention(grid, block_size, gen):
+    layout = TileLayout(*grid)
+    (rq, rk, rv), (q, k, v) = tiled_qkv(layout, 2, 8, gen)
+    out = sparse_attention(q, k, v, layout, SparsityConfig(mode="nabla", threshold=1.0, block_size=block_size))
+    torch.testing.assert_close(layout.untile(out, dim=2), F.scaled_dot_product_attention(rq, rk, rv), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid", [(2, 16, 16), (3, 10, 13)])
+def test_dense_attention_ignores_padding(grid, gen):
+    layout = TileLayout(*grid)
+    (rq, rk, rv), (q, k, v) = tiled_qkv(layout, 2, 8, gen)
+    out = dense_attention(q, k, v, layout)
+    torch.testing.assert_close(layout.untile(out, dim=2), F.scaled_dot_product_attention(rq, rk, rv), atol=2e-5, rtol=1e-4)
+
+
+def test_block_mask_indices_match_the_boolean_mask(gen):
+    layout = TileLayout(3, 10, 13)
+    keep = torch.rand(2, 3, 12, 12, generator=gen) < 0.3
+    block_mask = to_flex_block_mask(keep, layout, 64, exact_mask_mod=False)
+    assert torch.equal(block_mask.to_dense().bool(), keep)
+    # key blocks holding padding are "partial" (mask_mod runs), the others "full"
+    partial = ~layout.valid.view(-1, 64).all(-1)
+    assert partial.any() and not partial.all()
+    full_dense = torch.zeros_like(keep)
+    for b, h, r in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(12)).tolist():
+        n = int(block_mask.full_kv_num_blocks[b, h, r])
+        full_dense[b, h, r, block_mask.full_kv_indices[b, h, r, :n].long()] = True
+        assert block_mask.kv_indices[b, h, r, : int(block_mask.kv_num_blocks[b, h, r])].tolist() == sorted(
+            (keep[b, h, r] & partial).nonzero().flatten().tolist()
+        )
+    assert torch.equal(full_dense, keep & ~partial)
+
+
+def test_compiled_block_sparse_path(gen):
+    """The kernel path used on GPUs (block indices + padding-only mask_mod), compiled on the CPU."""
+    layout = TileLayout(2, 10, 13)
+    _, (q, k, v) = tiled_qkv(layout, 2, 16, gen, batch=1)
+    config = SparsityConfig(mode="nabla+sta", threshold=0.4, sta_window=(1, 1, 1))
+    out, stats = sparse_attention(q, k, v, layout, config, compiled=True, return_stats=True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["mask"], layout, 64))
+    torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
+    assert stats["density"].max() < 1
+
+
+def test_union_contains_both_masks(gen):
+    layout = TileLayout(3, 16, 24)
+    _, (q, k, _) = tiled_qkv(layout, 2, 16, gen)
+    base = dict(threshold=0.3, sta_window=(1, 1, 3))
+    union = build_block_mask(q, k, layout, SparsityConfig(mode="nabla+sta", **base))
+    nabla = build_block_mask(q, k, layout, SparsityConfig(mode="nabla", **base))
+    sta = build_block_mask(q, k, layout, SparsityConfig(mode="sta", **base))
+    assert torch.equal(union, nabla | sta)
+    assert not torch.equal(union, nabla) and not torch.equal(union, sta.expand_as(union))
+
+
+def test_wrong_length_rejected():
+    layout = TileLayout(1, 8, 8)
+    x = torch.randn(1, 1, 63, 4)
+    with pytest.raises(ValueError, match="padded length 64"):
+        sparse_attention(x, x, x, layout, SparsityConfig(mode="nabla"))

@@ -1,0 +1,68 @@
+import pytest
+
+from nabla.config import SparsityConfig, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_full_file(tmp_path):
+    assert SparsityConfig().mode == "full"
+    cfg = load_config(write(tmp_path, """
+sparsity:
+  mode: nabla+sta
+  threshold: 0.6
+  sta_window: [11, 3, 3]
+  dense_steps: 2
+  block_size: 128
+  max_density: 0.2
+  min_density: 0.05
+"""))
+    assert cfg == SparsityConfig("nabla+sta", 0.6, (11, 3, 3), False, 2, 128, 0.05, 0.2)
+    assert cfg.uses_nabla and cfg.uses_sta and cfg.is_sparse
+
+
+def test_other_sections_are_allowed_only_when_named(tmp_path):
+    path = write(tmp_path, "sparsity: {mode: sta}\ngeneration: {steps: 3}\n")
+    assert load_config(path, other_sections=("generation",)).mode == "sta"
+    with pytest.raises(ValueError, match="unknown top-level key 'generation'"):
+        load_config(path)
+
+
+BAD = [
+    ("sparsity: {mod: nabla}", "unknown key 'sparsity.mod'"),
+    ("sparsity: {mode: sparse}", "'mode': 'sparse'; allowed: one of full, nabla, sta, nabla\\+sta"),
+    ("sparsity: {threshold: 0}", "'threshold': 0; allowed: a number in \\(0, 1\\]"),
+    ("sparsity: {threshold: 1.5}", "'threshold': 1.5"),
+    ("sparsity: {threshold: high}", "'threshold': 'high'"),
+    ("sparsity: {threshold: true}", "'threshold': True"),
+    ("sparsity: {sta_window: [10, 3, 3]}", "'sta_window': \\[10, 3, 3\\]; allowed: three odd positive"),
+    ("sparsity: {sta_window: [11, 3]}", "'sta_window'"),
+    ("sparsity: {sta_window: [11, -3, 3]}", "'sta_window'"),
+    ("sparsity: {sta_window: 3}", "'sta_window': 3"),
+    ("sparsity: {dense_steps: -1}", "'dense_steps': -1; allowed: an integer >= 0"),
+    ("sparsity: {dense_steps: 1.5}", "'dense_steps': 1.5"),
+    ("sparsity: {block_size: 96}", "'block_size': 96; allowed: one of 64, 128"),
+    ("sparsity: {max_density: 0}", "'max_density': 0; allowed: a number in \\(0, 1\\] or null"),
+    ("sparsity: {min_density: 1.2}", "'min_density': 1.2"),
+    ("sparsity: {min_density: 0.5, max_density: 0.2}", "'min_density': 0.5; allowed: a number <= max_density"),
+    ("sparsity: {sta_shift_at_border: 1}", "'sta_shift_at_border': 1"),
+    ("sparsity: [1, 2]", "'sparsity' must be a mapping"),
+    ("- a\n- b", "must hold a mapping at the top level"),
+    ("sparsity: {mode: [", "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_config_gives_one_line_error(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message) as err:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
