@@ -1,0 +1,144 @@
+"""Text-to-video with Wan2.1 whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
+
+    python generate.py --prompt "a red fox in the snow" --config configs/nabla-0.7.yaml --output fox.mp4
+    python generate.py --prompt "..." --config configs/nabla-0.7.yaml --compare   # full vs sparse, same seed
+
+Command-line flags override the config's `generation:` section, which overrides the defaults.
+Bad input is rejected before any model loads, with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from nabla.config import SparsityConfig, load_config, read_yaml
+from wan.settings import DEFAULT_MODEL, GenerationSettings
+from wan.video import check_output_path
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="what the video shows (required here or as generation.prompt in the config)")
+    p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
+    p.add_argument("--config", type=Path, help="YAML with a `sparsity:` and optionally a `generation:` section "
+                   "(default: full attention, stock settings); see configs/")
+    p.add_argument("--model", help=f"hub id or local folder of a diffusers Wan2.1 T2V pipeline (default: {DEFAULT_MODEL})")
+    p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
+    p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (default: 480)")
+    p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (default: 832)")
+    p.add_argument("--frames", type=int, help="number of frames, 4k+1 (default: 81)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
+    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default: 16)")
+    p.add_argument("--output", type=Path, default=Path("output.mp4"), help="MP4 to write (default: output.mp4)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
+                   "CUDA, float32 on CPU; the VAE stays float32)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")
+    p.add_argument("--compare", action="store_true", help="run full attention and the configured sparse mode on "
+                   "the same seed; print both times, the speedup and the mean mask density; write both videos "
+                   "(the full one beside --output as NAME.full.mp4)")
+    p.add_argument("--no-warmup", action="store_true", help="with --compare on CUDA, skip the untimed one-step "
+                   "warm-up runs that keep kernel compilation out of the timings")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSettings, list[Path]]:
+    """Everything that can be checked before a model loads: config, settings, output paths."""
+    sparsity, section = SparsityConfig(), None
+    if args.config is not None:
+        sparsity = load_config(args.config, other_sections=("generation",))
+        section = read_yaml(args.config).get("generation")
+    overrides = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
+        "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
+        "guidance_scale": args.guidance_scale, "fps": args.fps,
+    }
+    settings = GenerationSettings.from_sources(section, overrides)
+    if args.compare and not sparsity.is_sparse:
+        raise ValueError("--compare needs a sparse config (mode nabla, sta or nabla+sta), got mode 'full'")
+    outputs = [check_output_path(args.output, args.overwrite)]
+    if args.compare:
+        outputs.append(check_output_path(args.output.with_suffix(".full.mp4"), args.overwrite))
+    return sparsity, settings, outputs
+
+
+def describe(config: SparsityConfig) -> str:
+    if config.mode == "full":
+        return "full attention"
+    parts = [config.mode]
+    if config.uses_nabla:
+        parts.append(f"threshold {config.threshold}")
+    if config.uses_sta:
+        parts.append("STA window {}x{}x{}".format(*config.sta_window))
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> None:
+    sparsity, settings, outputs = resolve(args)
+    from wan.loading import load_pipeline  # heavy imports only once the input is known to be good
+    from wan.patch import patch_transformer
+    from wan.run import generate
+    from wan.video import write_video
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload)
+    warmup = args.compare and torch.device(device).type == "cuda" and not args.no_warmup
+
+    if args.compare:
+        if warmup:
+            generate(pipe, settings, steps=1)
+        full_frames, full_seconds = generate(pipe, settings)
+        write_video(full_frames, outputs[1], settings.fps)
+
+    patch = patch_transformer(pipe.transformer, sparsity)
+    if warmup:
+        patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels, untimed
+        generate(pipe, settings, steps=1)
+        patch.state.config = sparsity
+        patch.state.reset()
+    frames, seconds = generate(pipe, settings)
+    write_video(frames, outputs[0], settings.fps)
+    density = patch.state.mean_density() if patch else None
+
+    size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
+    print(f"wrote {outputs[0]} ({size}, {describe(sparsity)}) in {seconds:.2f} s")
+    if args.compare:
+        print(f"wrote {outputs[1]} ({size}, full attention) in {full_seconds:.2f} s")
+        print("| attention | seconds | speedup | mean mask density |")
+        print("|---|---|---|---|")
+        print(f"| full | {full_seconds:.2f} | 1.00x | 1.000 |")
+        dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
+        print(f"| {describe(sparsity)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {dens} |")
+    elif density is not None:
+        print(f"mean mask density: {density:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from wan.loading import ModelNotFoundError
+    from wan.run import NonFiniteLatentsError
+
+    try:
+        run(args)
+    except (ValueError, ModelNotFoundError, NonFiniteLatentsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(
+            "error: out of GPU memory; lower --height/--width/--frames, add --cpu-offload, or use a sparser config",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Benchmark NABLA sparse attention against dense attention at Wan2.1 shapes (bf16, head dim 128, batch 1).
+
+Dense kernels (SDPA default / cuDNN / FlashAttention, compiled flex_attention without a mask) run on
+the real T*H*W tokens in raster order; `sparse_attention` runs on the padded tile-ordered sequence,
+at fixed block densities and at NABLA thresholds. The markdown table is printed last and, when $OUT
+is set, also written to $OUT/bench_attention.md.
+
+    python scripts/bench_attention.py                           # both shapes, on CUDA
+    python scripts/bench_attention.py --shapes 14B-720p --json bench.json
+    python scripts/bench_attention.py --smoke                   # tiny shape, few iterations (runs on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
+
+from nabla.attention import build_block_mask, sparse_attention, to_flex_block_mask  # noqa: E402
+from nabla.config import SparsityConfig  # noqa: E402
+from nabla.layout import TileLayout  # noqa: E402
+
+HEAD_DIM = 128
+BATCH = 1
+TARGET_SPEEDUP = 6.5
+TARGET_MASK_SHARE = 0.05
+CHECK_TOLERANCE = 2e-2  # max abs error allowed, relative to max |reference|: bf16 rounding is ~0.4%
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    T: int
+    H: int
+    W: int
+
+
+SHAPES = {
+    "1.3B-480p": Shape(heads=12, T=21, H=30, W=52),
+    "14B-720p": Shape(heads=40, T=21, H=45, W=80),
+}
+# Padded in both H and W (12x20 -> 16x24), so the padding paths run too.
+SMOKE_SHAPES = {"smoke": Shape(heads=2, T=2, H=12, W=20)}
+
+
+def fixed_density(density: float, block_size: int) -> SparsityConfig:
+    # The threshold keeps nearly every block; min = max density then clamps each row to ceil(d * nb) blocks.
+    return SparsityConfig(
+        mode="nabla", threshold=0.99, block_size=block_size, min_density=density, max_density=density
+    )
+
+
+TARGET_KERNEL = "sparse 10%, block 128"
+SPARSE_VARIANTS = {
+    TARGET_KERNEL: fixed_density(0.1, 128),
+    "sparse 20%, block 128": fixed_density(0.2, 128),
+    "sparse 50%, block 128": fixed_density(0.5, 128),
+    "sparse 10%, block 64": fixed_density(0.1, 64),
+    "NABLA thr 0.7, block 128": SparsityConfig(mode="nabla", threshold=0.7, block_size=128),
+    "NABLA thr 0.4, block 128": SparsityConfig(mode="nabla", threshold=0.4, block_size=128),
+}
+SDPA_BACKENDS = {
+    "SDPA default": None,
+    "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
+    "SDPA FlashAttention": SDPBackend.FLASH_ATTENTION,
+}
+
+
+@dataclass
+class Row:
+    shape: str
+    kernel: str
+    density: float | None = None  # fraction of (query block, key block) pairs kept; 1 for dense
+    mask_ms: float | None = None  # build_block_mask + to_flex_block_mask alone
+    total_ms: float | None = None  # the whole call (sparse: mask build + kernel)
+    tflops: float | None = None  # 4*D*(real token pairs computed) / total_ms
+    speedup: float | None = None  # fastest dense total_ms of the shape / total_ms
+    dense: bool = False
+
+
+@dataclass
+class Check:
+    """sparse_attention keeping every block vs SDPA, over the real tokens of one shape."""
+
+    shape: str
+    max_err: float  # max |sparse - SDPA|
+    ref_max: float  # max |SDPA|, for scale
+
+    @property
+    def ok(self) -> bool:
+        return self.max_err <= CHECK_TOLERANCE * self.ref_max
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return f"{self.shape}: max abs err {self.max_err:.2e} (max |ref| {self.ref_max:.2e}): {verdict}"
+
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(fn: Callable[[], object], device: torch.device) -> object:
+    """One call, to compile and autotune before timing."""
+    out = fn()
+    sync(device)
+    return out
+
+
+Bench = Callable[[Callable[[], object]], float]
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, cpu_iters: int) -> float:
+    """Median milliseconds per call of an already warmed-up `fn`."""
+    if device.type == "cuda":
+        from triton.testing import do_bench  # triton ships with CUDA torch only
+
+        return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    times = []
+    for _ in range(cpu_iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def real_tokens_per_block(layout: TileLayout, block_size: int, device: torch.device) -> torch.Tensor:
+    """float32 [nb]: how many real (non-padding) tokens each block of the tile-ordered sequence holds."""
+    valid = layout.valid_on(device).float()
+    return F.pad(valid, (0, -len(valid) % block_size)).view(-1, block_size).sum(-1)
+
+
+def check_sparse(
+    name: str, raster: tuple[torch.Tensor, ...], tiled: tuple[torch.Tensor, ...], layout: TileLayout
+) -> Check:
+    ref = F.scaled_dot_product_attention(*raster).float()
+    all_blocks = SparsityConfig(mode="nabla", threshold=1.0, block_size=128)
+    out = layout.untile(sparse_attention(*tiled, layout, all_blocks), dim=2).float()
+    return Check(name, (out - ref).abs().max().item(), ref.abs().max().item())
+
+
+def measure_dense(row: Row, attend: Callable[[], object], flops: float, device: torch.device, bench: Bench) -> None:
+    warm_up(attend, device)
+    row.density = 1.0
+    row.total_ms = bench(attend)
+    row.tflops = tflops(flops, row.total_ms)
+
+
+def measure_sparse(
+    row: Row,
+    config: SparsityConfig,
+    tiled: tuple[torch.Tensor, ...],
+    layout: TileLayout,
+    device: torch.device,
+    bench: Bench,
+) -> None:
+    def build_mask() -> object:
+        keep = build_block_mask(tiled[0], tiled[1], layout, config)
+        return to_flex_block_mask(keep, layout, config.block_size, exact_mask_mod=False)
+
+    def attend() -> torch.Tensor:
+        return sparse_attention(*tiled, layout, config)
+
+    # The stats call compiles the same graphs as `attend` (the stats are computed outside them).
+    _, stats = warm_up(lambda: sparse_attention(*tiled, layout, config, return_stats=True), device)
+    counts = real_tokens_per_block(layout, config.block_size, device)
+    real_pairs = torch.einsum("bhij,i,j->", stats["mask"].float(), counts, counts).item()
+    warm_up(build_mask, device)
+    row.density = stats["density"].mean().item()
+    row.mask_ms = bench(build_mask)
+    row.total_ms = bench(attend)
+    row.tflops = tflops(4 * HEAD_DIM * real_pairs, row.total_ms)
+
+
+def attempt(row: Row, measure: Callable[[Row], None]) -> Row:
+    """Run `measure(row)`; a kernel that refuses the shape or fails to compile gives an all-n/a row."""
+    try:
+        measure(row)
+    except RuntimeError as failure:  # also torch.OutOfMemoryError and dynamo/inductor errors
+        log(f"{row.shape}: {row.kernel}: n/a ({str(failure).strip().splitlines()[0][:160]})")
+        return Row(row.shape, row.kernel, dense=row.dense)
+    mask = "" if row.dense else f"mask {row.mask_ms:.2f} ms, "
+    log(f"{row.shape}: {row.kernel}: density {row.density:.3f}, {mask}total {row.total_ms:.2f} ms")
+    return row
+
+
+def bench_shape(
+    name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench
+) -> tuple[list[Row], Check]:
+    layout = TileLayout(shape.T, shape.H, shape.W)
+    S = layout.length
+    log(f"{name}: {shape.heads} heads, grid {shape.T}x{shape.H}x{shape.W}, {S} tokens ({layout.padded_length} padded)")
+    raster = tuple(torch.randn(BATCH, shape.heads, S, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
+    tiled = tuple(layout.tile(x, dim=2) for x in raster)
+
+    check = check_sparse(name, raster, tiled, layout)
+    log(f"check sparse_attention(threshold 1.0) vs SDPA: {check}")
+
+    dense_flops = 4 * BATCH * shape.heads * S**2 * HEAD_DIM
+    rows: list[Row] = []
+    for kernel, backend in SDPA_BACKENDS.items():
+
+        def measure_sdpa(row: Row, backend: SDPBackend | None = backend) -> None:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                measure_dense(row, lambda: F.scaled_dot_product_attention(*raster), dense_flops, device, bench)
+
+        rows.append(attempt(Row(name, kernel, dense=True), measure_sdpa))
+
+    # Same convention as sparse_attention: compiled on CUDA, eager (unfused, slow) elsewhere.
+    compiled = device.type == "cuda"
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    row = Row(name, f"flex_attention dense ({'compiled' if compiled else 'eager'})", dense=True)
+    rows.append(attempt(row, lambda r: measure_dense(r, lambda: flex(*raster), dense_flops, device, bench)))
+
+    for kernel, config in SPARSE_VARIANTS.items():
+
+        def measure(row: Row, config: SparsityConfig = config) -> None:
+            measure_sparse(row, config, tiled, layout, device, bench)
+
+        rows.append(attempt(Row(name, kernel), measure))
+
+    fastest = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
+    for r in rows:
+        if fastest is not None and r.total_ms is not None:
+            r.speedup = fastest / r.total_ms
+    return rows, check
+
+
+def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def target_line(shape: str, rows: list[Row]) -> str:
+    target = next(row for row in rows if row.kernel == TARGET_KERNEL)
+    if target.speedup is None:
+        return f"- {shape}: n/a"
+    fastest = max((row for row in rows if row.dense and row.speedup is not None), key=lambda row: row.speedup)
+    share = target.mask_ms / target.total_ms
+    return (
+        f"- {shape}: {target.speedup:.2f}x vs {fastest.kernel} "
+        f"(target >= {TARGET_SPEEDUP}x: {'PASS' if target.speedup >= TARGET_SPEEDUP else 'FAIL'}); "
+        f"mask build {share:.1%} of the sparse time "
+        f"(target < {TARGET_MASK_SHARE:.0%}: {'PASS' if share < TARGET_MASK_SHARE else 'FAIL'})"
+    )
+
+
+def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.dtype) -> str:
+    setup = f"{device_name}, torch {torch.__version__}, {dtype}, head dim {HEAD_DIM}, batch {BATCH}"
+    lines = [
+        f"## Attention benchmark: {setup}",
+        "",
+        "Correctness (sparse_attention keeping every block vs SDPA, on the real tokens):",
+    ]
+    lines += [f"- {check}" for check in checks]
+    lines += ["", f"Target check ({TARGET_KERNEL}, mask build included, vs the fastest dense kernel of its shape):"]
+    lines += [target_line(c.shape, [row for row in rows if row.shape == c.shape]) for c in checks]
+    lines += [
+        "",
+        "Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
+        "density: fraction of (query block, key block) pairs kept (sparse_attention's stats, mean over heads). "
+        "TFLOP/s: 4*D*(real token pairs computed) / attention total, so sparse rows count exactly the real "
+        "token pairs of their kept blocks (padding excluded) and include the mask build time. "
+        "speedup: fastest dense attention total / this attention total.",
+        "",
+        "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mask = "-" if row.dense else fmt(row.mask_ms, ".2f")
+        lines.append(
+            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {mask} | {fmt(row.total_ms, '.2f')} "
+            f"| {fmt(row.tflops, '.1f')} | {fmt(row.speedup, '.2f', '-')}{'x' if row.speedup else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark NABLA sparse attention against dense attention.")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows and checks as JSON")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("the real shapes need CUDA; use --smoke on CPU")
+    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    rep_ms = 20 if args.smoke else 200  # per variant: keeps the whole run well under 5 minutes on an H100
+    dtype = torch.bfloat16
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # Each (threshold, density bound, block size) compiles its own mask graph: 7 per shape, close to
+    # dynamo's default limit of 8, past which it silently falls back to eager and skews the timings.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch.manual_seed(0)
+    if device.type != "cuda":
+        # Eager flex_attention is the expected CPU path; its advice to compile is noise here.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+    def bench(fn: Callable[[], object]) -> float:
+        return bench_ms(fn, device, rep_ms, cpu_iters=3)
+
+    rows: list[Row] = []
+    checks: list[Check] = []
+    for name, shape in shapes.items():
+        shape_rows, check = bench_shape(name, shape, device, dtype, bench)
+        rows += shape_rows
+        checks.append(check)
+        # Free this shape's tensors and compiled graphs before the next one.
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    markdown = render(rows, checks, device_name, dtype)
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "bench_attention.md"
+        path.write_text(markdown)
+        log(f"wrote {path}")
+    if args.json:
+        record = {
+            "device": device_name,
+            "torch": torch.__version__,
+            "checks": [asdict(c) | {"ok": c.ok} for c in checks],
+            "rows": [asdict(row) for row in rows],
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    print("\n" + markdown, end="", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""generate.py end to end on the tiny checkpoint: videos, --compare, and the one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SMALL = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
+
+
+def run_cli(*args: str) -> int:
+    return generate.main([str(a) for a in args])
+
+
+def test_every_shipped_config_is_there():
+    names = {p.name for p in CONFIGS}
+    assert {"full.yaml", "nabla-0.7.yaml", "nabla-0.4.yaml", "nabla-0.6-sta-11-3-3.yaml", "nabla-0.5-sta-11-5-5.yaml",
+            "sta-11-3-3.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_generate_writes_the_requested_video(tiny_model, tmp_path, config, capsys):
+    out = tmp_path / "video.mp4"
+    assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", config, "--output", out, *SMALL) == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 64, 96, 3)
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]  # no temporary file left behind
+
+
+def test_compare_writes_both_and_reports(tiny_model, tmp_path, capsys):
+    out = tmp_path / "cmp.mp4"
+    code = run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
+                   "--output", out, *SMALL)
+    assert code == 0
+    out.unlink()
+    code = run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
+                   "--output", out, "--compare", *SMALL)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| full |" in printed and "| nabla, threshold 0.4 |" in printed and "x |" in printed
+    density = float(printed.strip().splitlines()[-1].split("|")[-2])
+    assert 0 < density < 1
+    assert iio.imread(out).shape == iio.imread(tmp_path / "cmp.full.mp4").shape == (9, 64, 96, 3)
+
+
+def test_yaml_generation_section_and_cli_override(tiny_model, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"sparsity: {{mode: nabla, threshold: 0.5}}\ngeneration: {{prompt: a cat, height: 64, width: 64,"
+                      f" frames: 5, steps: 1, model: {tiny_model}}}\n")
+    out = tmp_path / "v.mp4"
+    assert run_cli("--config", config, "--output", out, "--width", "80") == 0
+    assert iio.imread(out).shape == (5, 64, 80, 3)
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "unknown-key": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, thresh: 0.5}")], "unknown key 'sparsity.thresh'"),
+    "threshold-0": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, threshold: 0}")], "'threshold': 0"),
+    "threshold-1.5": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, threshold: 1.5}")], "'threshold': 1.5"),
+    "even-window": (lambda t: ["--config", write_config(t, "sparsity: {mode: sta, sta_window: [10, 3, 3]}")], "'sta_window'"),
+    "frames-10": (lambda t: ["--frames", "10"], "frames: 10 is not allowed; Wan needs 4k+1 frames"),
+    "height-100": (lambda t: ["--height", "100"], "height: 100 is not allowed; Wan needs a multiple of 16"),
+    "steps-0": (lambda t: ["--steps", "0"], "steps: 0 is not allowed"),
+    "guidance": (lambda t: ["--guidance-scale", "-1"], "guidance_scale: -1.0"),
+    "empty-prompt": (lambda t: ["--prompt", "  "], "prompt: must be a non-empty string"),
+    "missing-model": (lambda t: ["--model", t / "no-such-model"], "no-such-model' does not exist"),
+    "missing-config": (lambda t: ["--config", t / "nope.yaml"], "file not found"),
+    "output-folder-missing": (lambda t: ["--output", t / "nowhere" / "v.mp4"], "does not exist"),
+    "output-not-mp4": (lambda t: ["--output", t / "v.avi"], "must end in .mp4"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_fails_cleanly(tiny_model, tmp_path, capsys, name):
+    extra, message = BAD_INPUTS[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["--prompt", "a cat", "--model", tiny_model, "--output", work / "v.mp4", *SMALL, *extra(work)]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert sorted(p.name for p in work.iterdir()) == sorted(p.name for p in work.iterdir() if p.suffix == ".yaml")
+
+
+def test_existing_output_is_not_overwritten(tiny_model, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"precious")
+    assert run_cli("--prompt", "a cat", "--model", tiny_model, "--output", out, *SMALL) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert run_cli("--prompt", "a cat", "--model", tiny_model, "--output", out, "--overwrite", *SMALL) == 0
+    assert iio.imread(out).shape == (9, 64, 96, 3)
+
+
+def test_unwritable_output_folder(tiny_model, capsys):
+    # /proc refuses new files even to root, where permission bits would not
+    assert run_cli("--prompt", "a cat", "--model", tiny_model, "--output", "/proc/nabla-test.mp4", *SMALL) == 2
+    assert "/proc is not writable" in capsys.readouterr().err
+
+
+def test_cli_process_help_and_exit_code(tmp_path):
+    """The real command line: --help documents the flags; a bad value exits 2 with one line, no traceback."""
+    help_text = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for flag in ("--prompt", "--negative-prompt", "--config", "--model", "--seed", "--height", "--width", "--frames",
+                 "--steps", "--guidance-scale", "--output", "--device", "--dtype", "--compare"):
+        assert flag in help_text
+    bad = subprocess.run([sys.executable, "generate.py", "--prompt", "x", "--frames", "10", "--output", tmp_path / "v.mp4"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert list(tmp_path.iterdir()) == []

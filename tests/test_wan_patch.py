@@ -1,0 +1,94 @@
+"""NABLA patched into a real diffusers Wan transformer (tiny random checkpoint, CPU, float32)."""
+
+import pytest
+import torch
+
+from nabla import SparsityConfig
+from wan.loading import load_pipeline
+from wan.patch import NablaWanAttnProcessor, patch_transformer, unpatch
+from wan.run import generate
+from wan.settings import GenerationSettings
+
+# 128x160 px -> latent 16x20 -> token grid (3, 8, 10): W is not a multiple of the 8-token tile.
+SETTINGS = GenerationSettings(prompt="a cat plays piano", height=128, width=160, frames=9, steps=3, guidance_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return load_pipeline(str(tiny_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def full_video(pipe):
+    return generate(pipe, SETTINGS)[0]
+
+
+def run_patched(pipe, config):
+    handle = patch_transformer(pipe.transformer, config)
+    try:
+        frames, _ = generate(pipe, SETTINGS)
+        return frames, handle.state
+    finally:
+        unpatch(pipe.transformer)
+
+
+def test_threshold_one_reproduces_full_attention(pipe, full_video):
+    frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=1.0))
+    assert frames.shape == (9, 128, 160, 3)
+    assert abs(state.mean_density() - 1.0) < 1e-6
+    # steps x layers attention calls, CFG passes included: 3 steps, 2 passes, 2 layers
+    assert len(state.densities) == 3 * 2 * 2 and {s for s, _, _ in state.densities} == {0, 1, 2}
+    assert abs(frames - full_video).max() < 1e-4
+
+
+def test_low_threshold_changes_the_video(pipe, full_video):
+    frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3))
+    assert state.mean_density() < 0.9
+    assert abs(frames - full_video).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SparsityConfig(mode="sta", sta_window=(1, 1, 1)), SparsityConfig(mode="nabla+sta", threshold=0.2, sta_window=(3, 1, 1))],
+    ids=["sta", "nabla+sta"],
+)
+def test_sta_modes_are_sparse(pipe, full_video, config):
+    frames, state = run_patched(pipe, config)
+    assert state.mean_density() < 1.0
+    assert abs(frames - full_video).max() > 1e-4
+
+
+def test_dense_steps(pipe, full_video):
+    frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
+    assert state.densities == [] and abs(frames - full_video).max() < 1e-4
+    _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
+    assert {s for s, _, _ in state.densities} == {2}
+
+
+def test_cross_attention_untouched_and_unpatch_restores(pipe):
+    transformer = pipe.transformer
+    before = [(b.attn1.processor, b.attn2.processor) for b in transformer.blocks]
+    x = torch.randn(1, 16, 3, 16, 20)
+    t, text = torch.tensor([700.0]), torch.randn(1, 9, 32)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    probe, probe_text = torch.randn(1, 50, inner), torch.randn(1, 9, inner)
+    with torch.no_grad():
+        reference = transformer(x, t, text, return_dict=False)[0]
+        cross_reference = transformer.blocks[0].attn2(probe, probe_text)
+        handle = patch_transformer(transformer, SparsityConfig(mode="nabla", threshold=0.2))
+        for block, (self_attn, cross_attn) in zip(transformer.blocks, before):
+            assert isinstance(block.attn1.processor, NablaWanAttnProcessor)
+            assert block.attn2.processor is cross_attn
+        assert torch.equal(transformer.blocks[0].attn2(probe, probe_text), cross_reference)
+        patched = transformer(x, t, text, return_dict=False)[0]
+        assert handle.state.mean_density() < 1 and not torch.allclose(patched, reference)
+        with pytest.raises(ValueError, match="already patched"):
+            patch_transformer(transformer, SparsityConfig(mode="nabla"))
+        unpatch(transformer)
+        assert [(b.attn1.processor, b.attn2.processor) for b in transformer.blocks] == before
+        assert torch.equal(transformer(x, t, text, return_dict=False)[0], reference)
+
+
+def test_full_mode_leaves_the_model_alone(pipe):
+    assert patch_transformer(pipe.transformer, SparsityConfig(mode="full")) is None
+    assert getattr(pipe.transformer, "_nabla_patch", None) is None

@@ -1,0 +1,173 @@
+"""Route a diffusers WanTransformer3DModel's self-attention through NABLA, at load time, reversibly.
+
+No model code is forked; hooks and an attention processor do the work:
+- a forward pre-hook on the transformer reads the latent shape (-> TileLayout) and the timestep
+  (-> denoising step index);
+- a pre-hook on blocks[0] and a wrapper of rope.forward put hidden states and the rotary embedding
+  in tile order, once per forward; a post-hook on proj_out puts the output back in raster order (every op in between is
+  per-token, except self-attention);
+- each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
+  processor that computes q, k, v like diffusers' WanAttnProcessor and calls
+  `nabla.sparse_attention` (or dense attention during the first `dense_steps` steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
+
+from nabla import SparsityConfig, TileLayout, dense_attention, sparse_attention
+
+
+@dataclasses.dataclass
+class NablaState:
+    """What the hooks share during one transformer forward, and what a run records."""
+
+    config: SparsityConfig
+    layout: TileLayout | None = None
+    step: int = -1
+    last_timestep: float | None = None
+    #: (step, layer, density per head [H] on the device) for every sparse attention call
+    densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+    def start_forward(self, latent_shape: torch.Size, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
+        T, H, W = (n // p for n, p in zip(latent_shape[2:], patch_size))
+        if self.layout is None or self.layout.shape != (T, H, W):
+            self.layout = TileLayout(T, H, W)
+        if timestep.ndim != 1:
+            raise ValueError("NABLA patch: per-token timesteps (Wan2.2 TI2V) are not supported; use a Wan2.1 model")
+        t = float(timestep[0])
+        # Flow-matching timesteps fall within a run: equal -> same step (CFG passes), higher -> new run.
+        if self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t < self.last_timestep:
+            self.step += 1
+        self.last_timestep = t
+
+    def reset(self) -> None:
+        self.step, self.last_timestep = -1, None
+        self.densities.clear()
+
+    def mean_density(self) -> float | None:
+        if not self.densities:
+            return None
+        return float(torch.stack([d.float().mean() for _, _, d in self.densities]).mean())
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.step < self.config.dense_steps:
+            return dense_attention(q, k, v, self.layout)
+        out, stats = sparse_attention(q, k, v, self.layout, self.config, return_stats=True)
+        self.densities.append((self.step, layer, stats["density"]))
+        return out
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as diffusers' WanAttnProcessor (interleaved pairs, float32 when cos is float32).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class NablaWanAttnProcessor:
+    """Self-attention processor for WanAttention: diffusers' projections, NABLA attention."""
+
+    def __init__(self, state: NablaState, layer: int) -> None:
+        self.state = state
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("NablaWanAttnProcessor is for self-attention without a mask (attn1)")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+        # [B, S, H, D] -> [B, H, S, D] for the attention kernels
+        out = self.state.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@dataclasses.dataclass
+class NablaPatch:
+    """Handle to a patched transformer: its shared state, and what `unpatch` must restore."""
+
+    transformer: WanTransformer3DModel
+    state: NablaState
+    hooks: list[Any]
+    processors: list[Any]
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs[name]
+
+
+def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > index:
+        return args[:index] + (value,) + args[index + 1 :], kwargs
+    return args, {**kwargs, name: value}
+
+
+def patch_transformer(transformer: WanTransformer3DModel, config: SparsityConfig) -> NablaPatch | None:
+    """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched)."""
+    if getattr(transformer, "_nabla_patch", None) is not None:
+        raise ValueError("patch_transformer: this transformer is already patched; unpatch it first")
+    if not config.is_sparse:
+        return None
+    state = NablaState(config)
+    patch_size = tuple(transformer.config.patch_size)
+
+    def on_transformer(module, args, kwargs):
+        state.start_forward(_arg(args, kwargs, 0, "hidden_states").shape, patch_size, _arg(args, kwargs, 1, "timestep"))
+
+    def on_first_block(module, args, kwargs):
+        return _with_arg(args, kwargs, 0, "hidden_states", state.layout.tile(_arg(args, kwargs, 0, "hidden_states"), dim=1))
+
+    # The rotary embedding is tiled inside rope.forward itself (an instance attribute shadowing the
+    # class method), not in a forward hook: context parallelism later wraps this forward and splits
+    # its output, which must already be in tile order by then.
+    rope_forward = transformer.rope.forward
+
+    def tiled_rope_forward(hidden_states):
+        return tuple(state.layout.tile(r, dim=1) for r in rope_forward(hidden_states))
+
+    transformer.rope.forward = tiled_rope_forward
+
+    def on_proj_out(module, args, output):
+        return state.layout.untile(output, dim=1)
+
+    hooks = [
+        transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
+        transformer.blocks[0].register_forward_pre_hook(on_first_block, with_kwargs=True),
+        transformer.proj_out.register_forward_hook(on_proj_out),
+    ]
+    processors = [block.attn1.processor for block in transformer.blocks]
+    for layer, block in enumerate(transformer.blocks):
+        block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
+    handle = NablaPatch(transformer, state, hooks, processors)
+    transformer._nabla_patch = handle
+    return handle
+
+
+def unpatch(transformer: WanTransformer3DModel) -> None:
+    """Undo `patch_transformer`: remove the hooks and restore the original attention processors."""
+    handle = getattr(transformer, "_nabla_patch", None)
+    if handle is None:
+        return
+    for hook in handle.hooks:
+        hook.remove()
+    del transformer.rope.forward
+    for block, processor in zip(transformer.blocks, handle.processors):
+        block.attn1.set_processor(processor)
+    transformer._nabla_patch = None
