@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -14,30 +13,69 @@ from nabla.layout import TileLayout, _on
 from nabla.masks import coarsen_block_mask, nabla_block_mask, sta_block_mask
 
 
-def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
-    """The kept (query block, key block) pairs [B, H, nb, nb] for `config` (NABLA, STA or their union)."""
+def _block_mask_tensors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    partial_cols: torch.Tensor,
+    sta: torch.Tensor | None,
+    mode: str,
+    threshold: float,
+    block_size: int,
+    min_density: float | None,
+    max_density: float | None,
+) -> tuple[torch.Tensor, ...]:
+    """Block mask and its FlexAttention indices, in one function so that CUDA compiles it into few kernels.
+
+    Returns keep [B, H, nb, nb] and (count, indices) of the partial key blocks (holding padding)
+    and of the full ones, per query block.
+    """
     B, H, S, _ = q.shape
-    bs = config.block_size
-    nb = math.ceil(S / bs)
-    if config.uses_nabla:
-        keep = _nabla(q, k, config.threshold, bs, layout.valid_on(q.device), config.min_density, config.max_density)
+    nb = partial_cols.shape[0]
+    if mode in ("nabla", "nabla+sta"):
+        keep = nabla_block_mask(
+            q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density
+        )
     else:
-        keep = torch.zeros(B, H, nb, nb, dtype=torch.bool, device=q.device)
-    if config.uses_sta:
-        keep = keep | _sta_blocks(layout, config, q.device)
-    if config.mode == "full":
-        keep = ~keep
-    return keep
-
-
-def _nabla(q, k, threshold, block_size, valid, min_density, max_density):
-    fn = _compiled_nabla() if q.is_cuda else nabla_block_mask
-    return fn(q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density)
+        keep = torch.full((B, H, nb, nb), mode == "full", dtype=torch.bool, device=q.device)
+    if sta is not None:
+        keep = keep | sta
+    return (keep, *_compact(keep & partial_cols), *_compact(keep & ~partial_cols))
 
 
 @lru_cache(maxsize=None)
-def _compiled_nabla():
-    return torch.compile(nabla_block_mask, dynamic=False)
+def _compiled_block_mask_tensors():
+    return torch.compile(_block_mask_tensors, dynamic=False)
+
+
+def _mask_inputs(q: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> tuple:
+    valid = layout.valid_on(q.device)
+    padded_valid = _padded_valid(layout, config.block_size, q.device)
+    partial_cols = _partial_cols(padded_valid, config.block_size)
+    sta = _sta_blocks(layout, config, q.device) if config.uses_sta else None
+    return (valid, partial_cols, sta, config.mode, config.threshold, config.block_size, config.min_density,
+            config.max_density)
+
+
+def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
+    """The kept (query block, key block) pairs [B, H, nb, nb] for `config` (NABLA, STA or their union)."""
+    return _block_mask_tensors(q, k, *_mask_inputs(q, layout, config))[0]
+
+
+def make_block_mask(
+    q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig, compiled: bool
+) -> tuple[BlockMask, torch.Tensor]:
+    """FlexAttention BlockMask for `config` and the boolean block mask it came from."""
+    build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
+    keep, kv_num, kv_idx, full_num, full_idx = build(q, k, *_mask_inputs(q, layout, config))
+    bs = config.block_size
+    mask_mod = _padding_mask_mod(layout, bs, q.device) if compiled else _exact_mask_mod(keep, layout, bs)
+    S = layout.padded_length
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(S, S),
+        compute_q_blocks=False,
+    )
+    return block_mask, keep
 
 
 @lru_cache(maxsize=32)
@@ -66,32 +104,42 @@ def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices.scatter_(-1, slot.long(), cols)[..., :n]
 
 
+@lru_cache(maxsize=32)
 def _padded_valid(layout: TileLayout, block_size: int, device: torch.device) -> torch.Tensor:
     """`layout.valid` padded with False up to whole blocks, so mask_mod never indexes past the end."""
     valid = layout.valid_on(device)
     return F.pad(valid, (0, -len(valid) % block_size), value=False)
 
 
+@lru_cache(maxsize=32)
+def _partial_cols(padded_valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool [nb]: key blocks that hold padding, where mask_mod must run."""
+    return ~padded_valid.view(-1, block_size).all(-1)
+
+
+def _exact_mask_mod(keep: torch.Tensor, layout: TileLayout, block_size: int):
+    # Eager flex_attention ignores the block structure and applies only mask_mod, so on that path
+    # mask_mod also looks the block mask up.
+    valid = _padded_valid(layout, block_size, keep.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // block_size, kv_idx // block_size] & valid[kv_idx]
+
+    return mask_mod
+
+
 def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool) -> BlockMask:
     """BlockMask from a block-level mask [B, H, nb, nb], built from block indices (never S x S).
 
     Kept key blocks without padding are "full" blocks (no mask_mod evaluated); those holding padding
-    keys are "partial" and run a mask_mod that drops the padding keys. Eager flex_attention ignores
-    the block structure and applies only mask_mod, so with `exact_mask_mod` the mask_mod also looks
-    up the block mask itself (the CPU path).
+    keys are "partial" and run a mask_mod that drops the padding keys. With `exact_mask_mod` the
+    mask_mod also applies the block mask itself (for eager flex_attention, which applies only mask_mod).
     """
     S = layout.padded_length
-    valid = _padded_valid(layout, block_size, keep.device)
-    partial_cols = ~valid.view(-1, block_size).all(-1)
+    partial_cols = _partial_cols(_padded_valid(layout, block_size, keep.device), block_size)
     kv_num, kv_idx = _compact(keep & partial_cols)
     full_num, full_idx = _compact(keep & ~partial_cols)
-    if exact_mask_mod:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, h, q_idx // block_size, kv_idx // block_size] & valid[kv_idx]
-
-    else:
-        mask_mod = _padding_mask_mod(layout, block_size, keep.device)
+    mask_mod = _exact_mask_mod(keep, layout, block_size) if exact_mask_mod else _padding_mask_mod(layout, block_size, keep.device)
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(S, S),
         compute_q_blocks=False,
@@ -101,7 +149,7 @@ def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, 
 @lru_cache(maxsize=32)
 def _padding_mask_mod(layout: TileLayout, block_size: int, device: torch.device):
     # One function object per layout: compiled flex_attention then sees the same mask_mod every call.
-    valid = _padded_valid(layout, block_size, device)
+    valid = _padded_valid(layout, block_size, torch.device(device))
 
     def padding_mask_mod(b, h, q_idx, kv_idx):
         return valid[kv_idx]
@@ -117,9 +165,14 @@ def _compiled_flex():
 def _kernel_options(block_size: int, device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
-    options: dict = {"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else {}
+    # The default 128x64 tiles refuse 64-token blocks; on Hopper, TMA loads and 128x128 tiles with
+    # 8 warps and 3 stages measured 28.2 ms against 30.0 (TMA alone) and 31.8 (defaults) at 10%
+    # density on the 14B 720p shape (BENCHMARKS.md).
+    options: dict = {"BLOCK_M": block_size, "BLOCK_N": block_size}
     if torch.cuda.get_device_capability(device)[0] >= 9:
-        options["USE_TMA"] = True  # Hopper bulk copies: measured ~6% faster at 10% density
+        options["USE_TMA"] = True
+        if block_size == 128:
+            options.update(num_warps=8, num_stages=3)
     return options
 
 
@@ -143,8 +196,7 @@ def sparse_attention(
     if q.shape[-2] != layout.padded_length:
         raise ValueError(f"sparse_attention: sequence length {q.shape[-2]} != padded length {layout.padded_length} of {layout}")
     compiled = q.is_cuda if compiled is None else compiled
-    keep = build_block_mask(q, k, layout, config)
-    block_mask = to_flex_block_mask(keep, layout, config.block_size, exact_mask_mod=not compiled)
+    block_mask, keep = make_block_mask(q, k, layout, config, compiled)
     attend = _compiled_flex() if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask, kernel_options=_kernel_options(config.block_size, q.device))
     if not return_stats:

@@ -12,6 +12,11 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+try:  # the CUDA fast path; CPU-only installs may lack Triton
+    from nabla.cdf_select import cdf_keep
+except ImportError:
+    cdf_keep = None
+
 
 def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of `x` [B, H, S, D] over consecutive blocks of `block_size` tokens, in float32.
@@ -55,7 +60,19 @@ def nabla_block_mask(
     probs = logits.masked_fill(counts == 0, float("-inf")).softmax(-1)
 
     nb = probs.shape[-1]
-    mass, order = probs.sort(-1, descending=True)
+    low = max(1, math.ceil(min_density * nb)) if min_density is not None else 1
+    high = max(low, math.floor(max_density * nb)) if max_density is not None else nb
+    if probs.is_cuda and cdf_keep is not None:
+        return cdf_keep(probs, threshold, low, high)  # one Triton kernel, no sort
+    return cdf_keep_sorted(probs, threshold, low, high)
+
+
+def cdf_keep_sorted(probs: torch.Tensor, threshold: float, low: int, high: int) -> torch.Tensor:
+    """NABLA's CDF binarization of each row of `probs` [..., n] by sorting: keep the largest entries
+    until their mass reaches `threshold`, but at least `low` and at most `high` of them."""
+    nb = probs.shape[-1]
+    # Under a density cap only the `high` largest entries can be kept: top-k instead of a full sort.
+    mass, order = probs.topk(high, -1) if high < nb else probs.sort(-1, descending=True)
     if threshold >= 1.0:
         keep_count = torch.full(mass.shape[:-1], nb, device=mass.device)
     else:
@@ -63,11 +80,8 @@ def nabla_block_mask(
         # the spec's "ascending running sum >= 1 - threshold" counted from the other end.
         mass_before = mass.cumsum(-1) - mass
         keep_count = (mass_before <= threshold).sum(-1)
-    low = max(1, math.ceil(min_density * nb)) if min_density is not None else 1
-    high = max(low, math.floor(max_density * nb)) if max_density is not None else nb
     keep_count = keep_count.clamp(low, high)
-
-    rank_kept = torch.arange(nb, device=probs.device) < keep_count.unsqueeze(-1)
+    rank_kept = torch.arange(mass.shape[-1], device=probs.device) < keep_count.unsqueeze(-1)
     return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, rank_kept)
 
 

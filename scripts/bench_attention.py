@@ -32,9 +32,10 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
 
-from nabla.attention import build_block_mask, sparse_attention, to_flex_block_mask  # noqa: E402
+from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
 from nabla.config import SparsityConfig  # noqa: E402
 from nabla.layout import TileLayout  # noqa: E402
+from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks  # noqa: E402
 
 HEAD_DIM = 128
 BATCH = 1
@@ -87,7 +88,7 @@ class Row:
     shape: str
     kernel: str
     density: float | None = None  # fraction of (query block, key block) pairs kept; 1 for dense
-    mask_ms: float | None = None  # build_block_mask + to_flex_block_mask alone
+    mask_ms: float | None = None  # make_block_mask alone (mask + BlockMask)
     total_ms: float | None = None  # the whole call (sparse: mask build + kernel)
     tflops: float | None = None  # 4*D*(real token pairs computed) / total_ms
     speedup: float | None = None  # fastest dense total_ms of the shape / total_ms
@@ -101,6 +102,8 @@ class Check:
     shape: str
     max_err: float  # max |sparse - SDPA|
     ref_max: float  # max |SDPA|, for scale
+    mask_mismatch: int  # NABLA(0.4) blocks where the device's mask path and sorting disagree
+    mask_blocks: int
 
     @property
     def ok(self) -> bool:
@@ -108,7 +111,10 @@ class Check:
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
-        return f"{self.shape}: max abs err {self.max_err:.2e} (max |ref| {self.ref_max:.2e}): {verdict}"
+        return (
+            f"{self.shape}: max abs err {self.max_err:.2e} (max |ref| {self.ref_max:.2e}): {verdict}; "
+            f"NABLA(0.4) mask vs sorting: {self.mask_mismatch} of {self.mask_blocks} blocks differ"
+        )
 
 
 _START = time.perf_counter()
@@ -163,7 +169,14 @@ def check_sparse(
     ref = F.scaled_dot_product_attention(*raster).float()
     all_blocks = SparsityConfig(mode="nabla", threshold=1.0, block_size=128)
     out = layout.untile(sparse_attention(*tiled, layout, all_blocks), dim=2).float()
-    return Check(name, (out - ref).abs().max().item(), ref.abs().max().item())
+    # The mask path of this device (the Triton kernel on CUDA) against the sort-based reference.
+    q, k, valid = tiled[0], tiled[1], layout.valid_on(tiled[0].device)
+    keep = nabla_block_mask(q, k, 0.4, 128, valid=valid)
+    qa, counts = pool_blocks(q, 128, valid)
+    ka, _ = pool_blocks(k, 128, valid)
+    probs = ((qa @ ka.transpose(-1, -2)) / q.shape[-1] ** 0.5).masked_fill(counts == 0, float("-inf")).softmax(-1)
+    mismatch = int((keep != cdf_keep_sorted(probs, 0.4, 1, probs.shape[-1])).sum())
+    return Check(name, (out - ref).abs().max().item(), ref.abs().max().item(), mismatch, keep.numel())
 
 
 def measure_dense(row: Row, attend: Callable[[], object], flops: float, device: torch.device, bench: Bench) -> None:
@@ -182,8 +195,7 @@ def measure_sparse(
     bench: Bench,
 ) -> None:
     def build_mask() -> object:
-        keep = build_block_mask(tiled[0], tiled[1], layout, config)
-        return to_flex_block_mask(keep, layout, config.block_size, exact_mask_mod=False)
+        return make_block_mask(tiled[0], tiled[1], layout, config, compiled=device.type == "cuda")
 
     def attend() -> torch.Tensor:
         return sparse_attention(*tiled, layout, config)

@@ -1,6 +1,5 @@
 """Offline loading of a tiny Wan2.1 pipeline, and the errors for missing models."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
