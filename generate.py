@@ -17,6 +17,7 @@ import torch
 
 from nabla.config import SparsityConfig, load_config, read_yaml
 from wan.settings import DEFAULT_MODEL, GenerationSettings
+from wan.stats import check_stats_path
 from wan.video import check_output_path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -43,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "CUDA, float32 on CPU; the VAE stays float32)")
     p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")
     p.add_argument("--compare", action="store_true", help="run full attention and the configured sparse mode on "
-                   "the same seed; print both times, the speedup and the mean mask density; write both videos "
+                   "the same seed; print both times, the speedup, the sparse video's PSNR, SSIM and mean absolute "
+                   "difference against the full one, and the mean mask density; write both videos "
                    "(the full one beside --output as NAME.full.mp4)")
-    p.add_argument("--no-warmup", action="store_true", help="with --compare on CUDA, skip the untimed one-step "
-                   "warm-up runs that keep kernel compilation out of the timings")
+    p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
+                   "per step and layer the mean mask density per head and the mask-building and attention times in ms, "
+                   "plus totals, config and settings; the block masks of every layer at the first sparse step and the "
+                   "last step go beside it as PATH.masks.pt (plot both with scripts/plot_masks.py)")
+    p.add_argument("--no-warmup", action="store_true", help="with --compare or --stats on CUDA, skip the untimed "
+                   "one-step warm-up runs that keep kernel compilation out of the timings")
     return p
 
 
@@ -67,6 +73,8 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
     outputs = [check_output_path(args.output, args.overwrite)]
     if args.compare:
         outputs.append(check_output_path(args.output.with_suffix(".full.mp4"), args.overwrite))
+    if args.stats is not None:
+        check_stats_path(args.stats, args.overwrite)
     return sparsity, settings, outputs
 
 
@@ -99,24 +107,47 @@ def run(args: argparse.Namespace) -> None:
         write_video(full_frames, outputs[1], settings.fps)
 
     patch = patch_transformer(pipe.transformer, sparsity)
+    if args.stats is not None and patch and torch.device(device).type == "cuda" and not args.no_warmup:
+        warmup = True  # keep compilation out of the recorded per-call times too
     if warmup:
         patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels, untimed
         generate(pipe, settings, steps=1)
         patch.state.config = sparsity
         patch.state.reset()
+    recorder = None
+    if args.stats is not None and patch:
+        from wan.stats import StatsRecorder, default_mask_steps
+
+        recorder = patch.state.recorder = StatsRecorder(default_mask_steps(sparsity.dense_steps, settings.steps))
     frames, seconds = generate(pipe, settings)
     write_video(frames, outputs[0], settings.fps)
     density = patch.state.mean_density() if patch else None
+    fidelity = None
+    if args.compare:
+        from wan.fidelity import video_fidelity
+
+        fidelity = video_fidelity(full_frames, frames)
+    if args.stats is not None:
+        from wan.stats import masks_path, run_report, write_stats
+
+        extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
+                 "time.perf_counter", "seconds": seconds}
+        if args.compare:
+            extra.update(full_seconds=full_seconds, fidelity=fidelity)
+        report = run_report(recorder, sparsity, settings, **extra)
+        stats = write_stats(args.stats, report, recorder.mask_entries() if recorder is not None else [])
+        print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
 
     size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
     print(f"wrote {outputs[0]} ({size}, {describe(sparsity)}) in {seconds:.2f} s")
     if args.compare:
         print(f"wrote {outputs[1]} ({size}, full attention) in {full_seconds:.2f} s")
-        print("| attention | seconds | speedup | mean mask density |")
-        print("|---|---|---|---|")
-        print(f"| full | {full_seconds:.2f} | 1.00x | 1.000 |")
+        print("| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
         dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
-        print(f"| {describe(sparsity)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {dens} |")
+        quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
+        print(f"| {describe(sparsity)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
     elif density is not None:
         print(f"mean mask density: {density:.3f}")
 

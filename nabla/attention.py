@@ -176,6 +176,18 @@ def _kernel_options(block_size: int, device: torch.device) -> dict | None:
     return options
 
 
+def attend_block_mask(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, block_size: int, compiled: bool
+) -> torch.Tensor:
+    """flex_attention of q, k, v [B, H, S, D] on a prepared BlockMask (from `make_block_mask`).
+
+    `compiled` must match the one the BlockMask was made with: the eager path relies on the exact
+    mask_mod that `make_block_mask(..., compiled=False)` attaches.
+    """
+    attend = _compiled_flex() if compiled else flex_attention
+    return attend(q, k, v, block_mask=block_mask, kernel_options=_kernel_options(block_size, q.device))
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,8 +209,7 @@ def sparse_attention(
         raise ValueError(f"sparse_attention: sequence length {q.shape[-2]} != padded length {layout.padded_length} of {layout}")
     compiled = q.is_cuda if compiled is None else compiled
     block_mask, keep = make_block_mask(q, k, layout, config, compiled)
-    attend = _compiled_flex() if compiled else flex_attention
-    out = attend(q, k, v, block_mask=block_mask, kernel_options=_kernel_options(config.block_size, q.device))
+    out = attend_block_mask(q, k, v, block_mask, config.block_size, compiled)
     if not return_stats:
         return out
     return out, {"density": keep.float().mean(dim=(0, 2, 3)), "mask": keep}

@@ -34,7 +34,13 @@ COMMON = dict(
 
 def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the CPU
-        return WanTransformer3DModel(**COMMON, **ARCHS[arch]).to(dtype).eval()
+        model = WanTransformer3DModel(**COMMON, **ARCHS[arch]).to(dtype).eval()
+    # As from_pretrained does: norms, modulation tables, rope and time embedding stay float32.
+    keep = set(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        if keep & set(name.split(".")):
+            param.data = param.data.float()
+    return model
 
 
 def build_random_pipeline(

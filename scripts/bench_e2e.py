@@ -1,0 +1,158 @@
+"""End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled.
+
+    python scripts/bench_e2e.py --arch 14B --height 720 --width 1280 --frames 81 --steps 3
+    python scripts/bench_e2e.py --arch 1.3B --height 480 --width 832 --frames 81 --steps 3
+
+Real Wan2.1 architectures with random weights built on the GPU (no download), bf16, one seed. Each
+variant gets an untimed one-step warm-up (its compile time is reported), then a timed run of
+`--steps` denoising steps (both CFG passes each), timed per step with device synchronisation, with
+torch._dynamo.config.error_on_recompile set: any recompilation across steps, layers, CFG passes or
+masks fails the run. Random weights do not give trained attention maps, so the NABLA density is set
+by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
+(captured from layer 0), times calls per step, over the step time. The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nabla import SparsityConfig, TileLayout  # noqa: E402
+from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
+from scripts.make_random_model import build_random_pipeline  # noqa: E402
+from wan.patch import NablaState, patch_transformer, unpatch  # noqa: E402
+
+PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_steps(pipe, args, steps: int) -> list[float]:
+    """Run the pipeline for `steps` steps (latents out, no VAE); returns seconds per step."""
+    stamps: list[float] = []
+
+    def on_step_end(pipe, step, timestep, kwargs):
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
+             num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0),
+             output_type="latent", callback_on_step_end=on_step_end)
+    return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+
+
+def measure(name: str, pipe, args) -> dict:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    warm = run_steps(pipe, args, 1)
+    first_call = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        steps = run_steps(pipe, args, args.steps)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    step = sum(steps) / len(steps)
+    row = dict(name=name, step_s=step, steps=steps, first_call_s=first_call, compile_s=max(0.0, warm[0] - step),
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), first call {first_call:.1f} s, "
+        f"peak {row['peak_gib']:.1f} GiB")
+    return row
+
+
+def capture_qkv(transformer) -> dict:
+    """Grab layer 0's q, k, v (tile order) on the next NABLA forward, for per-call timing."""
+    captured: dict = {}
+    original = NablaState.attend
+
+    @torch.compiler.disable
+    def attend(self, q, k, v, layer):
+        if layer == 0 and "q" not in captured:
+            captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=self.layout)
+        return original(self, q, k, v, layer)
+
+    NablaState.attend = attend
+    captured["restore"] = lambda: setattr(NablaState, "attend", original)
+    return captured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["1.3B", "14B"], default="14B")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=3, help="timed denoising steps per variant (after warm-up)")
+    parser.add_argument("--max-density", type=float, default=0.1, help="NABLA density cap (random weights)")
+    parser.add_argument("--threshold", type=float, default=0.7)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
+
+    log(f"building Wan2.1-{args.arch} with random weights on the GPU")
+    pipe = build_random_pipeline(args.arch, "cuda")
+    transformer = pipe.transformer
+    cfg = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,
+                         max_density=args.max_density)
+    rows = []
+    if not args.skip_stock:
+        rows.append(measure("stock diffusers, dense, eager", pipe, args))
+
+    compile_start = time.perf_counter()
+    transformer.compile_repeated_blocks()  # regional compilation: one graph for all identical blocks
+    rows.append(measure("dense, compiled blocks", pipe, args))
+    rows[-1]["note"] = f"compile call {time.perf_counter() - compile_start:.1f} s incl. warm-up"
+
+    captured = capture_qkv(transformer)
+    patch = patch_transformer(transformer, cfg)
+    rows.append(measure(f"NABLA thr {args.threshold} max_density {args.max_density}, block {args.block_size}, compiled",
+                        pipe, args))
+    nabla_density = patch.state.mean_density()
+    captured["restore"]()
+
+    # Per-call attention times on layer 0's own q, k, v.
+    q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
+    real = layout.untile(torch.arange(layout.padded_length, device=q.device), dim=0)
+    rq, rk, rv = (x[:, :, real] for x in (q, k, v))
+    dense_ms = do_bench(lambda: F.scaled_dot_product_attention(rq, rk, rv), warmup=25, rep=200, return_mode="median")
+    sparse_ms = do_bench(lambda: sparse_attention(q, k, v, layout, cfg), warmup=25, rep=200, return_mode="median")
+    mask_ms = do_bench(lambda: make_block_mask(q, k, layout, cfg, True), warmup=25, rep=200, return_mode="median")
+    calls = 2 * len(transformer.blocks)  # CFG passes x layers
+    unpatch(transformer)
+
+    heads, tokens = q.shape[1], layout.length
+    print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
+          f"{layout.padded_length} in tiles), {heads} heads, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"timed: {args.steps} denoising steps per variant after a one-step warm-up (both CFG passes per step); "
+          f"no recompilation during the timed steps (error_on_recompile)")
+    print(f"per call: dense SDPA {dense_ms:.2f} ms, NABLA sparse_attention {sparse_ms:.2f} ms "
+          f"(mask build {mask_ms:.2f} ms), NABLA mean density {nabla_density:.3f}\n")
+    stock = rows[0]["step_s"] if not args.skip_stock else None
+    dense_compiled = rows[-2]["step_s"]
+    print("| variant | s/step | vs stock | vs dense compiled | attention share | mask share | first call s | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        nabla = row["name"].startswith("NABLA")
+        attn = (sparse_ms if nabla else dense_ms) * calls / 1000 / row["step_s"]
+        mask = f"{mask_ms * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
+        vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
+        print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {attn:.1%} "
+              f"| {mask} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
