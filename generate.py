@@ -10,12 +10,16 @@ Bad input is rejected before any model loads, with one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from nabla.config import SparsityConfig, load_config, read_yaml
+from nabla.layout import TileLayout
+from wan.parallel import check_sequence
 from wan.settings import DEFAULT_MODEL, GenerationSettings
 from wan.stats import check_stats_path
 from wan.video import check_output_path
@@ -43,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
                    "CUDA, float32 on CPU; the VAE stays float32)")
     p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")
+    p.add_argument("--ulysses", type=int, default=1, metavar="N", help="split the sequence over N GPUs with "
+                   "Ulysses sequence parallelism; launch with torchrun --nproc_per_node=N (default: 1)")
+    p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
+                   "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
     p.add_argument("--compare", action="store_true", help="run full attention and the configured sparse mode on "
                    "the same seed; print both times, the speedup, the sparse video's PSNR, SSIM and mean absolute "
                    "difference against the full one, and the mean mask density; write both videos "
@@ -75,7 +83,21 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
         outputs.append(check_output_path(args.output.with_suffix(".full.mp4"), args.overwrite))
     if args.stats is not None:
         check_stats_path(args.stats, args.overwrite)
+    if args.ulysses < 1:
+        raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
+    if args.ulysses > 1 or args.cfg_parallel:
+        if args.compare or args.cpu_offload:
+            raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
+        if args.cfg_parallel and settings.guidance_scale <= 1:
+            raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
+        # the sequence is split in tile order, padded to whole tiles (dense runs too, when the raw one is uneven)
+        check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
     return sparsity, settings, outputs
+
+
+def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
+    """Wan2.1's transformer tokens: 4x temporal and 8x spatial VAE compression, then 1x2x2 patches."""
+    return (settings.frames - 1) // 4 + 1, settings.height // 16, settings.width // 16
 
 
 def describe(config: SparsityConfig) -> str:
@@ -96,8 +118,15 @@ def run(args: argparse.Namespace) -> None:
     from wan.run import generate
     from wan.video import write_video
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    setup = None
+    if args.ulysses > 1 or args.cfg_parallel:
+        from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses, init_parallel
+
+        setup = init_parallel(args.ulysses, args.cfg_parallel)
+    device = str(setup.device) if setup else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    main_rank = setup is None or setup.is_main
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload)
+    pipe.set_progress_bar_config(disable=not main_rank)
     warmup = args.compare and torch.device(device).type == "cuda" and not args.no_warmup
 
     if args.compare:
@@ -106,7 +135,13 @@ def run(args: argparse.Namespace) -> None:
         full_frames, full_seconds = generate(pipe, settings)
         write_video(full_frames, outputs[1], settings.fps)
 
-    patch = patch_transformer(pipe.transformer, sparsity)
+    uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
+    patch = patch_transformer(pipe.transformer, sparsity, pad_dense=uneven)
+    if setup is not None:  # after the patch: tile before the sequence split, untile after the gather
+        check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
+        enable_ulysses(pipe.transformer, setup)
+        if setup.cfg_parallel:
+            enable_cfg_parallel(pipe.transformer, setup)
     if args.stats is not None and patch and torch.device(device).type == "cuda" and not args.no_warmup:
         warmup = True  # keep compilation out of the recorded per-call times too
     if warmup:
@@ -119,7 +154,9 @@ def run(args: argparse.Namespace) -> None:
         from wan.stats import StatsRecorder, default_mask_steps
 
         recorder = patch.state.recorder = StatsRecorder(default_mask_steps(sparsity.dense_steps, settings.steps))
-    frames, seconds = generate(pipe, settings)
+    frames, seconds = generate(pipe, settings, decode=main_rank)
+    if not main_rank:
+        return  # rank 0 writes the video and reports
     write_video(frames, outputs[0], settings.fps)
     density = patch.state.mean_density() if patch else None
     fidelity = None
@@ -157,17 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     from wan.loading import ModelNotFoundError
     from wan.run import NonFiniteLatentsError
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
     try:
         run(args)
     except (ValueError, ModelNotFoundError, NonFiniteLatentsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print(
-            "error: out of GPU memory; lower --height/--width/--frames, add --cpu-offload, or use a sparser config",
-            file=sys.stderr,
-        )
+        if main_rank:
+            print("error: out of GPU memory; lower --height/--width/--frames, add --cpu-offload, use a sparser "
+                  "config or more GPUs (--ulysses)", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

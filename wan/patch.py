@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
 from nabla import SparsityConfig, TileLayout, dense_attention
@@ -65,7 +66,7 @@ class NablaState:
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        if self.step < self.config.dense_steps:
+        if not self.config.is_sparse or self.step < self.config.dense_steps:
             return dense_attention(q, k, v, self.layout)
         # sparse_attention in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
@@ -90,11 +91,24 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 class NablaWanAttnProcessor:
-    """Self-attention processor for WanAttention: diffusers' projections, NABLA attention."""
+    """Self-attention processor for WanAttention: diffusers' projections, NABLA attention.
+
+    Under diffusers' Ulysses context parallelism (`enable_parallelism` sets `_parallel_config`),
+    NABLA runs between diffusers' two all-to-alls, on the whole sequence and this rank's heads.
+    """
+
+    _parallel_config = None
 
     def __init__(self, state: NablaState, layer: int) -> None:
         self.state = state
         self.layer = layer
+
+    def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
+        """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
+        # [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are (copies
+        # cost 3.4 GiB of peak memory at 14B 720p, measured)
+        out = self.state.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer)
+        return out.transpose(1, 2)
 
     def __call__(
         self,
@@ -111,10 +125,16 @@ class NablaWanAttnProcessor:
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-        # [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are (copies cost
-        # 3 GiB of peak memory at 14B 720p, measured)
-        out = self.state.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if self._parallel_config is None:
+            out = self._attend(None, query, key, value)
+        else:
+            cp = self._parallel_config.context_parallel_config
+            if cp.ring_degree != 1 or cp.ulysses_anything:
+                raise ValueError("NABLA runs under Ulysses context parallelism only (ring_degree 1, even split)")
+            out = TemplatedUlyssesAttention.apply(
+                query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
+            )
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -138,11 +158,21 @@ def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> t
     return args, {**kwargs, name: value}
 
 
-def patch_transformer(transformer: WanTransformer3DModel, config: SparsityConfig) -> NablaPatch | None:
-    """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched)."""
+def patch_transformer(
+    transformer: WanTransformer3DModel, config: SparsityConfig, *, pad_dense: bool = False
+) -> NablaPatch | None:
+    """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched).
+
+    With `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and
+    attention stays dense; sequence parallelism uses it to split sequences that are not a multiple
+    of the degree.
+    """
     if getattr(transformer, "_nabla_patch", None) is not None:
         raise ValueError("patch_transformer: this transformer is already patched; unpatch it first")
-    if not config.is_sparse:
+    if transformer._parallel_config is not None:
+        # rope.forward must be wrapped before context parallelism wraps it (tile, then split)
+        raise ValueError("patch_transformer: patch before transformer.enable_parallelism(), not after")
+    if not config.is_sparse and not pad_dense:
         return None
     state = NablaState(config)
     patch_size = tuple(transformer.config.patch_size)

@@ -30,11 +30,14 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(pipe: WanPipeline, settings: GenerationSettings, *, steps: int | None = None) -> tuple[np.ndarray, float]:
+def generate(
+    pipe: WanPipeline, settings: GenerationSettings, *, steps: int | None = None, decode: bool = True
+) -> tuple[np.ndarray, float]:
     """Run the pipeline; returns frames [F, H, W, 3] in [0, 1] and the wall-clock seconds it took.
 
     The noise comes from a CPU generator seeded with `settings.seed`, so a seed gives the same
-    starting latents on every device.
+    starting latents on every device. With `decode=False` (ranks that write no video) the VAE is
+    skipped and the latents come back instead of frames.
     """
     device = pipe._execution_device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -50,7 +53,7 @@ def generate(pipe: WanPipeline, settings: GenerationSettings, *, steps: int | No
             num_inference_steps=steps or settings.steps,
             guidance_scale=settings.guidance_scale,
             generator=generator,
-            output_type="np",
+            output_type="np" if decode else "latent",
             callback_on_step_end=_check_finite,
             callback_on_step_end_tensor_inputs=["latents"],
         )
