@@ -110,6 +110,12 @@ class NablaWanAttnProcessor:
         out = self.state.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer)
         return out.transpose(1, 2)
 
+    @torch.compiler.disable  # collectives and NABLA's own compiled kernels stay outside compiled blocks
+    def _ulysses(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return TemplatedUlyssesAttention.apply(
+            query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
+        )
+
     def __call__(
         self,
         attn: Any,
@@ -131,9 +137,7 @@ class NablaWanAttnProcessor:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
                 raise ValueError("NABLA runs under Ulysses context parallelism only (ring_degree 1, even split)")
-            out = TemplatedUlyssesAttention.apply(
-                query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
-            )
+            out = self._ulysses(query, key, value)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

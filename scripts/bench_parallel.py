@@ -1,0 +1,85 @@
+"""1 GPU against 2 (Ulysses 2, CFG parallel 2), dense and NABLA, in one torchrun launch.
+
+    torchrun --nproc_per_node=2 scripts/bench_parallel.py --arch 14B --height 720 --width 1280 --frames 81
+
+Both ranks build the same random-weight model (same seed), patch it for NABLA (dense rows switch the
+patched model to dense SDPA, so every row pays the same tiling), and compile its repeated blocks.
+Rows, in order: one GPU (rank 0 alone), CFG parallel on both, Ulysses on both (enabled last:
+diffusers cannot switch it off). Each row: a one-step warm-up, then `--steps` timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nabla import SparsityConfig  # noqa: E402
+from scripts.bench_e2e import run_steps  # noqa: E402
+from scripts.make_random_model import build_random_pipeline  # noqa: E402
+from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel  # noqa: E402
+from wan.patch import patch_transformer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["1.3B", "14B"], default="14B")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--max-density", type=float, default=0.1)
+    args = parser.parse_args()
+
+    # One mesh for both modes: CFG parallel uses the (cfg) pairs, Ulysses a 2-rank ulysses group.
+    cfg_setup = init_parallel(1, cfg_parallel=True)
+    rank = cfg_setup.rank
+    uly_setup = init_parallel(2, cfg_parallel=False)
+    pipe = build_random_pipeline(args.arch, str(cfg_setup.device))
+    pipe.set_progress_bar_config(disable=True)
+    nabla = SparsityConfig(mode="nabla", threshold=0.7, block_size=128, max_density=args.max_density)
+    dense = SparsityConfig(mode="full")
+    patch = patch_transformer(pipe.transformer, nabla)
+    pipe.transformer.compile_repeated_blocks()
+    rows: list[tuple[str, str, float]] = []
+
+    def timed(layout: str, name: str, config: SparsityConfig, ranks: list[int]) -> None:
+        patch.state.config = config
+        if rank in ranks:
+            run_steps(pipe, args, 1)
+            steps = run_steps(pipe, args, args.steps)
+            rows.append((layout, name, sum(steps) / len(steps)))
+            if rank == 0:
+                print(f"[{time.strftime('%H:%M:%S')}] {layout} {name}: {rows[-1][2]:.2f} s/step", flush=True)
+        dist.barrier()
+
+    for name, config in (("NABLA", nabla), ("dense", dense)):
+        timed("1 GPU", name, config, [0])
+    inner = pipe.transformer.forward
+    enable_cfg_parallel(pipe.transformer, cfg_setup)
+    for name, config in (("NABLA", nabla), ("dense", dense)):
+        timed("2 GPUs, CFG parallel", name, config, [0, 1])
+    pipe.transformer.forward = inner
+    enable_ulysses(pipe.transformer, uly_setup)
+    for name, config in (("NABLA", nabla), ("dense", dense)):
+        timed("2 GPUs, Ulysses 2", name, config, [0, 1])
+
+    if rank == 0:
+        base = {name: s for layout, name, s in rows if layout == "1 GPU"}
+        print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames, {torch.cuda.get_device_name()}, "
+              f"torch {torch.__version__}; {args.steps} timed step(s) after a one-step warm-up; NABLA max_density "
+              f"{args.max_density}, block 128; compiled blocks everywhere\n")
+        print("| GPUs | attention | s/step | speedup vs 1 GPU |")
+        print("|---|---|---:|---:|")
+        for layout, name, s in rows:
+            print(f"| {layout} | {name} | {s:.2f} | {base[name] / s:.2f}x |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
