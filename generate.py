@@ -19,6 +19,7 @@ import torch
 
 from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
+from wan.loading import check_transformer_path
 from wan.parallel import check_sequence
 from wan.settings import DEFAULT_MODEL, GenerationSettings
 from wan.stats import check_stats_path
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML with a `sparsity:` and optionally a `generation:` section "
                    "(default: full attention, stock settings); see configs/")
     p.add_argument("--model", help=f"hub id or local folder of a diffusers Wan2.1 T2V pipeline (default: {DEFAULT_MODEL})")
+    p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
+                   "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
+                   ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
+                   "published; converted by diffusers) or a diffusers transformer folder; the architecture comes from "
+                   "--model")
     p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
     p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (default: 480)")
     p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (default: 832)")
@@ -83,6 +89,8 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
         outputs.append(check_output_path(args.output.with_suffix(".full.mp4"), args.overwrite))
     if args.stats is not None:
         check_stats_path(args.stats, args.overwrite)
+    if args.transformer is not None:
+        check_transformer_path(args.transformer)
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
     if args.ulysses > 1 or args.cfg_parallel:
@@ -125,7 +133,8 @@ def run(args: argparse.Namespace) -> None:
         setup = init_parallel(args.ulysses, args.cfg_parallel)
     device = str(setup.device) if setup else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     main_rank = setup is None or setup.is_main
-    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload)
+    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
+                         transformer=args.transformer)
     pipe.set_progress_bar_config(disable=not main_rank)
     warmup = args.compare and torch.device(device).type == "cuda" and not args.no_warmup
 

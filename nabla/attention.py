@@ -67,15 +67,22 @@ def make_block_mask(
 ) -> tuple[BlockMask, torch.Tensor]:
     """FlexAttention BlockMask for `config` and the boolean block mask it came from."""
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
-    keep, kv_num, kv_idx, full_num, full_idx = build(q, k, *_mask_inputs(q, layout, config))
-    bs = config.block_size
-    mask_mod = _padding_mask_mod(layout, bs, q.device) if compiled else _exact_mask_mod(keep, layout, bs)
+    keep, *indices = build(q, k, *_mask_inputs(q, layout, config))
+    return _from_indices(indices, keep, layout, config.block_size, exact_mask_mod=not compiled), keep
+
+
+def _from_indices(
+    indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool
+) -> BlockMask:
+    """BlockMask from (count, indices) of the partial and of the full key blocks per query block."""
+    if exact_mask_mod:
+        mask_mod = _exact_mask_mod(keep, layout, block_size)
+    else:
+        mask_mod = _padding_mask_mod(layout, block_size, keep.device)
     S = layout.padded_length
-    block_mask = BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(S, S),
-        compute_q_blocks=False,
+    return BlockMask.from_kv_blocks(
+        *indices, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(S, S), compute_q_blocks=False
     )
-    return block_mask, keep
 
 
 @lru_cache(maxsize=32)
@@ -135,15 +142,9 @@ def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, 
     keys are "partial" and run a mask_mod that drops the padding keys. With `exact_mask_mod` the
     mask_mod also applies the block mask itself (for eager flex_attention, which applies only mask_mod).
     """
-    S = layout.padded_length
     partial_cols = _partial_cols(_padded_valid(layout, block_size, keep.device), block_size)
-    kv_num, kv_idx = _compact(keep & partial_cols)
-    full_num, full_idx = _compact(keep & ~partial_cols)
-    mask_mod = _exact_mask_mod(keep, layout, block_size) if exact_mask_mod else _padding_mask_mod(layout, block_size, keep.device)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(S, S),
-        compute_q_blocks=False,
-    )
+    indices = [*_compact(keep & partial_cols), *_compact(keep & ~partial_cols)]
+    return _from_indices(indices, keep, layout, block_size, exact_mask_mod)
 
 
 @lru_cache(maxsize=32)
@@ -165,9 +166,9 @@ def _compiled_flex():
 def _kernel_options(block_size: int, device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
-    # The default 128x64 tiles refuse 64-token blocks; on Hopper, TMA loads and 128x128 tiles with
-    # 8 warps and 3 stages measured 28.2 ms against 30.0 (TMA alone) and 31.8 (defaults) at 10%
-    # density on the 14B 720p shape (BENCHMARKS.md).
+    # The default 128x64 tiles refuse 64-token blocks. On the H100, TMA loads took the 10%-dense 14B
+    # 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md); 8 warps and 3 stages for 128-token blocks
+    # gave 28.2 ms in an earlier run that was not recorded: BENCHMARKS.md says how to re-measure.
     options: dict = {"BLOCK_M": block_size, "BLOCK_N": block_size}
     if torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True

@@ -20,6 +20,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.make_tiny_model import build_tokenizer  # noqa: E402
+from wan.loading import keep_fp32_modules  # noqa: E402
 
 # From Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json.
 ARCHS = {
@@ -35,12 +36,7 @@ COMMON = dict(
 def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes on the CPU
         model = WanTransformer3DModel(**COMMON, **ARCHS[arch]).to(dtype).eval()
-    # As from_pretrained does: norms, modulation tables, rope and time embedding stay float32.
-    keep = set(model._keep_in_fp32_modules)
-    for name, param in model.named_parameters():
-        if keep & set(name.split(".")):
-            param.data = param.data.float()
-    return model
+    return keep_fp32_modules(model)  # as from_pretrained does
 
 
 def build_random_pipeline(

@@ -4,10 +4,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import imageio.v3 as iio
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import generate
+import wan.run
+import wan.video
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -79,6 +86,14 @@ BAD_INPUTS = {
     "missing-config": (lambda t: ["--config", t / "nope.yaml"], "file not found"),
     "output-folder-missing": (lambda t: ["--output", t / "nowhere" / "v.mp4"], "does not exist"),
     "output-not-mp4": (lambda t: ["--output", t / "v.avi"], "must end in .mp4"),
+    "max-density-0": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, max_density: 0}")], "'max_density': 0"),
+    "min-density-1.5": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, min_density: 1.5}")],
+                        "'min_density': 1.5; allowed: a number in (0, 1]"),
+    "negative-window": (lambda t: ["--config", write_config(t, "sparsity: {mode: sta, sta_window: [11, -3, 3]}")],
+                        "allowed: three odd positive integers"),
+    "height-0": (lambda t: ["--height", "0"], "height: 0 is not allowed; it must be an integer in [16, 2048]"),
+    "width-huge": (lambda t: ["--width", "8192"], "width: 8192 is not allowed; it must be an integer in [16, 2048]"),
+    "frames-0": (lambda t: ["--frames", "0"], "frames: 0 is not allowed"),
 }
 
 
@@ -120,3 +135,70 @@ def test_cli_process_help_and_exit_code(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def raw_frames(monkeypatch):
+    """Make write_video store the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy."""
+    monkeypatch.setattr(wan.video, "export_to_video",
+                        lambda frames, path, fps, quality: np.save(open(path, "wb"), np.stack(frames)))
+
+
+def test_same_seed_same_video_twice(tiny_model, tmp_path, monkeypatch):
+    raw_frames(monkeypatch)
+    videos = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.mp4"
+        assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
+                       "--seed", "3", "--output", out, *SMALL) == 0
+        videos.append(np.load(out))
+    assert videos[0].shape == (9, 64, 96, 3) and np.array_equal(videos[0], videos[1])
+    out = tmp_path / "c.mp4"
+    assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
+                   "--seed", "4", "--output", out, *SMALL) == 0
+    assert not np.allclose(np.load(out), videos[0], atol=1e-3)  # and the seed matters
+
+
+def test_nan_latents_stop_the_run(tiny_model, tmp_path, capsys):
+    """A transformer that outputs NaN: the run stops at step 1 with one line and writes no video."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["proj_out.bias"][0] = float("nan")
+    save_file(state, weights)
+    out = tmp_path / "out" / "v.mp4"
+    out.parent.mkdir()
+    assert run_cli("--prompt", "a cat", "--model", broken, "--output", out, *SMALL) == 2
+    err = capsys.readouterr().err  # the model loaded: its progress bars come first
+    assert err.splitlines()[-1].startswith("error: NaN or Inf in the latents after denoising step 1 (timestep ")
+    assert "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_out_of_memory_names_what_to_lower(tiny_model, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(wan.run, "generate", out_of_memory)
+    out = tmp_path / "v.mp4"
+    assert run_cli("--prompt", "a cat", "--model", tiny_model, "--output", out, *SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: out of GPU memory; lower --height/--width/--frames")
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    """Killed while encoding: neither a partial MP4 nor a temporary file remains; an old file is untouched."""
+    def encode_then_die(frames, path, fps, quality):
+        Path(path).write_bytes(b"half an mp4")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wan.video, "export_to_video", encode_then_die)
+    frames = np.zeros((5, 16, 16, 3), dtype=np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        wan.video.write_video(frames, tmp_path / "new.mp4")
+    (tmp_path / "old.mp4").write_bytes(b"precious")
+    with pytest.raises(KeyboardInterrupt):
+        wan.video.write_video(frames, tmp_path / "old.mp4")
+    assert [p.name for p in tmp_path.iterdir()] == ["old.mp4"] and (tmp_path / "old.mp4").read_bytes() == b"precious"

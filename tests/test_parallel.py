@@ -43,6 +43,15 @@ def test_two_processes_match_one(tiny_model, tmp_path, config, mode):
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".mp4") == ["one.mp4", "two.mp4"]
 
 
+def test_ulysses_and_cfg_parallel_together(tiny_model, tmp_path):
+    """4 processes: two CFG groups of two Ulysses ranks, NABLA, equal to one process."""
+    single = run(tmp_path, tiny_model, "nabla", tmp_path / "one.mp4")
+    multi = run(tmp_path, tiny_model, "nabla", tmp_path / "four.mp4", "--ulysses", "2", "--cfg-parallel", procs=4)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "four.mp4"), np.load(tmp_path / "one.mp4"), atol=1e-4)
+    assert multi.stdout.count("wrote ") == 1
+
+
 def test_odd_sequence_full_attention(tiny_model, tmp_path):
     """27 tokens do not split over 2 ranks: diffusers' "anything" Ulysses mode takes them."""
     single = run(tmp_path, tiny_model, "full", tmp_path / "one.mp4", size=("48", "48"))

@@ -1,12 +1,21 @@
-"""Load a Wan2.1 text-to-video `WanPipeline` from the hub or a local diffusers-layout folder."""
+"""Load a Wan2.1 text-to-video `WanPipeline` from the hub or a local diffusers-layout folder.
+
+The transformer can come from elsewhere (`transformer=`): an original-format Wan2.1 checkpoint (the
+layout of the Wan2.1 repository, keys such as `blocks.0.self_attn.q.weight`, as the NABLA-finetuned
+14B checkpoints are published), converted by diffusers' own single-file loader, or a diffusers
+transformer folder.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
-from diffusers import WanPipeline
+from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import HFValidationError
+from safetensors.torch import load_file
 
 from wan.settings import DEFAULT_MODEL
 
@@ -24,31 +33,109 @@ def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def check_transformer_path(path: str | Path) -> Path:
+    """Fail early (before any model loads) on a --transformer path that cannot be a checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+            raise ValueError(f"transformer: folder {path} holds neither a config.json (diffusers layout) nor "
+                             "*.safetensors shards (original Wan2.1 layout)")
+    elif not path.is_file():
+        raise ValueError(f"transformer: {path} does not exist; give a checkpoint file or folder")
+    elif path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"transformer: {path} is not a checkpoint; allowed: a folder or a file ending in "
+                         f"{', '.join(CHECKPOINT_SUFFIXES)}")
+    return path
+
+
+def keep_fp32_modules(model: WanTransformer3DModel) -> WanTransformer3DModel:
+    """Put the modules diffusers keeps in float32 (norms, modulation, time embedding) back in float32.
+
+    `from_pretrained` does this; `from_single_file` and plain construction cast everything to one dtype.
+    """
+    keep = set(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        if keep & set(name.split(".")):
+            param.data = param.data.float()
+    return model
+
+
+def _drop_fp32_cast_warning(record: logging.LogRecord) -> bool:
+    return "should be kept in float32" not in record.getMessage()
+
+
+def load_transformer(path: str | Path, config_source: str, dtype: torch.dtype) -> WanTransformer3DModel:
+    """A Wan2.1 transformer from `path`: a diffusers transformer folder (with config.json), an
+    original-format checkpoint file, or a folder of original-format `*.safetensors` shards.
+
+    Original-format weights are converted by diffusers' single-file loader; the architecture comes
+    from the transformer config of `config_source` (the pipeline's hub id or folder), so a 14B
+    checkpoint needs a 14B pipeline. A checkpoint that does not fit it is a one-line ValueError.
+    """
+    path = check_transformer_path(path)
+    if (path / "config.json").is_file():
+        return WanTransformer3DModel.from_pretrained(str(path), dtype=dtype)
+    # Shards of one state dict (the 14B comes in six): merged, then converted like a single file.
+    checkpoint: str | dict = str(path)
+    if path.is_dir():
+        checkpoint = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            checkpoint.update(load_file(shard))
+    config = str(Path(config_source).expanduser().absolute()) if _looks_local(config_source) else config_source
+    # from_single_file casts every module to `dtype` and warns about the float32 ones, which
+    # keep_fp32_modules below puts back (casting per weight while loading keeps a 14B's RAM at 2 bytes a
+    # weight); other warnings, such as unused checkpoint weights, still reach the user.
+    cast_logger = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+    cast_logger.addFilter(_drop_fp32_cast_warning)
+    try:
+        model = WanTransformer3DModel.from_single_file(checkpoint, config=config, subfolder="transformer", dtype=dtype)
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "meta tensor" in first:  # weights the checkpoint lacks stay on the meta device, and casting them fails
+            raise ValueError(f"transformer: {path} lacks weights that the transformer of {config_source} needs; "
+                             "is it a Wan2.1 text-to-video checkpoint of that architecture?") from e
+        raise ValueError(f"transformer: {path} does not fit the transformer of {config_source} ({first[:300]})") from e
+    finally:
+        cast_logger.removeFilter(_drop_fp32_cast_warning)
+    return keep_fp32_modules(model)
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
     device: str = "cuda",
     dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    transformer: str | Path | None = None,
 ) -> WanPipeline:
     """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), VAE in fp32.
 
-    With `cpu_offload`, components stay on the CPU and move to `device` one at a time as they run.
+    With `transformer`, the pipeline's transformer is loaded from that checkpoint instead (see
+    `load_transformer`); the stock transformer weights are then never read. With `cpu_offload`,
+    components stay on the CPU and move to `device` one at a time as they run.
     """
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     # Wan's VAE is run in fp32 in the reference code and diffusers' examples; bf16 degrades decoding.
     dtypes = {"vae": torch.float32, "default": dtype}
+    components = {}
 
     if _looks_local(model):
         path = Path(model).expanduser().absolute()
         if not (path / "model_index.json").is_file():
             what = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
             raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
-        pipe = WanPipeline.from_pretrained(str(path), dtype=dtypes)  # real load errors here are not "not found"
+        if transformer is not None:
+            components["transformer"] = load_transformer(transformer, model, dtype)
+        pipe = WanPipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
     else:
         try:
-            pipe = WanPipeline.from_pretrained(model, dtype=dtypes)
+            if transformer is not None:
+                components["transformer"] = load_transformer(transformer, model, dtype)
+            pipe = WanPipeline.from_pretrained(model, dtype=dtypes, **components)
         except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
             reason = " ".join(str(e).split())  # hub messages span lines; ours is one
             reason = reason if len(reason) <= 240 else reason[:237] + "..."
