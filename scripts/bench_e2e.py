@@ -10,6 +10,8 @@ torch._dynamo.config.error_on_recompile set: any recompilation across steps, lay
 masks fails the run. Random weights do not give trained attention maps, so the NABLA density is set
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
 (captured from layer 0), times calls per step, over the step time. The table is printed last.
+
+    python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nabla import SparsityConfig, TileLayout  # noqa: E402
+from nabla import SparsityConfig  # noqa: E402
 from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
+from scripts.bench_attention import bench_ms, sync  # noqa: E402
 from scripts.make_random_model import build_random_pipeline  # noqa: E402
+from scripts.make_tiny_model import build_tiny_pipeline  # noqa: E402
 from wan.patch import NablaState, patch_transformer, unpatch  # noqa: E402
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
@@ -39,13 +42,14 @@ def log(message: str) -> None:
 def run_steps(pipe, args, steps: int) -> list[float]:
     """Run the pipeline for `steps` steps (latents out, no VAE); returns seconds per step."""
     stamps: list[float] = []
+    device = pipe._execution_device
 
     def on_step_end(pipe, step, timestep, kwargs):
-        torch.cuda.synchronize()
+        sync(device)
         stamps.append(time.perf_counter())
         return kwargs
 
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
@@ -55,11 +59,12 @@ def run_steps(pipe, args, steps: int) -> list[float]:
 
 
 def measure(name: str, pipe, args) -> dict:
-    torch.cuda.synchronize()
+    cuda = pipe._execution_device.type == "cuda"
     start = time.perf_counter()
     warm = run_steps(pipe, args, 1)
     first_call = time.perf_counter() - start
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     torch._dynamo.config.error_on_recompile = True
     try:
         steps = run_steps(pipe, args, args.steps)
@@ -67,7 +72,7 @@ def measure(name: str, pipe, args) -> dict:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
     row = dict(name=name, step_s=step, steps=steps, first_call_s=first_call, compile_s=max(0.0, warm[0] - step),
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), first call {first_call:.1f} s, "
         f"peak {row['peak_gib']:.1f} GiB")
     return row
@@ -100,11 +105,22 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+    parser.add_argument("--smoke", action="store_true", help="the tiny offline model on the CPU, 64x96 x 9 frames")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
 
-    log(f"building Wan2.1-{args.arch} with random weights on the GPU")
-    pipe = build_random_pipeline(args.arch, "cuda")
+    if args.smoke:
+        args.arch, args.height, args.width, args.frames, args.block_size = "tiny", 64, 96, 9, 64
+        pipe = build_tiny_pipeline()
+        device_name = "CPU"
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the real architectures need CUDA; use --smoke on the CPU")
+        log(f"building Wan2.1-{args.arch} with random weights on the GPU")
+        pipe = build_random_pipeline(args.arch, "cuda")
+        device_name = torch.cuda.get_device_name()
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe._execution_device
     transformer = pipe.transformer
     cfg = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,
                          max_density=args.max_density)
@@ -128,15 +144,16 @@ def main() -> None:
     q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
     real = layout.untile(torch.arange(layout.padded_length, device=q.device), dim=0)
     rq, rk, rv = (x[:, :, real] for x in (q, k, v))
-    dense_ms = do_bench(lambda: F.scaled_dot_product_attention(rq, rk, rv), warmup=25, rep=200, return_mode="median")
-    sparse_ms = do_bench(lambda: sparse_attention(q, k, v, layout, cfg), warmup=25, rep=200, return_mode="median")
-    mask_ms = do_bench(lambda: make_block_mask(q, k, layout, cfg, True), warmup=25, rep=200, return_mode="median")
+    compiled = device.type == "cuda"  # the kernels generate.py runs on this device
+    dense_ms = bench_ms(lambda: F.scaled_dot_product_attention(rq, rk, rv), device, 200, cpu_iters=3)
+    sparse_ms = bench_ms(lambda: sparse_attention(q, k, v, layout, cfg, compiled=compiled), device, 200, cpu_iters=3)
+    mask_ms = bench_ms(lambda: make_block_mask(q, k, layout, cfg, compiled), device, 200, cpu_iters=3)
     calls = 2 * len(transformer.blocks)  # CFG passes x layers
     unpatch(transformer)
 
     heads, tokens = q.shape[1], layout.length
     print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
-          f"{layout.padded_length} in tiles), {heads} heads, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+          f"{layout.padded_length} in tiles), {heads} heads, {device_name}, torch {torch.__version__}")
     print(f"timed: {args.steps} denoising steps per variant after a one-step warm-up (both CFG passes per step); "
           f"no recompilation during the timed steps (error_on_recompile)")
     print(f"per call: dense SDPA {dense_ms:.2f} ms, NABLA sparse_attention {sparse_ms:.2f} ms "

@@ -1,0 +1,31 @@
+"""The GPU benchmark scripts, in their --smoke mode on the CPU: they run to the end and print their table.
+
+Device time is short; a script that breaks there wastes it. These runs time nothing that matters.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize("command, header", [
+    ([sys.executable, "scripts/bench_attention.py", "--smoke"],
+     "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |"),
+    ([sys.executable, "scripts/bench_e2e.py", "--smoke"],
+     "| variant | s/step | vs stock | vs dense compiled | attention share | mask share | first call s | peak GiB |"),
+    ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
+], ids=["attention", "e2e", "parallel"])
+def test_benchmark_runs_to_its_table(command, header, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert header in lines
+    rows = lines[lines.index(header) + 2:]
+    assert len(rows) >= 3 and all(row.startswith("| ") for row in rows)
