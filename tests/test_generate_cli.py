@@ -4,7 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import os
 import shutil
+import stat
 
 import imageio.v3 as iio
 import numpy as np
@@ -202,3 +204,14 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         wan.video.write_video(frames, tmp_path / "old.mp4")
     assert [p.name for p in tmp_path.iterdir()] == ["old.mp4"] and (tmp_path / "old.mp4").read_bytes() == b"precious"
+
+
+def test_written_video_has_the_usual_permissions(tmp_path, monkeypatch):
+    """The temporary file is created 0600; the renamed video gets what a new file gets under the umask."""
+    raw_frames(monkeypatch)
+    umask = os.umask(0o022)
+    try:
+        path = wan.video.write_video(np.zeros((5, 16, 16, 3), dtype=np.float32), tmp_path / "v.mp4")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and [p.name for p in tmp_path.iterdir()] == ["v.mp4"]

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from wan.files import atomic_write, check_target
 
 STATS_VERSION = 1
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -40,22 +40,7 @@ def masks_path(stats_path: str | Path) -> Path:
 
 def check_stats_path(path: str | Path, overwrite: bool = False) -> Path:
     """Fail early (before any model loads) on a --stats path that cannot be written, like --output."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".json":
-        raise ValueError(f"stats: {path} must end in .json")
-    if path.is_dir():
-        raise ValueError(f"stats: {path} is a folder; give a file path ending in .json")
-    for target in (path, masks_path(path)):
-        if target.exists() and not overwrite:
-            raise ValueError(f"stats: {target} exists; pass --overwrite to replace it or choose another path")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ValueError(f"stats: folder {folder} does not exist")
-    try:  # a real write test: permission bits say nothing for root or read-only mounts
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise ValueError(f"stats: folder {folder} is not writable ({err.strerror})") from None
-    return path
+    return check_target(path, ".json", "stats", overwrite, also=[masks_path(Path(path).expanduser())])
 
 
 def default_mask_steps(dense_steps: int, steps: int) -> tuple[int, ...]:
@@ -193,21 +178,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename it into place: whole or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_stats(path: str | Path, report: dict, masks: list[dict] | None = None) -> Path:
     """Write the JSON report (and, when `masks` is given, the `.masks.pt` beside it), each atomically."""
     path = Path(path).expanduser()
@@ -215,14 +185,14 @@ def write_stats(path: str | Path, report: dict, masks: list[dict] | None = None)
         mask_file = masks_path(path)
         payload = {"version": STATS_VERSION, "format": "numpy.packbits(mask, axis=-1), bitorder big",
                    "batch_element": 0, "masks": masks}
-        _atomic_write(mask_file, lambda tmp: torch.save(payload, tmp))
+        atomic_write(mask_file, lambda tmp: torch.save(payload, tmp))
         report = {**report, "masks_file": mask_file.name}
     text = json.dumps(_finite(report), indent=1, allow_nan=False)
 
     def write_json(tmp: str) -> None:
         Path(tmp).write_text(text + "\n")
 
-    _atomic_write(path, write_json)
+    atomic_write(path, write_json)
     return path
 
 
