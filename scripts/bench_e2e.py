@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import WanPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig  # noqa: E402
@@ -94,33 +96,45 @@ def capture_qkv(transformer) -> dict:
     return captured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_args(description: str, steps: int, extra: Callable[[argparse.ArgumentParser], None] | None = None
+               ) -> argparse.Namespace:
+    """The options of the end-to-end benchmarks: architecture, video size, timed steps, NABLA budget, --smoke."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["1.3B", "14B"], default="14B")
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--steps", type=int, default=3, help="timed denoising steps per variant (after warm-up)")
+    parser.add_argument("--steps", type=int, default=steps, help="timed denoising steps per variant (after warm-up)")
     parser.add_argument("--max-density", type=float, default=0.1, help="NABLA density cap (random weights)")
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
-    parser.add_argument("--smoke", action="store_true", help="the tiny offline model on the CPU, 64x96 x 9 frames")
+    parser.add_argument("--smoke", action="store_true", help="the tiny offline model on CPUs, 64x96 x 9 frames")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
-
     if args.smoke:
         args.arch, args.height, args.width, args.frames, args.block_size = "tiny", 64, 96, 9, 64
-        pipe = build_tiny_pipeline()
-        device_name = "CPU"
-    else:
-        if not torch.cuda.is_available():
-            parser.error("the real architectures need CUDA; use --smoke on the CPU")
-        log(f"building Wan2.1-{args.arch} with random weights on the GPU")
-        pipe = build_random_pipeline(args.arch, "cuda")
-        device_name = torch.cuda.get_device_name()
+    elif not torch.cuda.is_available():
+        parser.error("the real architectures need CUDA; use --smoke on the CPU")
+    return args
+
+
+def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipeline:
+    """The tiny model with --smoke, else the real architecture with random weights built on `device`."""
+    if not args.smoke:
+        log(f"building Wan2.1-{args.arch} with random weights on {device}")
+    pipe = build_tiny_pipeline() if args.smoke else build_random_pipeline(args.arch, device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    args = model_args(__doc__, steps=3, extra=lambda p: p.add_argument("--skip-stock", action="store_true",
+                                                                       help="skip the eager dense run"))
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
+    pipe = build_pipeline(args)
     device = pipe._execution_device
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     transformer = pipe.transformer
     cfg = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,
                          max_density=args.max_density)

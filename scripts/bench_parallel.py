@@ -12,7 +12,6 @@ diffusers cannot switch it off). Each row: a one-step warm-up, then `--steps` ti
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,35 +21,22 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig  # noqa: E402
-from scripts.bench_e2e import run_steps  # noqa: E402
-from scripts.make_random_model import build_random_pipeline  # noqa: E402
-from scripts.make_tiny_model import build_tiny_pipeline  # noqa: E402
+from scripts.bench_e2e import build_pipeline, model_args, run_steps  # noqa: E402
 from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel  # noqa: E402
 from wan.patch import patch_transformer  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["1.3B", "14B"], default="14B")
-    parser.add_argument("--height", type=int, default=720)
-    parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--max-density", type=float, default=0.1)
-    parser.add_argument("--smoke", action="store_true", help="the tiny offline model on CPUs (gloo), 64x96 x 9 frames")
-    args = parser.parse_args()
-    block_size = 128
-    if args.smoke:
-        args.arch, args.height, args.width, args.frames, block_size = "tiny", 64, 96, 9, 64
+    args = model_args(__doc__, steps=1)
 
     # One mesh for both modes: CFG parallel uses the (cfg) pairs, Ulysses a 2-rank ulysses group.
     cfg_setup = init_parallel(1, cfg_parallel=True)
     rank = cfg_setup.rank
     uly_setup = init_parallel(2, cfg_parallel=False)
-    pipe = build_tiny_pipeline() if args.smoke else build_random_pipeline(args.arch, str(cfg_setup.device))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(args, str(cfg_setup.device))
     device_name = torch.cuda.get_device_name() if cfg_setup.device.type == "cuda" else "CPU"
-    nabla = SparsityConfig(mode="nabla", threshold=0.7, block_size=block_size, max_density=args.max_density)
+    nabla = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,
+                           max_density=args.max_density)
     dense = SparsityConfig(mode="full")
     patch = patch_transformer(pipe.transformer, nabla)
     pipe.transformer.compile_repeated_blocks()
@@ -81,7 +67,7 @@ def main() -> None:
         base = {name: s for layout, name, s in rows if layout == "1 GPU"}
         print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames, {device_name}, "
               f"torch {torch.__version__}; {args.steps} timed step(s) after a one-step warm-up; NABLA max_density "
-              f"{args.max_density}, block {block_size}; compiled blocks everywhere\n")
+              f"{args.max_density}, block {args.block_size}; compiled blocks everywhere\n")
         print("| GPUs | attention | s/step | speedup vs 1 GPU |")
         print("|---|---|---:|---:|")
         for layout, name, s in rows:
