@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 
+import wan.video
 from scripts.make_tiny_model import save_tiny_model
 
 
@@ -24,3 +26,15 @@ def _offline(monkeypatch):
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Wan2.1 T2V checkpoint in diffusers layout, saved the way a user's would be."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_wan"), seed=0)
+
+
+@pytest.fixture
+def raw_frames(monkeypatch):
+    """write_video stores the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy, and
+    turns float32 rounding into whole pixel levels, so tests that compare videos read these instead."""
+
+    def save_frames(frames, path, fps, quality):
+        with open(path, "wb") as f:
+            np.save(f, np.stack(frames))
+
+    monkeypatch.setattr(wan.video, "export_to_video", save_frames)

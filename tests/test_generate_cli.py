@@ -139,14 +139,7 @@ def test_cli_process_help_and_exit_code(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def raw_frames(monkeypatch):
-    """Make write_video store the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy."""
-    monkeypatch.setattr(wan.video, "export_to_video",
-                        lambda frames, path, fps, quality: np.save(open(path, "wb"), np.stack(frames)))
-
-
-def test_same_seed_same_video_twice(tiny_model, tmp_path, monkeypatch):
-    raw_frames(monkeypatch)
+def test_same_seed_same_video_twice(tiny_model, tmp_path, raw_frames):
     videos = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.mp4"
@@ -206,9 +199,8 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["old.mp4"] and (tmp_path / "old.mp4").read_bytes() == b"precious"
 
 
-def test_written_video_has_the_usual_permissions(tmp_path, monkeypatch):
+def test_written_video_has_the_usual_permissions(tmp_path, raw_frames):
     """The temporary file is created 0600; the renamed video gets what a new file gets under the umask."""
-    raw_frames(monkeypatch)
     umask = os.umask(0o022)
     try:
         path = wan.video.write_video(np.zeros((5, 16, 16, 3), dtype=np.float32), tmp_path / "v.mp4")
