@@ -21,7 +21,8 @@ from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
 from nabla import SparsityConfig, TileLayout, dense_attention
-from nabla.attention import attend_block_mask, make_block_mask
+from nabla.attention import attend_or_dense, make_block_mask
+from nabla.backend import dense_above, resolve_backend
 
 
 @dataclasses.dataclass
@@ -29,11 +30,21 @@ class NablaState:
     """What the hooks share during one transformer forward, and what a run records."""
 
     config: SparsityConfig
+    #: tokens are always put in tile order, dense steps too (sequence parallelism splits tiles evenly)
+    pad_dense: bool = False
     layout: TileLayout | None = None
     step: int = -1
     last_timestep: float | None = None
+    #: whether this forward runs in tile order (sparse steps); dense steps stay in raster order, unpadded
+    tiled: bool = False
     #: (step, layer, density per head [H] on the device) for every sparse attention call
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: the same for the kernel's mask (a superset when two query tiles share a kernel block)
+    kernel_densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: (step, layer) of sparse calls whose mask was too dense to win, run dense instead
+    dense_fallbacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: the kernel that runs the sparse calls (nabla.backend.resolve_backend), set on the first one
+    backend: str | None = None
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
     recorder: Any = None
 
@@ -50,36 +61,54 @@ class NablaState:
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
+        self.tiled = self.pad_dense or self.sparse_now
+
+    @property
+    def sparse_now(self) -> bool:
+        return self.config.is_sparse and self.step >= self.config.dense_steps
 
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.densities.clear()
+        self.kernel_densities.clear()
+        self.dense_fallbacks.clear()
         if self.recorder is not None:
             self.recorder.reset()
 
-    def mean_density(self) -> float | None:
-        if not self.densities:
+    def mean_density(self, kernel: bool = False) -> float | None:
+        """Mean fraction of blocks kept over the sparse calls: of the NABLA/STA mask, or of the kernel's mask."""
+        densities = self.kernel_densities if kernel else self.densities
+        if not densities:
             return None
-        return float(torch.stack([d.float().mean() for _, _, d in self.densities]).mean())
+        return float(torch.stack([d.float().mean() for _, _, d in densities]).mean())
 
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        if not self.config.is_sparse or self.step < self.config.dense_steps:
+        if not self.tiled:  # a dense step in raster order: exactly what stock diffusers runs
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if not self.sparse_now:
             return dense_attention(q, k, v, self.layout)
+        compiled = q.is_cuda
+        if self.backend is None:
+            self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
         # sparse_attention in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
-        block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=q.is_cuda)
+        block_mask, keep, kernel = make_block_mask(q, k, self.layout, self.config, compiled=compiled)
         if timer is not None:
             timer.split()
-        out = attend_block_mask(q, k, v, block_mask, self.config.block_size, compiled=q.is_cuda)
+        limit = dense_above(self.config.dense_above, self.backend, block_mask.BLOCK_SIZE)
+        out, ran_dense = attend_or_dense(q, k, v, self.layout, block_mask, kernel, limit, compiled, self.backend)
         if timer is not None:
             timer.stop()
-        density = keep.float().mean(dim=(0, 2, 3))
+        density, kernel_density = keep.float().mean(dim=(0, 2, 3)), kernel.float().mean(dim=(0, 2, 3))
         self.densities.append((self.step, layer, density))
+        self.kernel_densities.append((self.step, layer, kernel_density))
+        if ran_dense:
+            self.dense_fallbacks.append((self.step, layer))
         if timer is not None:
-            self.recorder.record(self.step, layer, density, keep, timer)
+            self.recorder.record(self.step, layer, density, keep, timer, kernel_density, ran_dense)
         return out
 
 
@@ -178,7 +207,7 @@ def patch_transformer(
         raise ValueError("patch_transformer: patch before transformer.enable_parallelism(), not after")
     if not config.is_sparse and not pad_dense:
         return None
-    state = NablaState(config)
+    state = NablaState(config, pad_dense=pad_dense)
     patch_size = tuple(transformer.config.patch_size)
 
     def on_transformer(module, args, kwargs):
@@ -186,6 +215,8 @@ def patch_transformer(
 
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
+        if not state.tiled:
+            return None
         hidden = _arg(args, kwargs, 0, "hidden_states")
         tiled = state.layout.tile(hidden, dim=1)
         if not hidden.requires_grad:
@@ -200,12 +231,13 @@ def patch_transformer(
     rope_forward = transformer.rope.forward
 
     def tiled_rope_forward(hidden_states):
-        return tuple(state.layout.tile(r, dim=1) for r in rope_forward(hidden_states))
+        rope = rope_forward(hidden_states)
+        return tuple(state.layout.tile(r, dim=1) for r in rope) if state.tiled else rope
 
     transformer.rope.forward = tiled_rope_forward
 
     def on_proj_out(module, args, output):
-        return state.layout.untile(output, dim=1)
+        return state.layout.untile(output, dim=1) if state.tiled else output
 
     hooks = [
         transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),

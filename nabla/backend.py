@@ -1,0 +1,81 @@
+"""Which FlexAttention kernel runs the sparse attention, its options, and where it stops beating dense."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+# Kernel-mask density above which the sparse kernel no longer beats dense cuDNN attention on the H100,
+# per (backend, query block, key block): measured by scripts/bench_attention.py (BENCHMARKS.md, "where
+# sparse stops winning"), the smaller of the two Wan shapes' crossovers, mask build included.
+DENSE_ABOVE = {
+    ("triton", 128, 128): 0.55,
+    ("triton", 128, 64): 0.45,
+    ("triton", 64, 64): 0.3,
+    ("flash", 128, 128): 0.75,
+    ("flash", 128, 64): 0.6,
+    ("flash", 64, 64): 0.5,
+}
+
+
+@lru_cache(maxsize=None)
+def flash_unavailable_reason(device: torch.device) -> str | None:
+    """Why FlexAttention's FLASH backend (FlashAttention-4) cannot run on `device`, or None if it can."""
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"it needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x), this one is {major}.{minor}"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return "the flash-attn-4 package is not installed (pip install flash-attn-4, or this project's [gpu] extra)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The kernel that runs on `device`: "flash", "triton", or "eager" off CUDA (exact, slow, for tests).
+
+    "auto" takes flash where it can run; an explicit "flash" that cannot is a one-line ValueError.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if backend == "flash":
+        reason = flash_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"config: backend 'flash' cannot run here: {reason}; use backend: auto or triton")
+        return "flash"
+    if device.type != "cuda":
+        return "eager"
+    if backend == "auto" and flash_unavailable_reason(device) is None:
+        return "flash"
+    return "triton"
+
+
+def kernel_options(backend: str, block_size: tuple[int, int], device: torch.device) -> dict | None:
+    """flex_attention's kernel_options for `backend` and (query, key) tokens per block."""
+    if backend == "eager":
+        return None
+    if backend == "flash":
+        return {"BACKEND": "FLASH"}
+    q_block, kv_block = block_size
+    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). On the
+    # H100, TMA loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
+    options: dict = {"BACKEND": "TRITON", "BLOCK_M": q_block, "BLOCK_N": kv_block}
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        options["USE_TMA"] = True
+        if block_size == (128, 128):
+            options.update(num_warps=8, num_stages=3)
+    return options
+
+
+def dense_above(setting: float | str, backend: str, block_size: tuple[int, int]) -> float:
+    """The kernel-mask density above which a layer runs dense: `setting`, or the measured crossover for "auto"."""
+    if setting != "auto":
+        return float(setting)
+    return DENSE_ABOVE.get((backend, *block_size), 1.0)  # eager (CPU): always sparse, so tests see the sparse path
