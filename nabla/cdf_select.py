@@ -40,15 +40,22 @@ def _largest_bits_with_count_at_least(bits, k, ONE: tl.constexpr):
 
 
 @triton.jit
-def _cdf_keep_kernel(probs_ptr, keep_ptr, n, threshold, low, high, BLOCK: tl.constexpr, ONE: tl.constexpr):
+def _cdf_keep_kernel(
+    probs_ptr, keep_ptr, n, threshold, low, high,
+    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < n
     p = tl.load(probs_ptr + row * n + offs, mask=inside, other=0.0)
     bits = tl.where(inside, p.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
     cut = _smallest_bits_with_mass_at_most(p, bits, threshold, ONE)
-    cut = tl.maximum(cut, _largest_bits_with_count_at_least(bits, high, ONE))  # at most ~high kept
-    cut = tl.minimum(cut, _largest_bits_with_count_at_least(bits, low, ONE))  # at least low kept
+    # The bounds cost a bisection each: skip those that cannot bind (the mass search always keeps the
+    # largest entry, so low <= 1 holds by itself; high >= n never caps).
+    if CAP_HIGH:
+        cut = tl.maximum(cut, _largest_bits_with_count_at_least(bits, high, ONE))  # at most ~high kept
+    if RAISE_LOW:
+        cut = tl.minimum(cut, _largest_bits_with_count_at_least(bits, low, ONE))  # at least low kept
     tl.store(keep_ptr + row * n + offs, bits >= cut, mask=inside)
 
 
@@ -65,6 +72,7 @@ def cdf_keep(probs: torch.Tensor, threshold: float, low: int, high: int) -> torc
     # threshold 1.0 keeps every entry: S(>b) <= 1 holds from b = 0, even with rounding in the sums
     thr = float("inf") if threshold >= 1.0 else float(threshold)
     torch.library.wrap_triton(_cdf_keep_kernel)[(rows,)](
-        probs, keep, n, thr, low, high, BLOCK=triton.next_power_of_2(n), ONE=ONE_BITS
+        probs, keep, n, thr, low, high, BLOCK=triton.next_power_of_2(n), ONE=ONE_BITS, CAP_HIGH=high < n,
+        RAISE_LOW=low > 1,
     )
     return keep
