@@ -33,6 +33,7 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
 
 from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
+from nabla.backend import flash_unavailable_reason  # noqa: E402
 from nabla.config import SparsityConfig  # noqa: E402
 from nabla.layout import TileLayout  # noqa: E402
 from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks  # noqa: E402
@@ -60,22 +61,28 @@ SHAPES = {
 SMOKE_SHAPES = {"smoke": Shape(heads=2, T=2, H=12, W=20)}
 
 
-def fixed_density(density: float, block_size: int) -> SparsityConfig:
+def fixed_density(density: float, block_size: int, backend: str, query_block: int | None = None) -> SparsityConfig:
     # The threshold keeps nearly every block; min = max density then clamps each row to ceil(d * nb) blocks.
+    # dense_above 1.0: time the sparse kernel itself, never the dense fallback.
     return SparsityConfig(
-        mode="nabla", threshold=0.99, block_size=block_size, min_density=density, max_density=density
+        mode="nabla", threshold=0.99, block_size=block_size, min_density=density, max_density=density,
+        query_block=query_block, backend=backend, dense_above=1.0,
     )
 
 
+# (key block, query block) of the kernel: 128-token blocks; 64-token NABLA blocks run two query tiles per
+# kernel block (the default); 64 x 64, exact.
+BLOCKINGS = {"block 128": (128, 128), "block 64 (q 128)": (64, 128), "block 64 exact": (64, 64)}
+DENSITIES = (0.1, 0.5)
 TARGET_KERNEL = "sparse 10%, block 128"
-SPARSE_VARIANTS = {
-    TARGET_KERNEL: fixed_density(0.1, 128),
-    "sparse 20%, block 128": fixed_density(0.2, 128),
-    "sparse 50%, block 128": fixed_density(0.5, 128),
-    "sparse 10%, block 64": fixed_density(0.1, 64),
-    "NABLA thr 0.7, block 128": SparsityConfig(mode="nabla", threshold=0.7, block_size=128),
-    "NABLA thr 0.4, block 128": SparsityConfig(mode="nabla", threshold=0.4, block_size=128),
-}
+
+
+def sparse_variants(backend: str) -> dict[str, SparsityConfig]:
+    return {
+        f"{backend} sparse {density:.0%}, {name}": fixed_density(density, block, backend, query)
+        for name, (block, query) in BLOCKINGS.items()
+        for density in DENSITIES
+    }
 SDPA_BACKENDS = {
     "SDPA default": None,
     "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
@@ -88,6 +95,7 @@ class Row:
     shape: str
     kernel: str
     density: float | None = None  # fraction of (query block, key block) pairs kept; 1 for dense
+    kernel_density: float | None = None  # of the kernel's blocks (two query tiles' union with query block 128)
     mask_ms: float | None = None  # make_block_mask alone (mask + BlockMask)
     total_ms: float | None = None  # the whole call (sparse: mask build + kernel)
     tflops: float | None = None  # 4*D*(real token pairs computed) / total_ms
@@ -104,6 +112,7 @@ class Check:
     ref_max: float  # max |SDPA|, for scale
     mask_mismatch: int  # NABLA(0.4) blocks where the device's mask path and sorting disagree
     mask_blocks: int
+    flash_vs_triton: float | None = None  # max |FLASH - Triton| of NABLA(0.4) attention, where FLASH runs
 
     @property
     def ok(self) -> bool:
@@ -111,9 +120,10 @@ class Check:
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
+        flash = "" if self.flash_vs_triton is None else f"; NABLA(0.4) FLASH vs Triton max abs diff {self.flash_vs_triton:.1e}"
         return (
             f"{self.shape}: max abs err {self.max_err:.2e} (max |ref| {self.ref_max:.2e}): {verdict}; "
-            f"NABLA(0.4) mask vs sorting: {self.mask_mismatch} of {self.mask_blocks} blocks differ"
+            f"NABLA(0.4) mask vs sorting: {self.mask_mismatch} of {self.mask_blocks} blocks differ{flash}"
         )
 
 
@@ -164,10 +174,11 @@ def real_tokens_per_block(layout: TileLayout, block_size: int, device: torch.dev
 
 
 def check_sparse(
-    name: str, raster: tuple[torch.Tensor, ...], tiled: tuple[torch.Tensor, ...], layout: TileLayout
+    name: str, raster: tuple[torch.Tensor, ...], tiled: tuple[torch.Tensor, ...], layout: TileLayout,
+    backends: list[str],
 ) -> Check:
     ref = F.scaled_dot_product_attention(*raster).float()
-    all_blocks = SparsityConfig(mode="nabla", threshold=1.0, block_size=128)
+    all_blocks = SparsityConfig(mode="nabla", threshold=1.0, block_size=128, dense_above=1.0)
     out = layout.untile(sparse_attention(*tiled, layout, all_blocks), dim=2).float()
     # The mask path of this device (the Triton kernel on CUDA) against the sort-based reference.
     q, k, valid = tiled[0], tiled[1], layout.valid_on(tiled[0].device)
@@ -176,7 +187,12 @@ def check_sparse(
     ka, _ = pool_blocks(k, 128, valid)
     probs = ((qa @ ka.transpose(-1, -2)) / q.shape[-1] ** 0.5).masked_fill(counts == 0, float("-inf")).softmax(-1)
     mismatch = int((keep != cdf_keep_sorted(probs, 0.4, 1, probs.shape[-1])).sum())
-    return Check(name, (out - ref).abs().max().item(), ref.abs().max().item(), mismatch, keep.numel())
+    flash = None
+    if "flash" in backends:
+        nabla = SparsityConfig(mode="nabla", threshold=0.4, block_size=128, dense_above=1.0)
+        outs = [sparse_attention(*tiled, layout, nabla.replace(backend=b)).float() for b in ("flash", "triton")]
+        flash = (outs[0] - outs[1])[:, :, layout.valid].abs().max().item()
+    return Check(name, (out - ref).abs().max().item(), ref.abs().max().item(), mismatch, keep.numel(), flash)
 
 
 def measure_dense(row: Row, attend: Callable[[], object], flops: float, device: torch.device, bench: Bench) -> None:
@@ -203,9 +219,11 @@ def measure_sparse(
     # The stats call compiles the same graphs as `attend` (the stats are computed outside them).
     _, stats = warm_up(lambda: sparse_attention(*tiled, layout, config, return_stats=True), device)
     counts = real_tokens_per_block(layout, config.block_size, device)
-    real_pairs = torch.einsum("bhij,i,j->", stats["mask"].float(), counts, counts).item()
+    kernel = stats["kernel_mask"].float().repeat_interleave(config.kernel_query_block // config.block_size, -2)
+    real_pairs = torch.einsum("bhij,i,j->", kernel[..., : len(counts), :], counts, counts).item()
     warm_up(build_mask, device)
     row.density = stats["density"].mean().item()
+    row.kernel_density = stats["kernel_density"].mean().item()
     row.mask_ms = bench(build_mask)
     row.total_ms = bench(attend)
     row.tflops = tflops(4 * HEAD_DIM * real_pairs, row.total_ms)
@@ -223,8 +241,18 @@ def attempt(row: Row, measure: Callable[[Row], None]) -> Row:
     return row
 
 
+def smooth_field(shape: Shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Raster q or k [B, H, T*H*W, D] that varies smoothly in space and time plus noise: like trained models,
+    neighbouring tiles pick similar key blocks, unlike i.i.d. noise (where they pick unrelated ones)."""
+    coarse = torch.randn(BATCH * shape.heads, HEAD_DIM, shape.T // 4 + 1, shape.H // 8 + 1, shape.W // 8 + 1,
+                         device=device)
+    field = F.interpolate(coarse, size=(shape.T, shape.H, shape.W), mode="trilinear", align_corners=False)
+    field = field.flatten(2).transpose(1, 2).unflatten(0, (BATCH, shape.heads))
+    return (4 * field + 0.5 * torch.randn_like(field)).to(dtype)
+
+
 def bench_shape(
-    name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench
+    name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench, backends: list[str]
 ) -> tuple[list[Row], Check]:
     layout = TileLayout(shape.T, shape.H, shape.W)
     S = layout.length
@@ -232,7 +260,7 @@ def bench_shape(
     raster = tuple(torch.randn(BATCH, shape.heads, S, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
     tiled = tuple(layout.tile(x, dim=2) for x in raster)
 
-    check = check_sparse(name, raster, tiled, layout)
+    check = check_sparse(name, raster, tiled, layout, backends)
     log(f"check sparse_attention(threshold 1.0) vs SDPA: {check}")
 
     dense_flops = 4 * BATCH * shape.heads * S**2 * HEAD_DIM
@@ -251,12 +279,24 @@ def bench_shape(
     row = Row(name, f"flex_attention dense ({'compiled' if compiled else 'eager'})", dense=True)
     rows.append(attempt(row, lambda r: measure_dense(r, lambda: flex(*raster), dense_flops, device, bench)))
 
-    for kernel, config in SPARSE_VARIANTS.items():
+    for backend in backends:
+        for kernel, config in sparse_variants(backend).items():
 
-        def measure(row: Row, config: SparsityConfig = config) -> None:
-            measure_sparse(row, config, tiled, layout, device, bench)
+            def measure(row: Row, config: SparsityConfig = config) -> None:
+                measure_sparse(row, config, tiled, layout, device, bench)
 
-        rows.append(attempt(Row(name, kernel), measure))
+            rows.append(attempt(Row(name, kernel), measure))
+    # Inputs with spatial structure: what the union of two query tiles costs when neighbours agree.
+    smooth = (smooth_field(shape, device, dtype), smooth_field(shape, device, dtype), raster[2])
+    smooth = tuple(layout.tile(x, dim=2) for x in smooth)
+    for backend in backends:
+        for name_, (block, query) in BLOCKINGS.items():
+            config = fixed_density(0.1, block, backend, query)
+
+            def measure(row: Row, config: SparsityConfig = config) -> None:
+                measure_sparse(row, config, smooth, layout, device, bench)
+
+            rows.append(attempt(Row(name, f"{backend} sparse 10%, {name_}, smooth q/k"), measure))
 
     fastest = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
     for r in rows:
@@ -269,21 +309,46 @@ def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def target_line(shape: str, rows: list[Row]) -> str:
-    target = next(row for row in rows if row.kernel == TARGET_KERNEL)
+def target_line(shape: str, rows: list[Row], backend: str) -> str:
+    target = next(row for row in rows if row.kernel == f"{backend} {TARGET_KERNEL}")
     if target.speedup is None:
         return f"- {shape}: n/a"
     fastest = max((row for row in rows if row.dense and row.speedup is not None), key=lambda row: row.speedup)
     share = target.mask_ms / target.total_ms
     return (
-        f"- {shape}: {target.speedup:.2f}x vs {fastest.kernel} "
+        f"- {shape}, {backend}: {target.speedup:.2f}x vs {fastest.kernel} "
         f"(target >= {TARGET_SPEEDUP}x: {'PASS' if target.speedup >= TARGET_SPEEDUP else 'FAIL'}); "
         f"mask build {share:.1%} of the sparse time "
         f"(target < {TARGET_MASK_SHARE:.0%}: {'PASS' if share < TARGET_MASK_SHARE else 'FAIL'})"
     )
 
 
-def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.dtype) -> str:
+def crossover_lines(shape: str, rows: list[Row], backends: list[str]) -> list[str]:
+    """Per backend and blocking: the 64-token time over the 128-token time at 10%, and the kernel density above
+    which dense wins (a line through the 10% and 50% rows, in kernel density, mask build included)."""
+    dense = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
+    by_kernel = {r.kernel: r for r in rows}
+    lines = []
+    for backend in backends:
+        base = by_kernel.get(f"{backend} sparse 10%, block 128")
+        for name in BLOCKINGS:
+            low, high = (by_kernel.get(f"{backend} sparse {d:.0%}, {name}") for d in DENSITIES)
+            if dense is None or low is None or high is None or low.total_ms is None or high.total_ms is None:
+                continue
+            slope = (high.total_ms - low.total_ms) / (high.kernel_density - low.kernel_density)
+            cross = low.kernel_density + (dense - low.total_ms) / slope
+            ratio = f"{low.total_ms / base.total_ms:.2f}x the block-128 time at 10%" if base and base.total_ms else ""
+            smooth = by_kernel.get(f"{backend} sparse 10%, {name}, smooth q/k")
+            smooth_base = by_kernel.get(f"{backend} sparse 10%, block 128, smooth q/k")
+            if smooth and smooth_base and smooth.total_ms and smooth_base.total_ms:
+                ratio += (f"; smooth q/k: {smooth.total_ms / smooth_base.total_ms:.2f}x, kernel density "
+                          f"{smooth.kernel_density:.3f} for NABLA density {smooth.density:.3f}")
+            lines.append(f"- {shape}, {backend}, {name}: dense wins above kernel density {min(cross, 1.0):.2f}; "
+                         f"{ratio}")
+    return lines
+
+
+def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.dtype, backends: list[str]) -> str:
     setup = f"{device_name}, torch {torch.__version__}, {dtype}, head dim {HEAD_DIM}, batch {BATCH}"
     lines = [
         f"## Attention benchmark: {setup}",
@@ -292,7 +357,9 @@ def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.
     ]
     lines += [f"- {check}" for check in checks]
     lines += ["", f"Target check ({TARGET_KERNEL}, mask build included, vs the fastest dense kernel of its shape):"]
-    lines += [target_line(c.shape, [row for row in rows if row.shape == c.shape]) for c in checks]
+    lines += [target_line(c.shape, [row for row in rows if row.shape == c.shape], b) for c in checks for b in backends]
+    lines += ["", "Where the sparse kernel stops winning, and 64-token blocks against 128-token ones:"]
+    lines += [line for c in checks for line in crossover_lines(c.shape, [r for r in rows if r.shape == c.shape], backends)]
     lines += [
         "",
         "Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
@@ -301,13 +368,14 @@ def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.
         "token pairs of their kept blocks (padding excluded) and include the mask build time. "
         "speedup: fastest dense attention total / this attention total.",
         "",
-        "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         mask = "-" if row.dense else fmt(row.mask_ms, ".2f")
         lines.append(
-            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {mask} | {fmt(row.total_ms, '.2f')} "
+            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {fmt(row.kernel_density, '.3f', '-')} | {mask} "
+            f"| {fmt(row.total_ms, '.2f')} "
             f"| {fmt(row.tflops, '.1f')} | {fmt(row.speedup, '.2f', '-')}{'x' if row.speedup else ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -318,16 +386,19 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows and checks as JSON")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
+                        "where FlashAttention-4 runs")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
     if device.type != "cuda" and not args.smoke:
         parser.error("the real shapes need CUDA; use --smoke on CPU")
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
     rep_ms = 20 if args.smoke else 200  # per variant: keeps the whole run well under 5 minutes on an H100
     dtype = torch.bfloat16
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    # Each (threshold, density bound, block size) compiles its own mask graph: 7 per shape, close to
+    # Each (density bound, blocking, backend) compiles its own mask graph and kernel: ~15 per shape, past
     # dynamo's default limit of 8, past which it silently falls back to eager and skews the timings.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch.manual_seed(0)
@@ -341,7 +412,7 @@ def main() -> None:
     rows: list[Row] = []
     checks: list[Check] = []
     for name, shape in shapes.items():
-        shape_rows, check = bench_shape(name, shape, device, dtype, bench)
+        shape_rows, check = bench_shape(name, shape, device, dtype, bench, backends)
         rows += shape_rows
         checks.append(check)
         # Free this shape's tensors and compiled graphs before the next one.
@@ -350,7 +421,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    markdown = render(rows, checks, device_name, dtype)
+    markdown = render(rows, checks, device_name, dtype, backends)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_attention.md"
         path.write_text(markdown)

@@ -3,13 +3,17 @@
     python scripts/bench_e2e.py --arch 14B --height 720 --width 1280 --frames 81 --steps 3
     python scripts/bench_e2e.py --arch 1.3B --height 480 --width 832 --frames 81 --steps 3
 
+Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
+dense (raster order, as dense_steps run), and NABLA for each backend (triton, flash where it runs)
+and block size (128; 64 with two query tiles per kernel block; 64 exact with --blockings 64).
 Real Wan2.1 architectures with random weights built on the GPU (no download), bf16, one seed. Each
 variant gets an untimed one-step warm-up (its compile time is reported), then a timed run of
 `--steps` denoising steps (both CFG passes each), timed per step with device synchronisation, with
 torch._dynamo.config.error_on_recompile set: any recompilation across steps, layers, CFG passes or
 masks fails the run. Random weights do not give trained attention maps, so the NABLA density is set
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
-(captured from layer 0), times calls per step, over the step time. The table is printed last.
+(captured from layer 0 in one more step after the timed runs, so the copies never count in peak
+memory), times calls per step, over the step time. The table is printed last.
 
     python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
 """
@@ -29,6 +33,7 @@ from diffusers import WanPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig  # noqa: E402
 from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
+from nabla.backend import flash_unavailable_reason  # noqa: E402
 from scripts.bench_attention import bench_ms, sync  # noqa: E402
 from scripts.make_random_model import build_random_pipeline  # noqa: E402
 from scripts.make_tiny_model import build_tiny_pipeline  # noqa: E402
@@ -80,19 +85,23 @@ def measure(name: str, pipe, args) -> dict:
     return row
 
 
-def capture_qkv(transformer) -> dict:
-    """Grab layer 0's q, k, v (tile order) on the next NABLA forward, for per-call timing."""
+def capture_qkv(transformer, pipe, args) -> dict:
+    """Layer 0's q, k, v (tile order) from one more NABLA step, for per-call timing; captured after the
+    timed runs so the copies never count in their peak memory."""
     captured: dict = {}
     original = NablaState.attend
 
     @torch.compiler.disable
     def attend(self, q, k, v, layer):
-        if layer == 0 and "q" not in captured:
+        if layer == 0 and "q" not in captured and self.tiled:
             captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=self.layout)
         return original(self, q, k, v, layer)
 
     NablaState.attend = attend
-    captured["restore"] = lambda: setattr(NablaState, "attend", original)
+    try:
+        run_steps(pipe, args, 1)
+    finally:
+        NablaState.attend = original
     return captured
 
 
@@ -128,40 +137,70 @@ def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipelin
     return pipe
 
 
+BLOCKINGS = {"128": (128, None), "64q128": (64, 128), "64": (64, 64)}  # block_size, query_block
+
+
+def nabla_config(args, backend: str, blocking: str) -> SparsityConfig:
+    block_size, query_block = BLOCKINGS[blocking]
+    # dense_above 1.0: time the sparse kernels themselves
+    return SparsityConfig(mode="nabla", threshold=args.threshold, block_size=block_size, query_block=query_block,
+                          max_density=args.max_density, backend=backend, dense_above=1.0)
+
+
 def main() -> None:
-    args = model_args(__doc__, steps=3, extra=lambda p: p.add_argument("--skip-stock", action="store_true",
-                                                                       help="skip the eager dense run"))
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+        parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
+                            "where FlashAttention-4 runs")
+        parser.add_argument("--blockings", nargs="+", choices=list(BLOCKINGS), default=["128", "64q128"],
+                            help="NABLA block sizes: 128; 64 with two query tiles per kernel block; 64 exact")
+
+    args = model_args(__doc__, steps=3, extra=extra)
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
     pipe = build_pipeline(args)
     device = pipe._execution_device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    backends = args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
+    if device.type != "cuda":
+        backends = ["auto"]  # eager flex_attention on the CPU
     transformer = pipe.transformer
-    cfg = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,
-                         max_density=args.max_density)
     rows = []
     if not args.skip_stock:
         rows.append(measure("stock diffusers, dense, eager", pipe, args))
 
     compile_start = time.perf_counter()
-    transformer.compile_repeated_blocks()  # regional compilation: one graph for all identical blocks
+    # regional compilation: one graph for all identical blocks; static shapes, as generate.py compiles them
+    transformer.compile_repeated_blocks(dynamic=False)
     rows.append(measure("dense, compiled blocks", pipe, args))
     rows[-1]["note"] = f"compile call {time.perf_counter() - compile_start:.1f} s incl. warm-up"
 
-    captured = capture_qkv(transformer)
-    patch = patch_transformer(transformer, cfg)
-    rows.append(measure(f"NABLA thr {args.threshold} max_density {args.max_density}, block {args.block_size}, compiled",
-                        pipe, args))
-    nabla_density = patch.state.mean_density()
-    captured["restore"]()
+    base = nabla_config(args, backends[0], args.blockings[0])
+    patch = patch_transformer(transformer, base.replace(dense_steps=10**6))
+    rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
+    configs = {}
+    for backend in backends:
+        for blocking in args.blockings:
+            cfg = configs[(backend, blocking)] = nabla_config(args, backend, blocking)
+            patch.state.config, patch.state.backend = cfg, None
+            patch.state.reset()
+            row = measure(f"NABLA {backend}, block {blocking}, compiled", pipe, args)
+            row.update(config=cfg, density=patch.state.mean_density(), kernel_density=patch.state.mean_density(True))
+            rows.append(row)
 
     # Per-call attention times on layer 0's own q, k, v.
+    patch.state.config, patch.state.backend = base, None
+    captured = capture_qkv(transformer, pipe, args)
     q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
     real = layout.untile(torch.arange(layout.padded_length, device=q.device), dim=0)
     rq, rk, rv = (x[:, :, real] for x in (q, k, v))
     compiled = device.type == "cuda"  # the kernels generate.py runs on this device
     dense_ms = bench_ms(lambda: F.scaled_dot_product_attention(rq, rk, rv), device, 200, cpu_iters=3)
-    sparse_ms = bench_ms(lambda: sparse_attention(q, k, v, layout, cfg, compiled=compiled), device, 200, cpu_iters=3)
-    mask_ms = bench_ms(lambda: make_block_mask(q, k, layout, cfg, compiled), device, 200, cpu_iters=3)
+    for row in rows:
+        if "config" in row:
+            cfg = row["config"]
+            row["sparse_ms"] = bench_ms(lambda: sparse_attention(q, k, v, layout, cfg, compiled=compiled), device, 200,
+                                        cpu_iters=3)
+            row["mask_ms"] = bench_ms(lambda: make_block_mask(q, k, layout, cfg, compiled), device, 200, cpu_iters=3)
     calls = 2 * len(transformer.blocks)  # CFG passes x layers
     unpatch(transformer)
 
@@ -169,20 +208,24 @@ def main() -> None:
     print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
           f"{layout.padded_length} in tiles), {heads} heads, {device_name}, torch {torch.__version__}")
     print(f"timed: {args.steps} denoising steps per variant after a one-step warm-up (both CFG passes per step); "
-          f"no recompilation during the timed steps (error_on_recompile)")
-    print(f"per call: dense SDPA {dense_ms:.2f} ms, NABLA sparse_attention {sparse_ms:.2f} ms "
-          f"(mask build {mask_ms:.2f} ms), NABLA mean density {nabla_density:.3f}\n")
+          f"no recompilation during the timed steps (error_on_recompile); NABLA threshold {args.threshold}, "
+          f"max_density {args.max_density}")
+    print(f"per call: dense SDPA {dense_ms:.2f} ms; NABLA per call (mask build incl.): " + ", ".join(
+        f"{r['name']} {r['sparse_ms']:.2f} ms (mask {r['mask_ms']:.2f} ms)" for r in rows if "config" in r) + "\n")
     stock = rows[0]["step_s"] if not args.skip_stock else None
-    dense_compiled = rows[-2]["step_s"]
-    print("| variant | s/step | vs stock | vs dense compiled | attention share | mask share | first call s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    dense_compiled = next(r["step_s"] for r in rows if r["name"] == "dense, compiled blocks")
+    print("| variant | s/step | vs stock | vs dense compiled | density (kernel) | attention share | mask share "
+          "| mask / sparse call | first call s | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        nabla = row["name"].startswith("NABLA")
-        attn = (sparse_ms if nabla else dense_ms) * calls / 1000 / row["step_s"]
-        mask = f"{mask_ms * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
+        nabla = "config" in row
+        attn = (row["sparse_ms"] if nabla else dense_ms) * calls / 1000 / row["step_s"]
+        mask = f"{row['mask_ms'] * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
+        per_call = f"{row['mask_ms'] / row['sparse_ms']:.1%}" if nabla else "-"
+        density = f"{row['density']:.3f} ({row['kernel_density']:.3f})" if nabla else "1"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
-        print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {attn:.1%} "
-              f"| {mask} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
+        print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {density} "
+              f"| {attn:.1%} | {mask} | {per_call} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":
