@@ -23,15 +23,13 @@ def _block_mask_tensors(
     mode: str,
     threshold: float,
     block_size: int,
-    query_factor: int,
     min_density: float | None,
     max_density: float | None,
 ) -> tuple[torch.Tensor, ...]:
     """Block mask and its FlexAttention indices, in one function so that CUDA compiles it into few kernels.
 
-    Returns keep [B, H, nb, nb] (the exact mask), the kernel mask [B, H, nq, nb] (keep with every
-    `query_factor` query rows OR-ed into one), and (count, indices) of the partial key blocks
-    (holding padding) and of the full ones, per kernel query block.
+    Returns keep [B, H, nb, nb] and (count, indices) of the partial key blocks (holding padding)
+    and of the full ones, per query block.
     """
     B, H, S, _ = q.shape
     nb = partial_cols.shape[0]
@@ -43,18 +41,7 @@ def _block_mask_tensors(
         keep = torch.full((B, H, nb, nb), mode == "full", dtype=torch.bool, device=q.device)
     if sta is not None:
         keep = keep | sta
-    kernel = merge_query_rows(keep, query_factor)
-    return (keep, kernel, *_compact(kernel & partial_cols), *_compact(kernel & ~partial_cols))
-
-
-def merge_query_rows(keep: torch.Tensor, factor: int) -> torch.Tensor:
-    """OR every `factor` consecutive query rows of a block mask [..., n, m] into one: [..., ceil(n / factor), m].
-
-    A superset of `keep` at a coarser query granularity: each query sees at least its own key blocks.
-    """
-    if factor == 1:
-        return keep
-    return F.pad(keep, (0, 0, 0, -keep.shape[-2] % factor)).unflatten(-2, (-1, factor)).any(-2)
+    return (keep, *_compact(keep & partial_cols), *_compact(keep & ~partial_cols))
 
 
 @lru_cache(maxsize=None)
@@ -67,8 +54,8 @@ def _mask_inputs(q: torch.Tensor, layout: TileLayout, config: SparsityConfig) ->
     padded_valid = _padded_valid(layout, config.block_size, q.device)
     partial_cols = _partial_cols(padded_valid, config.block_size)
     sta = _sta_blocks(layout, config, q.device) if config.uses_sta else None
-    return (valid, partial_cols, sta, config.mode, config.threshold, config.block_size,
-            config.kernel_query_block // config.block_size, config.min_density, config.max_density)
+    return (valid, partial_cols, sta, config.mode, config.threshold, config.block_size, config.min_density,
+            config.max_density)
 
 
 def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
@@ -78,26 +65,21 @@ def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, confi
 
 def make_block_mask(
     q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig, compiled: bool
-) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """FlexAttention BlockMask for `config`, the exact boolean block mask, and the kernel's (coarser) one."""
+) -> tuple[BlockMask, torch.Tensor]:
+    """FlexAttention BlockMask for `config` and the boolean block mask it came from."""
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
-    keep, kernel, *indices = build(q, k, *_mask_inputs(q, layout, config))
-    block_size = (config.kernel_query_block, config.block_size)
-    return _from_indices(indices, kernel, layout, block_size, exact_mask_mod=not compiled), keep, kernel
+    keep, *indices = build(q, k, *_mask_inputs(q, layout, config))
+    return _from_indices(indices, keep, layout, config.block_size, exact_mask_mod=not compiled), keep
 
 
 def _from_indices(
-    indices: list[torch.Tensor], kernel: torch.Tensor, layout: TileLayout, block_size: tuple[int, int],
-    exact_mask_mod: bool,
+    indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool
 ) -> BlockMask:
-    """BlockMask from (count, indices) of the partial and of the full key blocks per query block.
-
-    `block_size` is (query tokens, key tokens) per block of `kernel` [B, H, nq, nb].
-    """
+    """BlockMask from (count, indices) of the partial and of the full key blocks per query block."""
     if exact_mask_mod:
-        mask_mod = _exact_mask_mod(kernel, layout, block_size)
+        mask_mod = _exact_mask_mod(keep, layout, block_size)
     else:
-        mask_mod = _padding_mask_mod(layout, block_size[1], kernel.device)
+        mask_mod = _padding_mask_mod(layout, block_size, keep.device)
     S = layout.padded_length
     return BlockMask.from_kv_blocks(
         *indices, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(S, S), compute_q_blocks=False
@@ -143,14 +125,13 @@ def _partial_cols(padded_valid: torch.Tensor, block_size: int) -> torch.Tensor:
     return ~padded_valid.view(-1, block_size).all(-1)
 
 
-def _exact_mask_mod(kernel: torch.Tensor, layout: TileLayout, block_size: tuple[int, int]):
+def _exact_mask_mod(keep: torch.Tensor, layout: TileLayout, block_size: int):
     # Eager flex_attention ignores the block structure and applies only mask_mod, so on that path
     # mask_mod also looks the block mask up.
-    q_block, kv_block = block_size
-    valid = _padded_valid(layout, kv_block, kernel.device)
+    valid = _padded_valid(layout, block_size, keep.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return kernel[b, h, q_idx // q_block, kv_idx // kv_block] & valid[kv_idx]
+        return keep[b, h, q_idx // block_size, kv_idx // block_size] & valid[kv_idx]
 
     return mask_mod
 
@@ -164,7 +145,7 @@ def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, 
     """
     partial_cols = _partial_cols(_padded_valid(layout, block_size, keep.device), block_size)
     indices = [*_compact(keep & partial_cols), *_compact(keep & ~partial_cols)]
-    return _from_indices(indices, keep, layout, (block_size, block_size), exact_mask_mod)
+    return _from_indices(indices, keep, layout, block_size, exact_mask_mod)
 
 
 @lru_cache(maxsize=32)
@@ -194,7 +175,7 @@ def attend_block_mask(
     """
     if not compiled:
         return flex_attention(q, k, v, block_mask=block_mask)
-    options = kernel_options(backend, block_mask.BLOCK_SIZE, q.device) if q.is_cuda else None
+    options = kernel_options(backend, block_mask.BLOCK_SIZE[1], q.device) if q.is_cuda else None
     return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
 
 
@@ -204,16 +185,16 @@ def attend_or_dense(
     v: torch.Tensor,
     layout: TileLayout,
     block_mask: BlockMask,
-    kernel_mask: torch.Tensor,
+    keep: torch.Tensor,
     limit: float,
     compiled: bool,
     backend: str,
 ) -> tuple[torch.Tensor, bool]:
-    """Sparse attention on `block_mask`, or dense attention where the kernel mask keeps more than `limit`
-    of its blocks (there the sparse kernel is slower than dense); returns the output and whether it ran dense.
+    """Sparse attention on `block_mask`, or dense attention where the mask `keep` holds more than `limit` of
+    the blocks (there the sparse kernel is slower than dense); returns the output and whether it ran dense.
     """
     # The density check waits for the mask on the device: only pay for it where a fallback can happen.
-    if limit < 1.0 and kernel_mask.float().mean().item() > limit:
+    if limit < 1.0 and keep.float().mean().item() > limit:
         return dense_attention(q, k, v, layout), True
     return attend_block_mask(q, k, v, block_mask, compiled, backend), False
 
@@ -234,21 +215,18 @@ def sparse_attention(
     flex_attention on it (or dense attention where the mask is denser than `config.dense_above`);
     padding keys never take part. `compiled` defaults to True on CUDA (a compiled kernel, compiled
     once per shape, on `config.backend`) and False elsewhere (eager, exact, slow).
-    With `return_stats`, also returns {"density": [H] fraction of NABLA/STA blocks kept per head,
-    "mask": [B, H, nb, nb] that mask, "kernel_density": [H] and "kernel_mask": [B, H, nq, nb] of what the
-    kernel computed (a superset when query blocks are coarser), "dense": whether it ran dense, "backend"}.
+    With `return_stats`, also returns {"density": [H] fraction of blocks kept per head, "mask": [B, H, nb, nb],
+    "dense": whether it ran dense, "backend": the kernel that ran}.
     """
     if q.shape[-2] != layout.padded_length:
         raise ValueError(f"sparse_attention: sequence length {q.shape[-2]} != padded length {layout.padded_length} of {layout}")
     compiled = q.is_cuda if compiled is None else compiled
     backend = resolve_backend(config.backend, q.device) if compiled else "eager"
-    block_mask, keep, kernel = make_block_mask(q, k, layout, config, compiled)
-    limit = dense_above(config.dense_above, backend, block_mask.BLOCK_SIZE)
-    out, ran_dense = attend_or_dense(q, k, v, layout, block_mask, kernel, limit, compiled, backend)
+    block_mask, keep = make_block_mask(q, k, layout, config, compiled)
+    out, ran_dense = attend_or_dense(q, k, v, layout, block_mask, keep, dense_above(config, backend), compiled, backend)
     if not return_stats:
         return out
-    return out, {"density": keep.float().mean(dim=(0, 2, 3)), "mask": keep, "dense": ran_dense, "backend": backend,
-                 "kernel_density": kernel.float().mean(dim=(0, 2, 3)), "kernel_mask": kernel}
+    return out, {"density": keep.float().mean(dim=(0, 2, 3)), "mask": keep, "dense": ran_dense, "backend": backend}
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:

@@ -7,17 +7,13 @@ from functools import lru_cache
 
 import torch
 
-# Kernel-mask density above which the sparse kernel no longer beats dense cuDNN attention on the H100,
-# per (backend, query block, key block): measured by scripts/bench_attention.py (BENCHMARKS.md, "where
-# sparse stops winning"), the smaller of the two Wan shapes' crossovers, mask build included.
-DENSE_ABOVE = {
-    ("triton", 128, 128): 0.55,
-    ("triton", 128, 64): 0.45,
-    ("triton", 64, 64): 0.3,
-    ("flash", 128, 128): 0.75,
-    ("flash", 128, 64): 0.6,
-    ("flash", 64, 64): 0.5,
-}
+from nabla.config import SparsityConfig
+
+# Mask density above which the sparse kernel no longer beats dense cuDNN attention on the H100, per
+# (backend, block size): scripts/bench_attention.py, 2026-11-23 (BENCHMARKS.md, "where sparse stops
+# winning"), mask build included; the lower of the two Wan shapes' crossovers (1.3B 480p / 14B 720p:
+# triton 128 0.63 / 0.77, 64 0.36 / 0.42; flash 128 0.81 / 0.90, 64 0.54 / 0.65), rounded down.
+DENSE_ABOVE = {("triton", 128): 0.6, ("triton", 64): 0.35, ("flash", 128): 0.8, ("flash", 64): 0.5}
 
 
 @lru_cache(maxsize=None)
@@ -57,25 +53,24 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "triton"
 
 
-def kernel_options(backend: str, block_size: tuple[int, int], device: torch.device) -> dict | None:
-    """flex_attention's kernel_options for `backend` and (query, key) tokens per block."""
+def kernel_options(backend: str, block_size: int, device: torch.device) -> dict | None:
+    """flex_attention's kernel_options for `backend` and tokens per block."""
     if backend == "eager":
         return None
     if backend == "flash":
         return {"BACKEND": "FLASH"}
-    q_block, kv_block = block_size
-    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). On the
-    # H100, TMA loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
-    options: dict = {"BACKEND": "TRITON", "BLOCK_M": q_block, "BLOCK_N": kv_block}
+    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token blocks). On the H100, TMA
+    # loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
+    options: dict = {"BACKEND": "TRITON", "BLOCK_M": block_size, "BLOCK_N": block_size}
     if torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True
-        if block_size == (128, 128):
+        if block_size == 128:
             options.update(num_warps=8, num_stages=3)
     return options
 
 
-def dense_above(setting: float | str, backend: str, block_size: tuple[int, int]) -> float:
-    """The kernel-mask density above which a layer runs dense: `setting`, or the measured crossover for "auto"."""
-    if setting != "auto":
-        return float(setting)
-    return DENSE_ABOVE.get((backend, *block_size), 1.0)  # eager (CPU): always sparse, so tests see the sparse path
+def dense_above(config: SparsityConfig, backend: str) -> float:
+    """The mask density above which a layer runs dense: `config.dense_above`, or the measured crossover for "auto"."""
+    if config.dense_above != "auto":
+        return float(config.dense_above)
+    return DENSE_ABOVE.get((backend, config.block_size), 1.0)  # eager (CPU): always sparse, as tests expect

@@ -26,12 +26,9 @@ class SparsityConfig:
     block_size: tokens per attention block: 64 (one 8x8 tile) or 128 (two tiles, faster kernels;
         STA is then OR-pooled to 128-token blocks).
     min_density, max_density: optional bounds on the fraction of NABLA blocks kept per query row.
-    query_block: query tokens per block of the attention kernel, 64 or 128. With 64-token blocks, 128
-        (the default) runs two query tiles as one kernel block over the union of their key blocks: a
-        superset of the NABLA mask (never less attention) with the fast 128-row kernels; 64 is exact.
     backend: FlexAttention kernel on CUDA: "flash" (FlashAttention-4 CuTe kernels, package
         flash-attn-4, Hopper/Blackwell), "triton", or "auto" (flash where it can run, else triton).
-    dense_above: a layer whose kernel mask keeps more than this fraction of blocks runs dense attention
+    dense_above: a layer whose mask keeps more than this fraction of blocks runs dense attention
         instead (the sparse kernel no longer wins there); "auto" takes the crossover measured for the
         backend and block sizes, 1.0 never falls back.
     """
@@ -44,7 +41,6 @@ class SparsityConfig:
     block_size: int = 64
     min_density: float | None = None
     max_density: float | None = None
-    query_block: int | None = None
     backend: str = "auto"
     dense_above: float | str = "auto"
 
@@ -77,10 +73,6 @@ class SparsityConfig:
                 _bad(key, value, "a number in (0, 1] or null")
         if self.min_density is not None and self.max_density is not None and self.min_density > self.max_density:
             _bad("min_density", self.min_density, f"a number <= max_density ({self.max_density})")
-        if self.query_block is not None and (
-            isinstance(self.query_block, bool) or self.query_block not in BLOCK_SIZES or self.query_block < self.block_size
-        ):
-            _bad("query_block", self.query_block, f"null, 64 or 128, and >= block_size ({self.block_size})")
         if self.backend not in BACKENDS:
             _bad("backend", self.backend, ", ".join(BACKENDS))
         if self.dense_above != "auto" and (
@@ -101,12 +93,6 @@ class SparsityConfig:
     @property
     def is_sparse(self) -> bool:
         return self.mode != "full"
-
-    @property
-    def kernel_query_block(self) -> int:
-        """Query tokens per block of the attention kernel (`query_block`, default 128)."""
-        return self.query_block or 128
-
     def replace(self, **changes: Any) -> SparsityConfig:
         return dataclasses.replace(self, **changes)
 

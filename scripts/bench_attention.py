@@ -61,26 +61,24 @@ SHAPES = {
 SMOKE_SHAPES = {"smoke": Shape(heads=2, T=2, H=12, W=20)}
 
 
-def fixed_density(density: float, block_size: int, backend: str, query_block: int | None = None) -> SparsityConfig:
+def fixed_density(density: float, block_size: int, backend: str) -> SparsityConfig:
     # The threshold keeps nearly every block; min = max density then clamps each row to ceil(d * nb) blocks.
     # dense_above 1.0: time the sparse kernel itself, never the dense fallback.
     return SparsityConfig(
         mode="nabla", threshold=0.99, block_size=block_size, min_density=density, max_density=density,
-        query_block=query_block, backend=backend, dense_above=1.0,
+        backend=backend, dense_above=1.0,
     )
 
 
-# (key block, query block) of the kernel: 128-token blocks; 64-token NABLA blocks run two query tiles per
-# kernel block (the default); 64 x 64, exact.
-BLOCKINGS = {"block 128": (128, 128), "block 64 (q 128)": (64, 128), "block 64 exact": (64, 64)}
+BLOCK_SIZES = (128, 64)
 DENSITIES = (0.1, 0.5)
 TARGET_KERNEL = "sparse 10%, block 128"
 
 
 def sparse_variants(backend: str) -> dict[str, SparsityConfig]:
     return {
-        f"{backend} sparse {density:.0%}, {name}": fixed_density(density, block, backend, query)
-        for name, (block, query) in BLOCKINGS.items()
+        f"{backend} sparse {density:.0%}, block {block}": fixed_density(density, block, backend)
+        for block in BLOCK_SIZES
         for density in DENSITIES
     }
 SDPA_BACKENDS = {
@@ -95,7 +93,6 @@ class Row:
     shape: str
     kernel: str
     density: float | None = None  # fraction of (query block, key block) pairs kept; 1 for dense
-    kernel_density: float | None = None  # of the kernel's blocks (two query tiles' union with query block 128)
     mask_ms: float | None = None  # make_block_mask alone (mask + BlockMask)
     total_ms: float | None = None  # the whole call (sparse: mask build + kernel)
     tflops: float | None = None  # 4*D*(real token pairs computed) / total_ms
@@ -219,11 +216,9 @@ def measure_sparse(
     # The stats call compiles the same graphs as `attend` (the stats are computed outside them).
     _, stats = warm_up(lambda: sparse_attention(*tiled, layout, config, return_stats=True), device)
     counts = real_tokens_per_block(layout, config.block_size, device)
-    kernel = stats["kernel_mask"].float().repeat_interleave(config.kernel_query_block // config.block_size, -2)
-    real_pairs = torch.einsum("bhij,i,j->", kernel[..., : len(counts), :], counts, counts).item()
+    real_pairs = torch.einsum("bhij,i,j->", stats["mask"].float(), counts, counts).item()
     warm_up(build_mask, device)
     row.density = stats["density"].mean().item()
-    row.kernel_density = stats["kernel_density"].mean().item()
     row.mask_ms = bench(build_mask)
     row.total_ms = bench(attend)
     row.tflops = tflops(4 * HEAD_DIM * real_pairs, row.total_ms)
@@ -239,16 +234,6 @@ def attempt(row: Row, measure: Callable[[Row], None]) -> Row:
     mask = "" if row.dense else f"mask {row.mask_ms:.2f} ms, "
     log(f"{row.shape}: {row.kernel}: density {row.density:.3f}, {mask}total {row.total_ms:.2f} ms")
     return row
-
-
-def smooth_field(shape: Shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Raster q or k [B, H, T*H*W, D] that varies smoothly in space and time plus noise: like trained models,
-    neighbouring tiles pick similar key blocks, unlike i.i.d. noise (where they pick unrelated ones)."""
-    coarse = torch.randn(BATCH * shape.heads, HEAD_DIM, shape.T // 4 + 1, shape.H // 8 + 1, shape.W // 8 + 1,
-                         device=device)
-    field = F.interpolate(coarse, size=(shape.T, shape.H, shape.W), mode="trilinear", align_corners=False)
-    field = field.flatten(2).transpose(1, 2).unflatten(0, (BATCH, shape.heads))
-    return (4 * field + 0.5 * torch.randn_like(field)).to(dtype)
 
 
 def bench_shape(
@@ -286,17 +271,6 @@ def bench_shape(
                 measure_sparse(row, config, tiled, layout, device, bench)
 
             rows.append(attempt(Row(name, kernel), measure))
-    # Inputs with spatial structure: what the union of two query tiles costs when neighbours agree.
-    smooth = (smooth_field(shape, device, dtype), smooth_field(shape, device, dtype), raster[2])
-    smooth = tuple(layout.tile(x, dim=2) for x in smooth)
-    for backend in backends:
-        for name_, (block, query) in BLOCKINGS.items():
-            config = fixed_density(0.1, block, backend, query)
-
-            def measure(row: Row, config: SparsityConfig = config) -> None:
-                measure_sparse(row, config, smooth, layout, device, bench)
-
-            rows.append(attempt(Row(name, f"{backend} sparse 10%, {name_}, smooth q/k"), measure))
 
     fastest = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
     for r in rows:
@@ -324,27 +298,21 @@ def target_line(shape: str, rows: list[Row], backend: str) -> str:
 
 
 def crossover_lines(shape: str, rows: list[Row], backends: list[str]) -> list[str]:
-    """Per backend and blocking: the 64-token time over the 128-token time at 10%, and the kernel density above
-    which dense wins (a line through the 10% and 50% rows, in kernel density, mask build included)."""
+    """Per backend and block size: the mask density above which dense attention wins (a line through the 10%
+    and 50% rows, mask build included), and the 64-token time over the 128-token one at 10%."""
     dense = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
     by_kernel = {r.kernel: r for r in rows}
     lines = []
     for backend in backends:
         base = by_kernel.get(f"{backend} sparse 10%, block 128")
-        for name in BLOCKINGS:
-            low, high = (by_kernel.get(f"{backend} sparse {d:.0%}, {name}") for d in DENSITIES)
+        for block in BLOCK_SIZES:
+            low, high = (by_kernel.get(f"{backend} sparse {d:.0%}, block {block}") for d in DENSITIES)
             if dense is None or low is None or high is None or low.total_ms is None or high.total_ms is None:
                 continue
-            slope = (high.total_ms - low.total_ms) / (high.kernel_density - low.kernel_density)
-            cross = low.kernel_density + (dense - low.total_ms) / slope
-            ratio = f"{low.total_ms / base.total_ms:.2f}x the block-128 time at 10%" if base and base.total_ms else ""
-            smooth = by_kernel.get(f"{backend} sparse 10%, {name}, smooth q/k")
-            smooth_base = by_kernel.get(f"{backend} sparse 10%, block 128, smooth q/k")
-            if smooth and smooth_base and smooth.total_ms and smooth_base.total_ms:
-                ratio += (f"; smooth q/k: {smooth.total_ms / smooth_base.total_ms:.2f}x, kernel density "
-                          f"{smooth.kernel_density:.3f} for NABLA density {smooth.density:.3f}")
-            lines.append(f"- {shape}, {backend}, {name}: dense wins above kernel density {min(cross, 1.0):.2f}; "
-                         f"{ratio}")
+            slope = (high.total_ms - low.total_ms) / (high.density - low.density)
+            cross = low.density + (dense - low.total_ms) / slope
+            ratio = f"; {low.total_ms / base.total_ms:.2f}x the block-128 time at 10%" if base and base.total_ms else ""
+            lines.append(f"- {shape}, {backend}, block {block}: dense wins above density {min(cross, 1.0):.2f}{ratio}")
     return lines
 
 
@@ -368,14 +336,13 @@ def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.
         "token pairs of their kept blocks (padding excluded) and include the mask build time. "
         "speedup: fastest dense attention total / this attention total.",
         "",
-        "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         mask = "-" if row.dense else fmt(row.mask_ms, ".2f")
         lines.append(
-            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {fmt(row.kernel_density, '.3f', '-')} | {mask} "
-            f"| {fmt(row.total_ms, '.2f')} "
+            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {mask} | {fmt(row.total_ms, '.2f')} "
             f"| {fmt(row.tflops, '.1f')} | {fmt(row.speedup, '.2f', '-')}{'x' if row.speedup else ''} |"
         )
     return "\n".join(lines) + "\n"

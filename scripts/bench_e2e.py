@@ -5,7 +5,7 @@
 
 Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
 dense (raster order, as dense_steps run), and NABLA for each backend (triton, flash where it runs)
-and block size (128; 64 with two query tiles per kernel block; 64 exact with --blockings 64).
+and block size (128 and 64).
 Real Wan2.1 architectures with random weights built on the GPU (no download), bf16, one seed. Each
 variant gets an untimed one-step warm-up (its compile time is reported), then a timed run of
 `--steps` denoising steps (both CFG passes each), timed per step with device synchronisation, with
@@ -137,14 +137,10 @@ def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipelin
     return pipe
 
 
-BLOCKINGS = {"128": (128, None), "64q128": (64, 128), "64": (64, 64)}  # block_size, query_block
-
-
-def nabla_config(args, backend: str, blocking: str) -> SparsityConfig:
-    block_size, query_block = BLOCKINGS[blocking]
+def nabla_config(args, backend: str, block_size: int) -> SparsityConfig:
     # dense_above 1.0: time the sparse kernels themselves
-    return SparsityConfig(mode="nabla", threshold=args.threshold, block_size=block_size, query_block=query_block,
-                          max_density=args.max_density, backend=backend, dense_above=1.0)
+    return SparsityConfig(mode="nabla", threshold=args.threshold, block_size=block_size, max_density=args.max_density,
+                          backend=backend, dense_above=1.0)
 
 
 def main() -> None:
@@ -152,8 +148,8 @@ def main() -> None:
         parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
         parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
                             "where FlashAttention-4 runs")
-        parser.add_argument("--blockings", nargs="+", choices=list(BLOCKINGS), default=["128", "64q128"],
-                            help="NABLA block sizes: 128; 64 with two query tiles per kernel block; 64 exact")
+        parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
+                            help="NABLA block sizes to time")
 
     args = model_args(__doc__, steps=3, extra=extra)
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
@@ -174,23 +170,22 @@ def main() -> None:
     rows.append(measure("dense, compiled blocks", pipe, args))
     rows[-1]["note"] = f"compile call {time.perf_counter() - compile_start:.1f} s incl. warm-up"
 
-    base = nabla_config(args, backends[0], args.blockings[0])
+    base = nabla_config(args, backends[0], args.block_sizes[0])
     patch = patch_transformer(transformer, base.replace(dense_steps=10**6))
     rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
-    configs = {}
     for backend in backends:
-        for blocking in args.blockings:
-            cfg = configs[(backend, blocking)] = nabla_config(args, backend, blocking)
+        for block_size in args.block_sizes:
+            cfg = nabla_config(args, backend, block_size)
             patch.state.config, patch.state.backend = cfg, None
             patch.state.reset()
-            name = f"NABLA {backend}, block {blocking}, compiled"
+            name = f"NABLA {backend}, block {block_size}, compiled"
             try:
                 row = measure(name, pipe, args)
             except RuntimeError as failure:  # a kernel that refuses this blocking: report it, time the rest
                 log(f"{name}: n/a ({str(failure).strip().splitlines()[0][:200]})")
                 torch._dynamo.config.error_on_recompile = False
                 continue
-            row.update(config=cfg, density=patch.state.mean_density(), kernel_density=patch.state.mean_density(True))
+            row.update(config=cfg, density=patch.state.mean_density())
             rows.append(row)
 
     # Per-call attention times on layer 0's own q, k, v.
@@ -220,7 +215,7 @@ def main() -> None:
         f"{r['name']} {r['sparse_ms']:.2f} ms (mask {r['mask_ms']:.2f} ms)" for r in rows if "config" in r) + "\n")
     stock = rows[0]["step_s"] if not args.skip_stock else None
     dense_compiled = next(r["step_s"] for r in rows if r["name"] == "dense, compiled blocks")
-    print("| variant | s/step | vs stock | vs dense compiled | density (kernel) | attention share | mask share "
+    print("| variant | s/step | vs stock | vs dense compiled | density | attention share | mask share "
           "| mask / sparse call | first call s | peak GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -228,7 +223,7 @@ def main() -> None:
         attn = (row["sparse_ms"] if nabla else dense_ms) * calls / 1000 / row["step_s"]
         mask = f"{row['mask_ms'] * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
         per_call = f"{row['mask_ms'] / row['sparse_ms']:.1%}" if nabla else "-"
-        density = f"{row['density']:.3f} ({row['kernel_density']:.3f})" if nabla else "1"
+        density = f"{row['density']:.3f}" if nabla else "1"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
         print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {density} "
               f"| {attn:.1%} | {mask} | {per_call} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")

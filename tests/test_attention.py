@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nabla.attention import build_block_mask, dense_attention, merge_query_rows, sparse_attention, to_flex_block_mask
+from nabla.attention import build_block_mask, dense_attention, sparse_attention, to_flex_block_mask
 from nabla.backend import resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
@@ -17,10 +17,10 @@ def tiled_qkv(layout, heads, dim, gen, batch=2):
     return raster, tiled
 
 
-def token_mask(keep, layout, block_size, query_block=None):
-    """Token-level reference mask from a block mask of (query_block, block_size) tokens per block: test-only, S x S."""
+def token_mask(keep, layout, block_size):
+    """Token-level reference mask from the block mask: test-only, S x S."""
     S = layout.padded_length
-    dense = keep.repeat_interleave(block_size, -1).repeat_interleave(query_block or block_size, -2)[..., :S, :S]
+    dense = keep.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)[..., :S, :S]
     return dense & layout.valid
 
 
@@ -30,55 +30,31 @@ CONFIGS = [
     SparsityConfig(mode="sta", sta_window=(1, 3, 1)),
     SparsityConfig(mode="nabla+sta", threshold=0.2, sta_window=(3, 1, 1), block_size=128),
     SparsityConfig(mode="nabla", threshold=0.6, max_density=0.3),
-    SparsityConfig(mode="nabla", threshold=0.5, query_block=64),
-    SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 3, 3), query_block=64),
 ]
 
 
 @pytest.mark.parametrize("grid", [(2, 16, 16), (3, 10, 13), (2, 9, 20)])
-@pytest.mark.parametrize(
-    "config", CONFIGS, ids=lambda c: f"{c.mode}-{c.threshold}-{c.block_size}-q{c.kernel_query_block}"
-)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-{c.threshold}-{c.block_size}")
 def test_sparse_matches_masked_sdpa(grid, config, gen):
     layout = TileLayout(*grid)
     _, (q, k, v) = tiled_qkv(layout, 3, 16, gen)
     out, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
-    keep, kernel = stats["mask"], stats["kernel_mask"]
-    mask = token_mask(kernel, layout, config.block_size, config.kernel_query_block)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    keep = stats["mask"]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(keep, layout, config.block_size))
     real = layout.valid
     torch.testing.assert_close(out[:, :, real], ref[:, :, real], atol=2e-5, rtol=1e-4)
-    # the kernel computes a superset of the NABLA/STA mask, and exactly it when its query blocks are the mask's
-    exact = token_mask(keep, layout, config.block_size)
-    assert (mask >= exact).all()
-    if config.kernel_query_block == config.block_size:
-        assert torch.equal(kernel, keep)
-    assert stats["density"].shape == stats["kernel_density"].shape == (3,)
+    assert stats["density"].shape == (3,)
     torch.testing.assert_close(stats["density"], keep.float().mean((0, 2, 3)))
-    torch.testing.assert_close(stats["kernel_density"], kernel.float().mean((0, 2, 3)))
-    assert (stats["kernel_density"] >= stats["density"] - 1e-6).all()
     assert 0 < stats["density"].min() and stats["density"].max() < 1
     assert stats["backend"] == "eager" and stats["dense"] is False
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
-def test_merge_query_rows_is_the_or_of_each_pair(rows, gen):
-    keep = torch.rand(2, 3, rows, 7, generator=gen) < 0.3
-    merged = merge_query_rows(keep, 2)
-    assert merged.shape == (2, 3, (rows + 1) // 2, 7)
-    for r in range(rows):
-        assert torch.equal(merged[:, :, r // 2] & keep[:, :, r], keep[:, :, r])  # superset of each row
-    for i in range(merged.shape[2]):
-        assert torch.equal(merged[:, :, i], keep[:, :, 2 * i : 2 * i + 2].any(2))  # and nothing more
-    assert merge_query_rows(keep, 1) is keep
 
 
 def test_dense_fallback_above_the_limit(gen):
     layout = TileLayout(2, 10, 13)
     (rq, rk, rv), (q, k, v) = tiled_qkv(layout, 2, 8, gen)
-    config = SparsityConfig(mode="nabla", threshold=0.5, query_block=64)
+    config = SparsityConfig(mode="nabla", threshold=0.5)
     sparse, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
-    density = float(stats["kernel_density"].mean())
+    density = float(stats["density"].mean())
     below, low_stats = sparse_attention(q, k, v, layout, config.replace(dense_above=density * 0.9), return_stats=True)
     assert low_stats["dense"] is True
     torch.testing.assert_close(layout.untile(below, dim=2), F.scaled_dot_product_attention(rq, rk, rv),
@@ -139,14 +115,13 @@ def test_block_mask_indices_match_the_boolean_mask(gen):
     assert torch.equal(full_dense, keep & ~partial)
 
 
-@pytest.mark.parametrize("query_block", [64, 128])
-def test_compiled_block_sparse_path(query_block, gen):
+def test_compiled_block_sparse_path(gen):
     """The kernel path used on GPUs (block indices + padding-only mask_mod), compiled on the CPU."""
     layout = TileLayout(2, 10, 13)
     _, (q, k, v) = tiled_qkv(layout, 2, 16, gen, batch=1)
-    config = SparsityConfig(mode="nabla+sta", threshold=0.4, sta_window=(1, 1, 1), query_block=query_block)
+    config = SparsityConfig(mode="nabla+sta", threshold=0.4, sta_window=(1, 1, 1))
     out, stats = sparse_attention(q, k, v, layout, config, compiled=True, return_stats=True)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["kernel_mask"], layout, 64, query_block))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["mask"], layout, 64))
     torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
     assert stats["density"].max() < 1
 

@@ -23,8 +23,7 @@ sparsity:
 """))
     assert cfg == SparsityConfig("nabla+sta", 0.6, (11, 3, 3), False, 2, 128, 0.05, 0.2)
     assert cfg.uses_nabla and cfg.uses_sta and cfg.is_sparse
-    assert (cfg.backend, cfg.dense_above, cfg.kernel_query_block) == ("auto", "auto", 128)
-    assert SparsityConfig(query_block=64).kernel_query_block == 64
+    assert (cfg.backend, cfg.dense_above) == ("auto", "auto")
 
 
 def test_other_sections_are_allowed_only_when_named(tmp_path):
@@ -52,8 +51,6 @@ BAD = [
     ("sparsity: {min_density: 1.2}", "'min_density': 1.2"),
     ("sparsity: {min_density: 0.5, max_density: 0.2}", "'min_density': 0.5; allowed: a number <= max_density"),
     ("sparsity: {sta_shift_at_border: 1}", "'sta_shift_at_border': 1"),
-    ("sparsity: {query_block: 32}", "'query_block': 32; allowed: null, 64 or 128, and >= block_size"),
-    ("sparsity: {block_size: 128, query_block: 64}", "'query_block': 64; allowed: .*>= block_size \\(128\\)"),
     ("sparsity: {backend: cuda}", "'backend': 'cuda'; allowed: auto, triton, flash"),
     ("sparsity: {dense_above: 0}", "'dense_above': 0; allowed: \"auto\" or a number in \\(0, 1\\]"),
     ("sparsity: {dense_above: always}", "'dense_above': 'always'"),

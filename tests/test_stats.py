@@ -123,8 +123,8 @@ def test_all_dense_steps_give_valid_json_with_empty_lists(tiny_model, tmp_path):
                    "--stats", stats, *SMALL) == 0
     report = json.loads(stats.read_text())  # strict JSON: no NaN/Infinity tokens either
     assert report["records"] == [] and report["steps"] == [] and report["layers"] == [] and report["mask_steps"] == []
-    assert report["totals"] == {"mean_density": None, "mean_kernel_density": None, "dense_calls": 0, "mask_ms": 0.0,
-                                "attention_ms": 0.0, "calls": 0}
+    assert report["totals"] == {"mean_density": None, "dense_calls": 0, "mask_ms": 0.0, "attention_ms": 0.0,
+                                "calls": 0}
     assert load_masks(stats.with_suffix(".masks.pt")) == []
     out = tmp_path / "plots"
     assert plot_masks.main([str(stats), "--out", str(out)]) == 0

@@ -25,6 +25,10 @@ from nabla.attention import attend_or_dense, make_block_mask
 from nabla.backend import dense_above, resolve_backend
 
 
+#: steps for which a layer that fell back to dense attention stays dense without building a mask
+FALLBACK_STEPS = 4
+
+
 @dataclasses.dataclass
 class NablaState:
     """What the hooks share during one transformer forward, and what a run records."""
@@ -39,10 +43,11 @@ class NablaState:
     tiled: bool = False
     #: (step, layer, density per head [H] on the device) for every sparse attention call
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
-    #: the same for the kernel's mask (a superset when two query tiles share a kernel block)
-    kernel_densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
-    #: (step, layer) of sparse calls whose mask was too dense to win, run dense instead
+    #: (step, layer) of sparse calls run dense instead: their mask was too dense for the sparse kernel to win,
+    #: or it was at one of the last FALLBACK_STEPS steps (then no mask is built)
     dense_fallbacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: layer -> first step at which it builds a mask again after falling back to dense
+    dense_until: dict[int, int] = dataclasses.field(default_factory=dict)
     #: the kernel that runs the sparse calls (nabla.backend.resolve_backend), set on the first one
     backend: str | None = None
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
@@ -70,17 +75,15 @@ class NablaState:
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.densities.clear()
-        self.kernel_densities.clear()
         self.dense_fallbacks.clear()
+        self.dense_until.clear()
         if self.recorder is not None:
             self.recorder.reset()
 
-    def mean_density(self, kernel: bool = False) -> float | None:
-        """Mean fraction of blocks kept over the sparse calls: of the NABLA/STA mask, or of the kernel's mask."""
-        densities = self.kernel_densities if kernel else self.densities
-        if not densities:
+    def mean_density(self) -> float | None:
+        if not self.densities:
             return None
-        return float(torch.stack([d.float().mean() for _, _, d in densities]).mean())
+        return float(torch.stack([d.float().mean() for _, _, d in self.densities]).mean())
 
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
@@ -90,25 +93,30 @@ class NablaState:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if not self.sparse_now:
             return dense_attention(q, k, v, self.layout)
+        if self.step < self.dense_until.get(layer, -1):
+            # This layer's mask was too dense to win a few steps ago: masks change slowly over the steps,
+            # so skip building one (dense attention is a superset of any mask).
+            self.dense_fallbacks.append((self.step, layer))
+            return dense_attention(q, k, v, self.layout)
         compiled = q.is_cuda
         if self.backend is None:
             self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
         # sparse_attention in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
-        block_mask, keep, kernel = make_block_mask(q, k, self.layout, self.config, compiled=compiled)
+        block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=compiled)
         if timer is not None:
             timer.split()
-        limit = dense_above(self.config.dense_above, self.backend, block_mask.BLOCK_SIZE)
-        out, ran_dense = attend_or_dense(q, k, v, self.layout, block_mask, kernel, limit, compiled, self.backend)
+        limit = dense_above(self.config, self.backend)
+        out, ran_dense = attend_or_dense(q, k, v, self.layout, block_mask, keep, limit, compiled, self.backend)
         if timer is not None:
             timer.stop()
-        density, kernel_density = keep.float().mean(dim=(0, 2, 3)), kernel.float().mean(dim=(0, 2, 3))
+        density = keep.float().mean(dim=(0, 2, 3))
         self.densities.append((self.step, layer, density))
-        self.kernel_densities.append((self.step, layer, kernel_density))
         if ran_dense:
             self.dense_fallbacks.append((self.step, layer))
+            self.dense_until[layer] = self.step + FALLBACK_STEPS
         if timer is not None:
-            self.recorder.record(self.step, layer, density, keep, timer, kernel_density, ran_dense)
+            self.recorder.record(self.step, layer, density, keep, timer, ran_dense)
         return out
 
 
@@ -132,6 +140,8 @@ class NablaWanAttnProcessor:
         self.state = state
         self.layer = layer
 
+    # Outside compiled blocks: dynamo would otherwise guard on self.layer and recompile for every layer.
+    @torch.compiler.disable
     def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
         # [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are (copies

@@ -109,20 +109,20 @@ class StatsRecorder:
         self.reset()
 
     def reset(self) -> None:
-        #: (step, layer, density [H] on the device, kernel density [H] on the device, ran dense, timer)
-        self.calls: list[tuple[int, int, torch.Tensor, torch.Tensor, bool, _Timer]] = []
+        #: (step, layer, density [H] on the device, ran dense, timer)
+        self.calls: list[tuple[int, int, torch.Tensor, bool, _Timer]] = []
         #: (step, layer) -> (shape [H, nb, nb], packed bits, on the host or on their way there)
         self.masks: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
 
     def timer(self, device: torch.device) -> _Timer:
         return _Timer(torch.device(device).type == "cuda")
 
-    def record(self, step: int, layer: int, density: torch.Tensor, keep: torch.Tensor, timer: _Timer,
-               kernel_density: torch.Tensor | None = None, ran_dense: bool = False) -> None:
-        """One call: per-head density [H], block mask keep [B, H, nb, nb], the stopped timer; the kernel
-        mask's per-head density (default: the same) and whether the call fell back to dense attention."""
-        kernel_density = density if kernel_density is None else kernel_density
-        self.calls.append((step, layer, density.detach(), kernel_density.detach(), ran_dense, timer))
+    def record(
+        self, step: int, layer: int, density: torch.Tensor, keep: torch.Tensor, timer: _Timer, ran_dense: bool = False
+    ) -> None:
+        """One call: per-head density [H], block mask keep [B, H, nb, nb], the stopped timer, and whether the
+        mask was too dense to win so that the call ran dense attention instead."""
+        self.calls.append((step, layer, density.detach(), ran_dense, timer))
         if step in self.mask_steps and (step, layer) not in self.masks:
             packed = pack_mask(keep[0].detach())
             if packed.is_cuda:  # no wait: the copy completes before report() synchronises
@@ -138,38 +138,30 @@ class StatsRecorder:
         """Per (step, layer): density per head averaged over the calls (CFG passes), times summed; and totals."""
         self._synchronize()
         records: dict[tuple[int, int], dict] = {}
-        densities = list(torch.stack([d.float() for _, _, d, *_ in self.calls]).cpu()) if self.calls else []
-        kernel = list(torch.stack([d.float() for *_, d, _, _ in self.calls]).cpu()) if self.calls else []
+        densities = list(torch.stack([d.float() for _, _, d, _, _ in self.calls]).cpu()) if self.calls else []
         total_mask = total_attention = 0.0
-        for (step, layer, _, _, ran_dense, timer), density, kernel_density in zip(self.calls, densities, kernel):
+        for (step, layer, _, ran_dense, timer), density in zip(self.calls, densities):
             mask_ms, attention_ms = timer.milliseconds()
             total_mask += mask_ms
             total_attention += attention_ms
             entry = records.setdefault((step, layer), {"step": step, "layer": layer, "calls": 0, "density": None,
-                                                       "kernel_density": None, "dense_calls": 0,
-                                                       "mask_ms": 0.0, "attention_ms": 0.0})
+                                                       "dense_calls": 0, "mask_ms": 0.0, "attention_ms": 0.0})
             entry["calls"] += 1
             entry["dense_calls"] += int(ran_dense)
-            for key, value in (("density", density), ("kernel_density", kernel_density)):
-                entry[key] = value if entry[key] is None else entry[key] + value
+            entry["density"] = density if entry["density"] is None else entry["density"] + density
             entry["mask_ms"] += mask_ms
             entry["attention_ms"] += attention_ms
         out = []
         for key in sorted(records):
             entry = records[key]
-            for key in ("density", "kernel_density"):
-                entry[key] = (entry[key] / entry["calls"]).tolist()
+            entry["density"] = (entry["density"] / entry["calls"]).tolist()
             out.append(entry)
-
-        def mean_of(values: list[torch.Tensor]) -> float | None:
-            return float(torch.stack([d.mean() for d in values]).mean()) if values else None
-
+        mean = float(torch.stack([d.mean() for d in densities]).mean()) if densities else None
         return {
             "steps": sorted({e["step"] for e in out}),
             "layers": sorted({e["layer"] for e in out}),
             "records": out,
-            "totals": {"mean_density": mean_of(densities), "mean_kernel_density": mean_of(kernel),
-                       "dense_calls": sum(int(ran_dense) for *_, ran_dense, _ in self.calls),
+            "totals": {"mean_density": mean, "dense_calls": sum(int(ran_dense) for *_, ran_dense, _ in self.calls),
                        "mask_ms": total_mask, "attention_ms": total_attention, "calls": len(self.calls)},
         }
 
