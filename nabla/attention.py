@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -158,6 +159,13 @@ def _padding_mask_mod(layout: TileLayout, block_size: int, device: torch.device)
     return padding_mask_mod
 
 
+def _eager_flex(*args, **kwargs) -> torch.Tensor:
+    # The eager path is chosen on purpose (CPU: exact, no compiler); PyTorch's advice to compile does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+        return flex_attention(*args, **kwargs)
+
+
 @lru_cache(maxsize=None)
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
@@ -185,7 +193,7 @@ def attend_block_mask(
     `compiled` must match the one the BlockMask was made with: the eager path relies on the exact
     mask_mod that `make_block_mask(..., compiled=False)` attaches.
     """
-    attend = _compiled_flex() if compiled else flex_attention
+    attend = _compiled_flex() if compiled else _eager_flex
     return attend(q, k, v, block_mask=block_mask, kernel_options=_kernel_options(block_size, q.device))
 
 
