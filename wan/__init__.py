@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _API = {"enable_nabla": "wan.api", "disable_nabla": "wan.api", "NablaPatch": "wan.patch"}
-__all__ = sorted(_API)
+__all__ = ["NablaPatch", "disable_nabla", "enable_nabla"]
 
 
 def __getattr__(name: str) -> Any:
