@@ -19,8 +19,6 @@ import torch
 
 from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
-from wan.loading import check_transformer_path
-from wan.parallel import check_sequence
 from wan.settings import DEFAULT_MODEL, GenerationSettings
 from wan.stats import check_stats_path
 from wan.video import check_output_path
@@ -47,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
     p.add_argument("--fps", type=int, help="frames per second of the MP4 (default: 16)")
-    p.add_argument("--output", type=Path, default=Path("output.mp4"), help="MP4 to write (default: output.mp4)")
+    p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
+                   "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
+                   "[0, 1], no video encoder needed: for machines without ffmpeg). If MP4 encoding fails after the "
+                   "run, the frames are saved as NAME.npy and the exit code is 1 (default: output.mp4)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
@@ -60,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="run full attention and the configured sparse mode on "
                    "the same seed; print both times, the speedup, the sparse video's PSNR, SSIM and mean absolute "
                    "difference against the full one, and the mean mask density; write both videos "
-                   "(the full one beside --output as NAME.full.mp4)")
+                   "(the full one beside --output as NAME.full.mp4, or NAME.full.npy)")
     p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
                    "per step and layer the mean mask density per head and the mask-building and attention times in ms, "
                    "plus totals, config and settings; the block masks of every layer at the first sparse step and the "
                    "last step go beside it as PATH.masks.pt (plot both with scripts/plot_masks.py)")
-    p.add_argument("--no-warmup", action="store_true", help="with --compare or --stats on CUDA, skip the untimed "
-                   "one-step warm-up runs that keep kernel compilation out of the timings")
+    p.add_argument("--no-compile", action="store_true", help="on CUDA, do not torch.compile the transformer's "
+                   "repeated blocks (compiled by default there, in both runs of --compare; never on the CPU)")
+    p.add_argument("--no-warmup", action="store_true", help="on CUDA, skip the untimed one-step warm-up runs (one "
+                   "per run of --compare) that keep compilation out of the timings")
     return p
 
 
@@ -86,18 +89,26 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
         raise ValueError("--compare needs a sparse config (mode nabla, sta or nabla+sta), got mode 'full'")
     outputs = [check_output_path(args.output, args.overwrite)]
     if args.compare:
-        outputs.append(check_output_path(args.output.with_suffix(".full.mp4"), args.overwrite))
+        outputs.append(check_output_path(args.output.with_suffix(".full" + args.output.suffix), args.overwrite))
     if args.stats is not None:
         check_stats_path(args.stats, args.overwrite)
     if args.transformer is not None:
+        from wan.loading import check_transformer_path
+
         check_transformer_path(args.transformer)
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
+    if sparsity.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
+        from nabla.backend import resolve_backend
+
+        resolve_backend(sparsity.backend, run_device(args))
     if args.ulysses > 1 or args.cfg_parallel:
         if args.compare or args.cpu_offload:
             raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
         if args.cfg_parallel and settings.guidance_scale <= 1:
             raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
+        from wan.parallel import check_sequence
+
         # the sequence is split in tile order, padded to whole tiles (dense runs too, when the raw one is uneven)
         check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
     return sparsity, settings, outputs
@@ -108,7 +119,12 @@ def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
     return (settings.frames - 1) // 4 + 1, settings.height // 16, settings.width // 16
 
 
-def describe(config: SparsityConfig) -> str:
+def run_device(args: argparse.Namespace) -> str:
+    """The device of a one-process run: --device, else cuda where there is one (torchrun ranks pick theirs)."""
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe(config: SparsityConfig, backend: str | None = None) -> str:
     if config.mode == "full":
         return "full attention"
     parts = [config.mode]
@@ -116,48 +132,68 @@ def describe(config: SparsityConfig) -> str:
         parts.append(f"threshold {config.threshold}")
     if config.uses_sta:
         parts.append("STA window {}x{}x{}".format(*config.sta_window))
+    parts.append(f"{config.block_size}-token blocks")
+    if backend is not None:
+        parts.append(f"{backend} kernel")
     return ", ".join(parts)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
+    """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved)."""
     sparsity, settings, outputs = resolve(args)
-    from wan.loading import load_pipeline  # heavy imports only once the input is known to be good
-    from wan.patch import patch_transformer
+    from nabla.backend import dense_above
+    from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
+    from wan.loading import load_pipeline
     from wan.run import generate
-    from wan.video import write_video
+    from wan.video import write_video_or_frames
+
+    unwritten = []
+
+    def save(frames, path: Path) -> Path:
+        written, reason = write_video_or_frames(frames, path, settings.fps)
+        if reason is not None:
+            unwritten.append(path)
+            print(f"error: could not write {path} ({reason}); its frames are saved in {written} (numpy.load reads "
+                  "them)", file=sys.stderr)
+        return written
 
     setup = None
     if args.ulysses > 1 or args.cfg_parallel:
         from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses, init_parallel
 
         setup = init_parallel(args.ulysses, args.cfg_parallel)
-    device = str(setup.device) if setup else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(setup.device) if setup else run_device(args)
     main_rank = setup is None or setup.is_main
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
                          transformer=args.transformer)
     pipe.set_progress_bar_config(disable=not main_rank)
-    warmup = args.compare and torch.device(device).type == "cuda" and not args.no_warmup
+    # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
+    warmup = torch.device(device).type == "cuda" and not args.no_warmup
+    compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
 
     if args.compare:
+        enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)  # stock attention, blocks compiled alike
         if warmup:
             generate(pipe, settings, steps=1)
         full_frames, full_seconds = generate(pipe, settings)
-        write_video(full_frames, outputs[1], settings.fps)
+        full_written = save(full_frames, outputs[1])
+        disable_nabla(pipe)
 
     uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
-    patch = patch_transformer(pipe.transformer, sparsity, pad_dense=uneven)
+    patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven)
+    compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
     if setup is not None:  # after the patch: tile before the sequence split, untile after the gather
         check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
         enable_ulysses(pipe.transformer, setup)
         if setup.cfg_parallel:
             enable_cfg_parallel(pipe.transformer, setup)
-    if args.stats is not None and patch and torch.device(device).type == "cuda" and not args.no_warmup:
-        warmup = True  # keep compilation out of the recorded per-call times too
     if warmup:
-        patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels, untimed
+        if patch:
+            patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels too, untimed
         generate(pipe, settings, steps=1)
-        patch.state.config = sparsity
-        patch.state.reset()
+        if patch:
+            patch.state.config = sparsity
+            patch.state.reset()
     recorder = None
     if args.stats is not None and patch:
         from wan.stats import StatsRecorder, default_mask_steps
@@ -165,8 +201,8 @@ def run(args: argparse.Namespace) -> None:
         recorder = patch.state.recorder = StatsRecorder(default_mask_steps(sparsity.dense_steps, settings.steps))
     frames, seconds = generate(pipe, settings, decode=main_rank)
     if not main_rank:
-        return  # rank 0 writes the video and reports
-    write_video(frames, outputs[0], settings.fps)
+        return 0  # rank 0 writes the video and reports
+    written = save(frames, outputs[0])
     density = patch.state.mean_density() if patch else None
     fidelity = None
     if args.compare:
@@ -177,7 +213,8 @@ def run(args: argparse.Namespace) -> None:
         from wan.stats import masks_path, run_report, write_stats
 
         extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
-                 "time.perf_counter", "seconds": seconds}
+                 "time.perf_counter", "seconds": seconds, "backend": patch.state.backend if patch else None,
+                 "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.dense_fallbacks) if patch else 0}
         if args.compare:
             extra.update(full_seconds=full_seconds, fidelity=fidelity)
         report = run_report(recorder, sparsity, settings, **extra)
@@ -185,28 +222,33 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
 
     size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
-    print(f"wrote {outputs[0]} ({size}, {describe(sparsity)}) in {seconds:.2f} s")
+    blocks = "compiled" if compiled else "not compiled"
+    backend = patch.state.backend if patch else None
+    print(f"wrote {written} ({size}, {describe(sparsity, backend)}, transformer blocks {blocks}) in {seconds:.2f} s")
+    if patch and patch.state.dense_fallbacks:
+        print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
+              f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")
     if args.compare:
-        print(f"wrote {outputs[1]} ({size}, full attention) in {full_seconds:.2f} s")
+        print(f"wrote {full_written} ({size}, full attention, transformer blocks {blocks}) in {full_seconds:.2f} s")
         print("| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |")
         print("|---|---|---|---|---|---|---|")
         print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
         dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
         quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
-        print(f"| {describe(sparsity)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
+        print(f"| {describe(sparsity, backend)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
     elif density is not None:
         print(f"mean mask density: {density:.3f}")
+    return 1 if unwritten else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from wan.loading import ModelNotFoundError
     from wan.run import NonFiniteLatentsError
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
     try:
-        run(args)
-    except (ValueError, ModelNotFoundError, NonFiniteLatentsError) as err:
+        code = run(args)
+    except (ValueError, NonFiniteLatentsError) as err:  # wan.loading.ModelNotFoundError is a ValueError
         if main_rank:
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -218,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -159,6 +160,13 @@ def _padding_mask_mod(layout: TileLayout, block_size: int, device: torch.device)
     return padding_mask_mod
 
 
+def _eager_flex(*args, **kwargs) -> torch.Tensor:
+    # The eager path is chosen on purpose (CPU: exact, no compiler); PyTorch's advice to compile does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+        return flex_attention(*args, **kwargs)
+
+
 @lru_cache(maxsize=None)
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
@@ -174,7 +182,7 @@ def attend_block_mask(
     from `resolve_backend`) picks the compiled CUDA kernel.
     """
     if not compiled:
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return _eager_flex(q, k, v, block_mask=block_mask)
     options = kernel_options(backend, block_mask.BLOCK_SIZE[1], q.device) if q.is_cuda else None
     return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
 

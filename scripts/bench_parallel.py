@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nabla import SparsityConfig  # noqa: E402
-from scripts.bench_e2e import build_pipeline, model_args, run_steps  # noqa: E402
-from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel  # noqa: E402
-from wan.patch import patch_transformer  # noqa: E402
+from nabla import SparsityConfig
+from scripts.bench_e2e import build_pipeline, model_args, run_steps
+from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
+from wan.patch import patch_transformer
 
 
 def main() -> None:

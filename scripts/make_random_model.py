@@ -19,18 +19,18 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from transformers import UMT5Config, UMT5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.make_tiny_model import build_tokenizer  # noqa: E402
-from wan.loading import keep_fp32_modules  # noqa: E402
+from scripts.make_tiny_model import build_tokenizer
+from wan.loading import keep_fp32_modules
 
 # From Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json.
 ARCHS = {
-    "1.3B": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
-    "14B": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "1.3B": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+    "14B": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
 }
-COMMON = dict(
-    patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-)
+COMMON = {
+    "patch_size": (1, 2, 2), "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}
 
 
 def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:

@@ -23,12 +23,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/plot_masks.py` from anywhere
-from wan.stats import load_masks, masks_path, unpack_mask  # noqa: E402
+from wan.stats import load_masks, masks_path, unpack_mask
 
 
 def density_grid(report: dict) -> tuple[np.ndarray, list[int], list[int]]:

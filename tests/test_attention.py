@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,7 +131,7 @@ def test_compiled_block_sparse_path(gen):
 def test_union_contains_both_masks(gen):
     layout = TileLayout(3, 16, 24)
     _, (q, k, _) = tiled_qkv(layout, 2, 16, gen)
-    base = dict(threshold=0.3, sta_window=(1, 1, 3))
+    base = {"threshold": 0.3, "sta_window": (1, 1, 3)}
     union = build_block_mask(q, k, layout, SparsityConfig(mode="nabla+sta", **base))
     nabla = build_block_mask(q, k, layout, SparsityConfig(mode="nabla", **base))
     sta = build_block_mask(q, k, layout, SparsityConfig(mode="sta", **base))
@@ -142,3 +144,17 @@ def test_wrong_length_rejected():
     x = torch.randn(1, 1, 63, 4)
     with pytest.raises(ValueError, match="padded length 64"):
         sparse_attention(x, x, x, layout, SparsityConfig(mode="nabla"))
+
+
+def test_eager_path_prints_no_compile_advice(gen, monkeypatch):
+    """The CPU's eager flex_attention is deliberate: PyTorch's "called without torch.compile" warning is not shown."""
+    import torch.nn.attention.flex_attention as flex
+
+    monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # PyTorch warns once per process: as if for the first time
+    layout = TileLayout(1, 8, 16)
+    q, k, v = (torch.randn(1, 2, layout.padded_length, 16, generator=gen) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse_attention(q, k, v, layout, SparsityConfig(mode="nabla", threshold=0.5), compiled=False)
+    assert [str(w.message) for w in caught] == []
+    assert flex._WARNINGS_SHOWN  # the warning was raised, and filtered

@@ -1,12 +1,11 @@
 """generate.py end to end on the tiny checkpoint: videos, --compare, and the one-line errors."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import os
 import shutil
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -129,25 +128,31 @@ def test_unwritable_output_folder(tiny_model, capsys):
 
 def test_cli_process_help_and_exit_code(tmp_path):
     """The real command line: --help documents the flags; a bad value exits 2 with one line, no traceback."""
-    help_text = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    shown = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           check=False)
+    assert shown.returncode == 0 and shown.stderr == ""  # no warning the user cannot act on
+    help_text = " ".join(shown.stdout.split())
     for flag in ("--prompt", "--negative-prompt", "--config", "--model", "--seed", "--height", "--width", "--frames",
-                 "--steps", "--guidance-scale", "--output", "--device", "--dtype", "--compare"):
+                 "--steps", "--guidance-scale", "--output", "--device", "--dtype", "--compare", "--no-compile"):
         assert flag in help_text
+    assert "NAME.npy (raw frames" in help_text and "no video encoder needed" in help_text
     bad = subprocess.run([sys.executable, "generate.py", "--prompt", "x", "--frames", "10", "--output", tmp_path / "v.mp4"],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_same_seed_same_video_twice(tiny_model, tmp_path, raw_frames):
+def test_same_seed_same_video_twice(tiny_model, tmp_path):
+    """Raw frames (--output NAME.npy): exact, where MP4 encoding is lossy."""
     videos = []
     for name in ("a", "b"):
-        out = tmp_path / f"{name}.mp4"
+        out = tmp_path / f"{name}.npy"
         assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
                        "--seed", "3", "--output", out, *SMALL) == 0
         videos.append(np.load(out))
     assert videos[0].shape == (9, 64, 96, 3) and np.array_equal(videos[0], videos[1])
-    out = tmp_path / "c.mp4"
+    assert videos[0].dtype == np.float32 and 0 <= videos[0].min() and videos[0].max() <= 1
+    out = tmp_path / "c.npy"
     assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
                    "--seed", "4", "--output", out, *SMALL) == 0
     assert not np.allclose(np.load(out), videos[0], atol=1e-3)  # and the seed matters
@@ -207,3 +212,47 @@ def test_written_video_has_the_usual_permissions(tmp_path, raw_frames):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644 and [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["single", "compare"])
+def test_missing_ffmpeg_is_refused_before_loading(tmp_path, capsys, monkeypatch, compare):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg now raises ImportError
+    # a model that does not exist: the encoder must be checked before any loading is tried
+    args = ["--prompt", "a cat", "--model", tmp_path / "no-model", "--output", tmp_path / "v.mp4", *SMALL]
+    assert run_cli(*args, "--config", ROOT / "configs/nabla-0.7.yaml", *(["--compare"] if compare else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output: writing MP4 needs ffmpeg") and err.count("\n") == 1
+    assert "pip install imageio-ffmpeg" in err and "--output NAME.npy" in err
+    assert list(tmp_path.iterdir()) == []
+    assert run_cli(*args[:-len(SMALL) - 2], "--output", tmp_path / "v.npy", *SMALL) == 2  # .npy needs no encoder:
+    assert "no-model" in capsys.readouterr().err  # it gets as far as loading the model
+
+
+def test_failed_encoding_saves_the_frames_of_both_runs(tiny_model, tmp_path, capsys, monkeypatch):
+    def broken_encoder(frames, path, fps, quality):
+        Path(path).write_bytes(b"half an mp4")
+        raise RuntimeError("ffmpeg died\nwith details")
+
+    monkeypatch.setattr(wan.video, "export_to_video", broken_encoder)
+    out = tmp_path / "cmp.mp4"
+    code = run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
+                   "--output", out, "--compare", *SMALL)
+    assert code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.full.npy", "cmp.npy"]
+    assert np.load(tmp_path / "cmp.npy").shape == np.load(tmp_path / "cmp.full.npy").shape == (9, 64, 96, 3)
+    assert not np.array_equal(np.load(tmp_path / "cmp.npy"), np.load(tmp_path / "cmp.full.npy"))
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: could not write {tmp_path / name}.mp4 (RuntimeError: ffmpeg died); its frames are saved in "
+        f"{tmp_path / name}.npy (numpy.load reads them)" for name in ("cmp.full", "cmp")]
+    assert f"wrote {tmp_path / 'cmp.npy'} (" in captured.out and "| full |" in captured.out
+
+
+def test_fallback_never_replaces_a_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(wan.video, "export_to_video", lambda *args, **kwargs: 1 / 0)
+    (tmp_path / "v.npy").write_bytes(b"precious")
+    frames = np.full((5, 16, 16, 3), 0.5, dtype=np.float32)
+    written, reason = wan.video.write_video_or_frames(frames, tmp_path / "v.mp4")
+    assert written == tmp_path / "v.1.npy" and reason == "ZeroDivisionError: division by zero"
+    assert np.array_equal(np.load(written), frames) and (tmp_path / "v.npy").read_bytes() == b"precious"

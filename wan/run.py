@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import WanPipeline
 
 from wan.settings import GenerationSettings
+
+if TYPE_CHECKING:  # diffusers stays out of generate.py's checks, which run before any model loads
+    from diffusers import WanPipeline
 
 
 class NonFiniteLatentsError(RuntimeError):

@@ -58,11 +58,12 @@ class GenerationSettings:
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("fps", self.fps, 1, 240)
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
-            raise ValueError(f"guidance_scale: {self.guidance_scale!r} must be a number >= 0")
+            # ValueError like every bad input: generate.py turns it into one line and exit code 2
+            raise ValueError(f"guidance_scale: {self.guidance_scale!r} must be a number >= 0")  # noqa: TRY004
         if not 0 <= self.guidance_scale <= 100:
             raise ValueError(f"guidance_scale: {self.guidance_scale} must be in [0, 100]")
         if not isinstance(self.negative_prompt, str):
-            raise ValueError(f"negative_prompt: {self.negative_prompt!r} must be a string")
+            raise ValueError(f"negative_prompt: {self.negative_prompt!r} must be a string")  # noqa: TRY004
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model: {self.model!r} must be a hub id or a folder path")
 
