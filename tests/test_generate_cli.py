@@ -52,7 +52,8 @@ def test_compare_writes_both_and_reports(tiny_model, tmp_path, capsys):
                    "--output", out, "--compare", *SMALL)
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "| nabla, threshold 0.4 |" in printed and "x |" in printed
+    assert "| full |" in printed and "| nabla, threshold 0.4, 64-token blocks, eager kernel |" in printed
+    assert "x |" in printed
     density = float(printed.strip().splitlines()[-1].split("|")[-2])
     assert 0 < density < 1
     assert iio.imread(out).shape == iio.imread(tmp_path / "cmp.full.mp4").shape == (9, 64, 96, 3)
@@ -95,6 +96,12 @@ BAD_INPUTS = {
     "height-0": (lambda t: ["--height", "0"], "height: 0 is not allowed; it must be an integer in [16, 2048]"),
     "width-huge": (lambda t: ["--width", "8192"], "width: 8192 is not allowed; it must be an integer in [16, 2048]"),
     "frames-0": (lambda t: ["--frames", "0"], "frames: 0 is not allowed"),
+    "flash-on-cpu": (lambda t: ["--device", "cpu", "--config", write_config(t, "sparsity: {mode: nabla, backend: flash}")],
+                     "backend 'flash' cannot run here: it needs a CUDA GPU, not cpu"),
+    "backend-unknown": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, backend: cudnn}")],
+                        "'backend': 'cudnn'; allowed: auto, triton, flash"),
+    "dense-above-0": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, dense_above: 0}")],
+                      "'dense_above': 0"),
 }
 
 

@@ -5,12 +5,14 @@ import torch
 
 from nabla import SparsityConfig
 from wan.loading import load_pipeline
-from wan.patch import NablaWanAttnProcessor, patch_transformer, unpatch
+from nabla.layout import TileLayout
+from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, patch_transformer, unpatch
 from wan.run import generate
 from wan.settings import GenerationSettings
 
 # 128x160 px -> latent 16x20 -> token grid (3, 8, 10): W is not a multiple of the 8-token tile.
 SETTINGS = GenerationSettings(prompt="a cat plays piano", height=128, width=160, frames=9, steps=3, guidance_scale=4.0)
+TILE = TileLayout.tile
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,33 @@ def test_sta_modes_are_sparse(pipe, full_video, config):
     assert abs(frames - full_video).max() > 1e-4
 
 
-def test_dense_steps(pipe, full_video):
+def test_dense_steps(pipe, full_video, monkeypatch):
+    tiled = []
+    monkeypatch.setattr(TileLayout, "tile", lambda self, x, dim=1: tiled.append(x.shape) or TILE(self, x, dim))
     frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
-    assert state.densities == [] and abs(frames - full_video).max() < 1e-4
+    # dense steps stay in raster order, unpadded: the stock computation, bit for bit, and nothing tiled
+    assert state.densities == [] and tiled == [] and (frames == full_video).all()
     _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
     assert {s for s, _, _ in state.densities} == {2}
+    assert len(tiled) == 2 * 3  # the last step's two CFG passes: hidden states and the rotary (cos, sin)
+
+
+def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video):
+    settings = SETTINGS
+    config = SparsityConfig(mode="nabla", threshold=0.3, dense_above=0.01)  # every mask is denser than 1%
+    handle = patch_transformer(pipe.transformer, config)
+    try:
+        frames, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 6}))
+    finally:
+        unpatch(pipe.transformer)
+    state = handle.state
+    # step 0 builds each layer's mask (first CFG pass) and falls back; the layer then skips its mask for
+    # FALLBACK_STEPS steps; step 4 builds it again
+    assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.densities}) == [(0, 0), (0, 1), (4, 0),
+                                                                                                (4, 1)]
+    assert len(state.dense_fallbacks) == 6 * 2 * 2  # every call ran dense
+    full6, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 6}))
+    assert abs(frames - full6).max() < 1e-4
 
 
 def test_cross_attention_untouched_and_unpatch_restores(pipe):
