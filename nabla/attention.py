@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ def _block_mask_tensors(
     Returns keep [B, H, nb, nb] and (count, indices) of the partial key blocks (holding padding)
     and of the full ones, per query block.
     """
-    B, H, S, _ = q.shape
+    B, H = q.shape[:2]
     nb = partial_cols.shape[0]
     if mode in ("nabla", "nabla+sta"):
         keep = nabla_block_mask(
@@ -45,7 +45,7 @@ def _block_mask_tensors(
     return (keep, *_compact(keep & partial_cols), *_compact(keep & ~partial_cols))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_block_mask_tensors():
     return torch.compile(_block_mask_tensors, dynamic=False)
 
@@ -167,7 +167,7 @@ def _eager_flex(*args, **kwargs) -> torch.Tensor:
         return flex_attention(*args, **kwargs)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 

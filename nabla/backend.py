@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -16,7 +16,7 @@ from nabla.config import SparsityConfig
 DENSE_ABOVE = {("triton", 128): 0.6, ("triton", 64): 0.35, ("flash", 128): 0.8, ("flash", 64): 0.5}
 
 
-@lru_cache(maxsize=None)
+@cache
 def flash_unavailable_reason(device: torch.device) -> str | None:
     """Why FlexAttention's FLASH backend (FlashAttention-4) cannot run on `device`, or None if it can."""
     if device.type != "cuda":

@@ -100,7 +100,8 @@ class SparsityConfig:
     def from_dict(cls, values: Mapping[str, Any], where: str = "sparsity") -> SparsityConfig:
         """Build from a mapping, rejecting unknown keys with a one-line error naming them."""
         if not isinstance(values, Mapping):
-            raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")
+            # ValueError, not TypeError: callers turn ValueErrors into the one-line config error
+            raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")  # noqa: TRY004
         allowed = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in allowed:
@@ -125,7 +126,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config: {path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ValueError(f"config: {path} must hold a mapping at the top level, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 

@@ -32,11 +32,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
 
-from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
-from nabla.backend import flash_unavailable_reason  # noqa: E402
-from nabla.config import SparsityConfig  # noqa: E402
-from nabla.layout import TileLayout  # noqa: E402
-from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks  # noqa: E402
+from nabla.attention import make_block_mask, sparse_attention
+from nabla.backend import flash_unavailable_reason
+from nabla.config import SparsityConfig
+from nabla.layout import TileLayout
+from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks
 
 HEAD_DIM = 128
 BATCH = 1
@@ -330,11 +330,11 @@ def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.
     lines += [line for c in checks for line in crossover_lines(c.shape, [r for r in rows if r.shape == c.shape], backends)]
     lines += [
         "",
-        "Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
+        ("Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
         "density: fraction of (query block, key block) pairs kept (sparse_attention's stats, mean over heads). "
         "TFLOP/s: 4*D*(real token pairs computed) / attention total, so sparse rows count exactly the real "
         "token pairs of their kept blocks (padding excluded) and include the mask build time. "
-        "speedup: fastest dense attention total / this attention total.",
+        "speedup: fastest dense attention total / this attention total."),
         "",
         "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from diffusers import WanPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nabla import SparsityConfig  # noqa: E402
-from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
-from nabla.backend import flash_unavailable_reason  # noqa: E402
-from scripts.bench_attention import bench_ms, sync  # noqa: E402
-from scripts.make_random_model import build_random_pipeline  # noqa: E402
-from scripts.make_tiny_model import build_tiny_pipeline  # noqa: E402
-from wan.patch import NablaState, patch_transformer, unpatch  # noqa: E402
+from nabla import SparsityConfig
+from nabla.attention import make_block_mask, sparse_attention
+from nabla.backend import flash_unavailable_reason
+from scripts.bench_attention import bench_ms, sync
+from scripts.make_random_model import build_random_pipeline
+from scripts.make_tiny_model import build_tiny_pipeline
+from wan.patch import NablaState, patch_transformer, unpatch
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 
@@ -78,8 +78,9 @@ def measure(name: str, pipe, args) -> dict:
     finally:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
-    row = dict(name=name, step_s=step, steps=steps, first_call_s=first_call, compile_s=max(0.0, warm[0] - step),
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+    row = {"name": name, "step_s": step, "steps": steps, "first_call_s": first_call,
+           "compile_s": max(0.0, warm[0] - step),
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), first call {first_call:.1f} s, "
         f"peak {row['peak_gib']:.1f} GiB")
     return row
@@ -199,9 +200,10 @@ def main() -> None:
     for row in rows:
         if "config" in row:
             cfg = row["config"]
-            row["sparse_ms"] = bench_ms(lambda: sparse_attention(q, k, v, layout, cfg, compiled=compiled), device, 200,
-                                        cpu_iters=3)
-            row["mask_ms"] = bench_ms(lambda: make_block_mask(q, k, layout, cfg, compiled), device, 200, cpu_iters=3)
+            row["sparse_ms"] = bench_ms(lambda cfg=cfg: sparse_attention(q, k, v, layout, cfg, compiled=compiled),
+                                        device, 200, cpu_iters=3)
+            row["mask_ms"] = bench_ms(lambda cfg=cfg: make_block_mask(q, k, layout, cfg, compiled), device, 200,
+                                      cpu_iters=3)
     calls = 2 * len(transformer.blocks)  # CFG passes x layers
     unpatch(transformer)
 

@@ -18,8 +18,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
     ([sys.executable, "scripts/bench_attention.py", "--smoke"],
      "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |"),
     ([sys.executable, "scripts/bench_e2e.py", "--smoke"],
-     "| variant | s/step | vs stock | vs dense compiled | density | attention share | mask share | mask / sparse call "
-     "| first call s | peak GiB |"),
+     ("| variant | s/step | vs stock | vs dense compiled | density | attention share | mask share | mask / sparse call "
+      "| first call s | peak GiB |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
 ], ids=["attention", "e2e", "parallel"])
 def test_benchmark_runs_to_its_table(command, header, tmp_path):

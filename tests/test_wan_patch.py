@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nabla import SparsityConfig
-from wan.loading import load_pipeline
 from nabla.layout import TileLayout
+from wan.loading import load_pipeline
 from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, patch_transformer, unpatch
 from wan.run import generate
 from wan.settings import GenerationSettings

@@ -24,7 +24,6 @@ from nabla import SparsityConfig, TileLayout, dense_attention
 from nabla.attention import attend_or_dense, make_block_mask
 from nabla.backend import dense_above, resolve_backend
 
-
 #: steps for which a layer that fell back to dense attention stays dense without building a mask
 FALLBACK_STEPS = 4
 
