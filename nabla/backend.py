@@ -70,7 +70,12 @@ def kernel_options(backend: str, block_size: int, device: torch.device) -> dict 
 
 
 def dense_above(config: SparsityConfig, backend: str) -> float:
-    """The mask density above which a layer runs dense: `config.dense_above`, or the measured crossover for "auto"."""
-    if config.dense_above != "auto":
-        return float(config.dense_above)
-    return DENSE_ABOVE.get((backend, config.block_size), 1.0)  # eager (CPU): always sparse, as tests expect
+    """The mask density above which a layer runs dense: `config.dense_above`, or the measured crossover for "auto".
+
+    1.0 (never) where no mask can get denser than the limit: NABLA alone under a `max_density` cap at or
+    below it; checking the density would only cost a device synchronisation per layer.
+    """
+    limit = DENSE_ABOVE.get((backend, config.block_size), 1.0) if config.dense_above == "auto" else config.dense_above
+    if config.mode == "nabla" and config.max_density is not None and config.max_density <= limit:
+        return 1.0
+    return float(limit)

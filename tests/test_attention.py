@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nabla.attention import build_block_mask, dense_attention, sparse_attention, to_flex_block_mask
-from nabla.backend import resolve_backend
+from nabla.backend import DENSE_ABOVE, dense_above, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 
@@ -158,3 +158,12 @@ def test_eager_path_prints_no_compile_advice(gen, monkeypatch):
         sparse_attention(q, k, v, layout, SparsityConfig(mode="nabla", threshold=0.5), compiled=False)
     assert [str(w.message) for w in caught] == []
     assert flex._WARNINGS_SHOWN  # the warning was raised, and filtered
+
+
+def test_dense_above_resolution():
+    auto = SparsityConfig(mode="nabla", block_size=128)
+    assert dense_above(auto, "flash") == DENSE_ABOVE[("flash", 128)] and dense_above(auto, "eager") == 1.0
+    assert dense_above(auto.replace(dense_above=0.3), "eager") == 0.3
+    # a density cap below the limit: no mask can exceed it, so no per-layer check (and no device sync)
+    assert dense_above(auto.replace(max_density=0.1), "flash") == 1.0
+    assert dense_above(auto.replace(mode="nabla+sta", max_density=0.1), "flash") == DENSE_ABOVE[("flash", 128)]
