@@ -36,6 +36,9 @@ class NablaState:
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
     recorder: Any = None
+    #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers
+    #: mean the other blocks came from a step cache (wan/cache.py)
+    passes: list[list[int]] = dataclasses.field(default_factory=list)
 
     def start_forward(self, latent_shape: torch.Size, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
         T, H, W = (n // p for n, p in zip(latent_shape[2:], patch_size))
@@ -54,6 +57,7 @@ class NablaState:
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.densities.clear()
+        self.passes.clear()
         if self.recorder is not None:
             self.recorder.reset()
 
@@ -66,6 +70,7 @@ class NablaState:
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        self.passes[-1][1] += 1
         if not self.config.is_sparse or self.step < self.config.dense_steps:
             return dense_attention(q, k, v, self.layout)
         # sparse_attention in two timed halves: mask build, then flex_attention on it
@@ -186,6 +191,7 @@ def patch_transformer(
 
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
+        state.passes.append([state.step, 0])  # runs even when a step cache then skips the block's forward
         hidden = _arg(args, kwargs, 0, "hidden_states")
         tiled = state.layout.tile(hidden, dim=1)
         if not hidden.requires_grad:
