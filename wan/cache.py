@@ -75,6 +75,9 @@ def _taylorseer(values: dict[str, Any]) -> Any:
     if lite and custom:
         # diffusers would only log that lite mode overrides the patterns
         _bad("use_lite_mode", lite, "false when skip_predict_identifiers or cache_identifiers are set")
+    if not lite and not custom:
+        _bad("use_lite_mode", lite, "true, unless cache_identifiers or skip_predict_identifiers are set (diffusers' "
+             "default patterns match no module of Wan's transformer: nothing would be cached)")
     return TaylorSeerCacheConfig(**values)
 
 
