@@ -114,7 +114,8 @@ def resolve_speedups(args: argparse.Namespace) -> tuple[str, object]:
     """The levers beside sparsity: precision (--precision, else the YAML's, else bf16) and the `cache:` config."""
     data = read_yaml(args.config) if args.config is not None else {}
     precision = args.precision or data.get("precision", "bf16")
-    check_precision(precision)
+    # the device run() will pick (under torchrun each rank's own GPU, of the same kind)
+    check_precision(precision, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cache = cache_config(data.get("cache"))
     check_cache_parallel(cache, args.ulysses)
     return precision, cache

@@ -34,7 +34,8 @@ def test_bf16_changes_nothing():
 
 def test_unknown_precision_and_fp8_without_gpu_are_refused():
     with pytest.raises(ValueError, match="bad value for 'precision': 'fp16'; allowed: bf16, fp8"):
-        check_precision("fp16")
+        check_precision("fp16", "cpu")
+    check_precision("bf16", "cpu")
     transformer = build_tiny_pipeline().transformer  # on the CPU
     with pytest.raises(ValueError, match=r"^precision fp8 needs a CUDA GPU of compute capability >= 8.9 .*got cpu"):
         apply_precision(transformer, "fp8")

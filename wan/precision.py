@@ -10,6 +10,8 @@ It needs float8 tensor cores: CUDA compute capability >= 8.9 (Ada, Hopper and la
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 PRECISIONS = ("bf16", "fp8")
@@ -21,26 +23,28 @@ def is_block_linear(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and name.startswith("blocks.")
 
 
-def check_precision(precision: str) -> None:
-    """Reject an unknown precision name (before any model loads)."""
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Reject an unknown precision, and FP8 where it cannot run (before any model loads)."""
     if precision not in PRECISIONS:
         raise ValueError(f"config: bad value for 'precision': {precision!r}; allowed: {', '.join(PRECISIONS)}")
-
-
-def apply_precision(transformer: torch.nn.Module, precision: str) -> None:
-    """Quantize `transformer`'s block Linear layers to FP8 in place for "fp8"; "bf16" changes nothing."""
-    check_precision(precision)
     if precision == "bf16":
         return
-    device = next(transformer.parameters()).device
+    device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
         found = f"compute capability {torch.cuda.get_device_capability(device)}" if device.type == "cuda" else device.type
         raise ValueError(f"precision fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper), got {found}; "
                          "use precision bf16")
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError:
-        raise ValueError("precision fp8 needs torchao: pip install torchao (or this project's `gpu` extra)") from None
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("precision fp8 needs torchao: pip install torchao (or this project's `gpu` extra)")
+
+
+def apply_precision(transformer: torch.nn.Module, precision: str) -> None:
+    """Quantize `transformer`'s block Linear layers to FP8 in place for "fp8"; "bf16" changes nothing."""
+    check_precision(precision, next(transformer.parameters()).device)
+    if precision == "bf16":
+        return
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
     # set_inductor_config=False: by default torchao turns on inductor's coordinate_descent_tuning (all
     # directions) for the whole process, which benchmarks config variants of every Triton kernel compiled
     # afterwards (per-row amax/quantize reductions, NABLA's mask kernels, ...): the suspected cause of the
