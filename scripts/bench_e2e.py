@@ -1,7 +1,9 @@
-"""End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled.
+"""End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled,
+and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache).
 
     python scripts/bench_e2e.py --arch 14B --height 720 --width 1280 --frames 81 --steps 3
     python scripts/bench_e2e.py --arch 1.3B --height 480 --width 832 --frames 81 --steps 3
+    python scripts/bench_e2e.py --arch 14B --steps 10 --fp8 --cache "{type: taylorseer, cache_interval: 3}"
 
 Real Wan2.1 architectures with random weights built on the GPU (no download), bf16, one seed. Each
 variant gets an untimed one-step warm-up (its compile time is reported), then a timed run of
@@ -10,6 +12,11 @@ torch._dynamo.config.error_on_recompile set: any recompilation across steps, lay
 masks fails the run. Random weights do not give trained attention maps, so the NABLA density is set
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
 (captured from layer 0), times calls per step, over the step time. The table is printed last.
+
+A cache row computes only some of its steps: the table shows the steps that ran all their blocks
+(from the patch's per-pass counters) beside the steps run, and s/step is the total time over the
+steps run, so a cache's gain shows as fewer steps computed, not as a faster step. Its warm-up runs
+the whole schedule, so that the skipped steps' code paths compile before the timing too.
 
     python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
 """
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import WanPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +40,10 @@ from nabla.attention import make_block_mask, sparse_attention  # noqa: E402
 from scripts.bench_attention import bench_ms, sync  # noqa: E402
 from scripts.make_random_model import build_random_pipeline  # noqa: E402
 from scripts.make_tiny_model import build_tiny_pipeline  # noqa: E402
+from wan.cache import cache_config, describe_cache, disable_cache, enable_cache  # noqa: E402
 from wan.patch import NablaState, patch_transformer, unpatch  # noqa: E402
+from wan.precision import apply_precision, check_precision  # noqa: E402
+from wan.stats import step_report  # noqa: E402
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 
@@ -60,23 +71,31 @@ def run_steps(pipe, args, steps: int) -> list[float]:
     return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
 
 
-def measure(name: str, pipe, args) -> dict:
+def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool = False) -> dict:
+    """Warm up (one step; the whole schedule when `cached`), then time `args.steps` steps.
+
+    `state`: the NABLA patch's, whose per-pass counters give the steps that computed their blocks.
+    """
     cuda = pipe._execution_device.type == "cuda"
     start = time.perf_counter()
-    warm = run_steps(pipe, args, 1)
+    warm = run_steps(pipe, args, args.steps if cached else 1)
     first_call = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if state is not None:
+        state.passes.clear()
     torch._dynamo.config.error_on_recompile = True
     try:
         steps = run_steps(pipe, args, args.steps)
     finally:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
-    row = dict(name=name, step_s=step, steps=steps, first_call_s=first_call, compile_s=max(0.0, warm[0] - step),
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
-    log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), first call {first_call:.1f} s, "
-        f"peak {row['peak_gib']:.1f} GiB")
+    layers = len(pipe.transformer.blocks)
+    computed = len(step_report(state.passes, layers)["computed_steps"]) if state is not None else len(steps)
+    row = dict(name=name, step_s=step, steps=steps, computed=computed, first_call_s=first_call,
+               compile_s=max(0.0, warm[0] - step), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+    log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
+        f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
 
 
@@ -128,10 +147,19 @@ def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipelin
     return pipe
 
 
+def extra_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+    parser.add_argument("--fp8", action="store_true", help="add rows with torchao FP8 block Linear layers (compute "
+                        "capability >= 8.9; skipped with the reason elsewhere)")
+    parser.add_argument("--cache", nargs="?", const="{type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}",
+                        metavar="YAML", help="add rows with a step cache, given like the config's `cache:` section as a "
+                        "YAML mapping (default: %(const)s, a plumbing check: set the steps and cache that you mean)")
+
+
 def main() -> None:
-    args = model_args(__doc__, steps=3, extra=lambda p: p.add_argument("--skip-stock", action="store_true",
-                                                                       help="skip the eager dense run"))
+    args = model_args(__doc__, steps=3, extra=extra_options)
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
+    cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None
     pipe = build_pipeline(args)
     device = pipe._execution_device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -149,10 +177,28 @@ def main() -> None:
 
     captured = capture_qkv(transformer)
     patch = patch_transformer(transformer, cfg)
-    rows.append(measure(f"NABLA thr {args.threshold} max_density {args.max_density}, block {args.block_size}, compiled",
-                        pipe, args))
+    nabla = f"NABLA thr {args.threshold} max_density {args.max_density}, block {args.block_size}, compiled"
+    rows.append(measure(nabla, pipe, args, patch.state))
     nabla_density = patch.state.mean_density()
     captured["restore"]()
+    # the cache goes on last, over the compiled and patched blocks, as in generate.py
+    if cache is not None:
+        enable_cache(transformer, cache)
+        rows.append(measure(f"NABLA + cache ({describe_cache(cache)})", pipe, args, patch.state, cached=True))
+        disable_cache(transformer)
+    if args.fp8:
+        try:
+            check_precision("fp8", device)
+        except ValueError as err:
+            log(f"skipping the NABLA + FP8 rows: {err}")
+        else:  # in place and for good: these rows come last
+            apply_precision(transformer, "fp8")
+            rows.append(measure("NABLA + FP8", pipe, args, patch.state))
+            if cache is not None:
+                enable_cache(transformer, cache)
+                rows.append(measure(f"NABLA + FP8 + cache ({describe_cache(cache)})", pipe, args, patch.state,
+                                    cached=True))
+                disable_cache(transformer)
 
     # Per-call attention times on layer 0's own q, k, v.
     q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
@@ -173,16 +219,21 @@ def main() -> None:
     print(f"per call: dense SDPA {dense_ms:.2f} ms, NABLA sparse_attention {sparse_ms:.2f} ms "
           f"(mask build {mask_ms:.2f} ms), NABLA mean density {nabla_density:.3f}\n")
     stock = rows[0]["step_s"] if not args.skip_stock else None
-    dense_compiled = rows[-2]["step_s"]
-    print("| variant | s/step | vs stock | vs dense compiled | attention share | mask share | first call s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    dense_compiled = next(row["step_s"] for row in rows if row["name"] == "dense, compiled blocks")
+    print("s/step: total time over the steps run; a cache row computes its blocks on fewer steps (steps computed)")
+    print("| variant | steps computed | s/step | vs stock | vs dense compiled | attention share | mask share "
+          "| first call s | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         nabla = row["name"].startswith("NABLA")
-        attn = (sparse_ms if nabla else dense_ms) * calls / 1000 / row["step_s"]
-        mask = f"{mask_ms * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
+        # calls per step run: the cached steps make (almost) none
+        row_calls = calls * row["computed"] / len(row["steps"])
+        attn = (sparse_ms if nabla else dense_ms) * row_calls / 1000 / row["step_s"]
+        mask = f"{mask_ms * row_calls / 1000 / row['step_s']:.1%}" if nabla else "-"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
-        print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {attn:.1%} "
-              f"| {mask} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
+        print(f"| {row['name']} | {row['computed']}/{len(row['steps'])} | {row['step_s']:.2f} | {vs_stock} "
+              f"| {dense_compiled / row['step_s']:.2f}x | {attn:.1%} | {mask} | {row['first_call_s']:.1f} "
+              f"| {row['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":
