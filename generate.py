@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
                    "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
     p.add_argument("--compare", action="store_true", help="run the stock model (full attention, no FP8, no cache) and "
-                   "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, the sparse video's PSNR, SSIM and mean absolute "
+                   "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, "
+                   "the configured video's PSNR, SSIM and mean absolute "
                    "difference against the full one, and the mean mask density; write both videos "
                    "(the full one beside --output as NAME.full.mp4)")
     p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
@@ -239,7 +240,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
         dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
         quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
-        print(f"| {describe_run(sparsity, precision, cache)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
+        label = describe_run(sparsity, precision, cache)
+        print(f"| {label} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
     elif density is not None:
         print(f"mean mask density: {density:.3f}")
 

@@ -92,8 +92,9 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     step = sum(steps) / len(steps)
     layers = len(pipe.transformer.blocks)
     computed = len(step_report(state.passes, layers)["computed_steps"]) if state is not None else len(steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     row = dict(name=name, step_s=step, steps=steps, computed=computed, first_call_s=first_call,
-               compile_s=max(0.0, warm[0] - step), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
+               compile_s=max(0.0, warm[0] - step), peak_gib=peak)
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
         f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
@@ -151,9 +152,10 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
     parser.add_argument("--fp8", action="store_true", help="add rows with torchao FP8 block Linear layers (compute "
                         "capability >= 8.9; skipped with the reason elsewhere)")
-    parser.add_argument("--cache", nargs="?", const="{type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}",
-                        metavar="YAML", help="add rows with a step cache, given like the config's `cache:` section as a "
-                        "YAML mapping (default: %(const)s, a plumbing check: set the steps and cache that you mean)")
+    parser.add_argument("--cache", nargs="?", metavar="YAML",
+                        const="{type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}",
+                        help="add rows with a step cache, given like the config's `cache:` section as a YAML mapping "
+                        "(default: %(const)s, a plumbing check: set the steps and cache that you mean)")
 
 
 def main() -> None:

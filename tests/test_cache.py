@@ -29,8 +29,10 @@ def test_sections_become_diffusers_configs():
 
 @pytest.mark.parametrize("section, message", [
     ({"type": "teacache"}, "bad value for 'cache.type': 'teacache'; allowed: taylorseer, first_block, none"),
-    ({"type": "first_block", "thresh": 0.1}, "unknown key 'cache.thresh' for type first_block; allowed keys: type, threshold"),
-    ({"type": "taylorseer", "threshold": 0.1}, "unknown key 'cache.threshold' for type taylorseer; allowed keys: type, cache_interval"),
+    ({"type": "first_block", "thresh": 0.1},
+     "unknown key 'cache.thresh' for type first_block; allowed keys: type, threshold"),
+    ({"type": "taylorseer", "threshold": 0.1},
+     "unknown key 'cache.threshold' for type taylorseer; allowed keys: type, cache_interval"),
     ({"type": "first_block", "threshold": -0.1}, "'cache.threshold': -0.1; allowed: a number >= 0"),
     ({"type": "first_block", "threshold": True}, "'cache.threshold': True"),
     ({"type": "taylorseer", "cache_interval": 0}, "'cache.cache_interval': 0; allowed: an integer >= 1"),

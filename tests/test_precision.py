@@ -63,7 +63,8 @@ def test_fp8_block_within_5_percent_of_bf16():
     with torch.inference_mode():
         reference = block(hidden, text, temb, rope).float()
         apply_precision(transformer, "fp8")
-        assert type(block.attn1.to_q.weight).__name__ == "Float8Tensor" and type(transformer.proj_out.weight) is torch.nn.Parameter
+        assert type(block.attn1.to_q.weight).__name__ == "Float8Tensor"
+        assert type(transformer.proj_out.weight) is torch.nn.Parameter
         quantized = block(hidden, text, temb, rope).float()
     error = (quantized - reference).norm() / reference.norm()
     assert 0 < error < 0.05, f"relative error {error:.4f}"

@@ -110,7 +110,8 @@ def cache_config(section: Mapping[str, Any] | None) -> Any:
     allowed = [f.name for f in dataclasses.fields(config_class)]
     for key in values:
         if key not in allowed:
-            raise ValueError(f"config: unknown key 'cache.{key}' for type {kind}; allowed keys: type, {', '.join(allowed)}")
+            raise ValueError(f"config: unknown key 'cache.{key}' for type {kind}; "
+                             f"allowed keys: type, {', '.join(allowed)}")
     return _taylorseer(values) if kind == "taylorseer" else _first_block(values)
 
 

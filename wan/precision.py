@@ -31,7 +31,8 @@ def check_precision(precision: str, device: torch.device | str) -> None:
         return
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
-        found = f"compute capability {torch.cuda.get_device_capability(device)}" if device.type == "cuda" else device.type
+        cuda = device.type == "cuda"
+        found = f"compute capability {torch.cuda.get_device_capability(device)}" if cuda else device.type
         raise ValueError(f"precision fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper), got {found}; "
                          "use precision bf16")
     if importlib.util.find_spec("torchao") is None:
