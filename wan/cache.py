@@ -117,10 +117,10 @@ def cache_config(section: Mapping[str, Any] | None) -> Any:
 
 def describe_cache(config: Any) -> str:
     """One line for the run summary: the cache type and its main setting."""
-    from diffusers.hooks import FirstBlockCacheConfig
-
     if config is None:
         return "no cache"
+    from diffusers.hooks import FirstBlockCacheConfig
+
     if isinstance(config, FirstBlockCacheConfig):
         return f"first-block cache, threshold {config.threshold}"
     mode = "lite" if config.use_lite_mode else "custom modules"
@@ -137,9 +137,11 @@ def check_cache_parallel(config: Any, ulysses: int) -> None:
     ranks would disagree on whether to run the blocks (and their all-to-alls). TaylorSeer decides by
     step index, identically on every rank. CFG parallel (whole sequences per rank) takes both.
     """
+    if config is None or ulysses == 1:
+        return  # and diffusers stays unimported until the input is known to be good
     from diffusers.hooks import FirstBlockCacheConfig
 
-    if ulysses > 1 and isinstance(config, FirstBlockCacheConfig):
+    if isinstance(config, FirstBlockCacheConfig):
         raise ValueError("cache type first_block decides per rank on its shard of the sequence and cannot run with "
                          "--ulysses > 1; use type taylorseer, or --cfg-parallel alone")
 

@@ -223,8 +223,8 @@ def step_report(passes: list[list[int]], layers: int) -> dict:
     for step, calls in passes:
         per_step.setdefault(step, []).append(calls)
     computed = [step for step, calls in per_step.items() if all(n == layers for n in calls)]
-    return {
-        "layers": layers,
+    return {  # "blocks", not "layers": run_report's "layers" lists the layers with sparse records
+        "blocks": layers,
         "attention_calls": [{"step": step, "per_pass": calls} for step, calls in sorted(per_step.items())],
         "computed_steps": sorted(computed),
         "cached_steps": sorted(set(per_step) - set(computed)),
