@@ -95,7 +95,8 @@ def cache_config(section: Mapping[str, Any] | None) -> Any:
     if section is None:
         return None
     if not isinstance(section, Mapping):
-        raise ValueError(f"config: 'cache' must be a mapping of keys to values, got {section!r}")
+        # ValueError, like every config error: generate.py turns it into one line and exit code 2
+        raise ValueError(f"config: 'cache' must be a mapping of keys to values, got {section!r}")  # noqa: TRY004
     values = dict(section)
     kind = values.pop("type", None)
     if kind == "none":
