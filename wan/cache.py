@@ -134,7 +134,8 @@ def check_cache_parallel(config: Any, ulysses: int) -> None:
 
     Its head-block hook compares block 0's residual against the one it cached, on this rank's
     shard of the sequence: registered after context parallelism it sees the whole input but a
-    shard's output (shapes differ), registered before it each rank decides on its own shard and
+    shard's output (shapes differ: tried on the CPU, 2 ranks, it fails with "size of tensor a (96) must match
+    the size of tensor b (192)"), registered before it each rank decides on its own shard and
     ranks would disagree on whether to run the blocks (and their all-to-alls). TaylorSeer decides by
     step index, identically on every rank. CFG parallel (whole sequences per rank) takes both.
     """
@@ -142,9 +143,10 @@ def check_cache_parallel(config: Any, ulysses: int) -> None:
         return  # and diffusers stays unimported until the input is known to be good
     from diffusers.hooks import FirstBlockCacheConfig
 
-    if isinstance(config, FirstBlockCacheConfig):
-        raise ValueError("cache type first_block decides per rank on its shard of the sequence and cannot run with "
-                         "--ulysses > 1; use type taylorseer, or --cfg-parallel alone")
+    if isinstance(config, FirstBlockCacheConfig):  # a combination refused, not a wrong type
+        raise ValueError(  # noqa: TRY004
+            "cache type first_block decides per rank on its shard of the sequence and cannot run with "
+            "--ulysses > 1; use type taylorseer, or --cfg-parallel alone")
 
 
 def enable_cache(transformer: torch.nn.Module, config: Any) -> None:
