@@ -19,6 +19,8 @@ import torch
 
 from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
+from wan.cache import cache_config, check_cache_parallel, describe_cache
+from wan.precision import PRECISIONS, check_precision
 from wan.settings import DEFAULT_MODEL, GenerationSettings
 from wan.stats import check_stats_path
 from wan.video import check_output_path
@@ -30,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="what the video shows (required here or as generation.prompt in the config)")
     p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
-    p.add_argument("--config", type=Path, help="YAML with a `sparsity:` and optionally a `generation:` section "
-                   "(default: full attention, stock settings); see configs/")
+    p.add_argument("--config", type=Path, help="YAML with a `sparsity:` and optionally `generation:`, `precision:` "
+                   "and `cache:` sections (default: full attention, stock settings); see configs/ and README")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
+                   "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
+                   "i.e. --dtype as loaded)")
     p.add_argument("--model", help=f"hub id or local folder of a diffusers Wan2.1 T2V pipeline (default: {DEFAULT_MODEL})")
     p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
                    "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
@@ -58,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Ulysses sequence parallelism; launch with torchrun --nproc_per_node=N (default: 1)")
     p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
                    "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
-    p.add_argument("--compare", action="store_true", help="run full attention and the configured sparse mode on "
-                   "the same seed; print both times, the speedup, the sparse video's PSNR, SSIM and mean absolute "
+    p.add_argument("--compare", action="store_true", help="run the stock model (full attention, no FP8, no cache) and "
+                   "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, "
+                   "the configured video's PSNR, SSIM and mean absolute "
                    "difference against the full one, and the mean mask density; write both videos "
                    "(the full one beside --output as NAME.full.mp4, or NAME.full.npy)")
     p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
@@ -73,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSettings, list[Path]]:
-    """Everything that can be checked before a model loads: config, settings, output paths."""
+def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSettings, list[Path], str, object]:
+    """Everything that can be checked before a model loads: config, settings, output paths, precision, cache."""
     sparsity, section = SparsityConfig(), None
     if args.config is not None:
-        sparsity = load_config(args.config, other_sections=("generation",))
+        sparsity = load_config(args.config, other_sections=("generation", "precision", "cache"))
         section = read_yaml(args.config).get("generation")
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
@@ -85,8 +91,10 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
         "guidance_scale": args.guidance_scale, "fps": args.fps,
     }
     settings = GenerationSettings.from_sources(section, overrides)
-    if args.compare and not sparsity.is_sparse:
-        raise ValueError("--compare needs a sparse config (mode nabla, sta or nabla+sta), got mode 'full'")
+    precision, cache = resolve_speedups(args)
+    if args.compare and not sparsity.is_sparse and precision == "bf16" and cache is None:
+        raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
+                         "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
     outputs = [check_output_path(args.output, args.overwrite)]
     if args.compare:
         outputs.append(check_output_path(args.output.with_suffix(".full" + args.output.suffix), args.overwrite))
@@ -111,7 +119,18 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
 
         # the sequence is split in tile order, padded to whole tiles (dense runs too, when the raw one is uneven)
         check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
-    return sparsity, settings, outputs
+    return sparsity, settings, outputs, precision, cache
+
+
+def resolve_speedups(args: argparse.Namespace) -> tuple[str, object]:
+    """The levers beside sparsity: precision (--precision, else the YAML's, else bf16) and the `cache:` config."""
+    data = read_yaml(args.config) if args.config is not None else {}
+    precision = args.precision or data.get("precision", "bf16")
+    # the device run() will pick (under torchrun each rank's own GPU, of the same kind)
+    check_precision(precision, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = cache_config(data.get("cache"))
+    check_cache_parallel(cache, args.ulysses)
+    return precision, cache
 
 
 def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
@@ -138,12 +157,24 @@ def describe(config: SparsityConfig, backend: str | None = None) -> str:
     return ", ".join(parts)
 
 
+def describe_run(sparsity: SparsityConfig, precision: str, cache: object, backend: str | None = None) -> str:
+    """The configured run in one label: sparsity, then FP8 and the cache when they are on."""
+    parts = [describe(sparsity, backend)]
+    if precision != "bf16":
+        parts.append(precision)
+    if cache is not None:
+        parts.append(describe_cache(cache))
+    return " + ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved)."""
-    sparsity, settings, outputs = resolve(args)
+    sparsity, settings, outputs, precision, cache = resolve(args)
     from nabla.backend import dense_above
     from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
+    from wan.cache import enable_cache
     from wan.loading import load_pipeline
+    from wan.precision import apply_precision
     from wan.run import generate
     from wan.video import write_video_or_frames
 
@@ -179,14 +210,21 @@ def run(args: argparse.Namespace) -> int:
         full_written = save(full_frames, outputs[1])
         disable_nabla(pipe)
 
+    # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
+    apply_precision(pipe.transformer, precision)
     uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
-    patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven)
+    # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
+    # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
+    patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven, always=cache is not None)
     compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
     if setup is not None:  # after the patch: tile before the sequence split, untile after the gather
         check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
         enable_ulysses(pipe.transformer, setup)
         if setup.cfg_parallel:
             enable_cfg_parallel(pipe.transformer, setup)
+    # Last, so its hooks wrap everything else: a skipped block skips NABLA's mask, its attention and the
+    # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
+    enable_cache(pipe.transformer, cache)
     if warmup:
         if patch:
             patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels too, untimed
@@ -204,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes the video and reports
     written = save(frames, outputs[0])
     density = patch.state.mean_density() if patch else None
+    from wan.stats import step_report
+
+    layers = len(pipe.transformer.blocks)
+    steps_report = step_report(patch.state.passes, layers) if patch else None
+    computed = len(steps_report["computed_steps"]) if steps_report else settings.steps
     fidelity = None
     if args.compare:
         from wan.fidelity import video_fidelity
@@ -214,7 +257,10 @@ def run(args: argparse.Namespace) -> int:
 
         extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
                  "time.perf_counter", "seconds": seconds, "backend": patch.state.backend if patch else None,
-                 "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.dense_fallbacks) if patch else 0}
+                 "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.dense_fallbacks) if patch else 0,
+                 "precision": precision, "cache": describe_cache(cache)}
+        if steps_report is not None:
+            extra.update(steps_report)
         if args.compare:
             extra.update(full_seconds=full_seconds, fidelity=fidelity)
         report = run_report(recorder, sparsity, settings, **extra)
@@ -224,18 +270,22 @@ def run(args: argparse.Namespace) -> int:
     size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
     blocks = "compiled" if compiled else "not compiled"
     backend = patch.state.backend if patch else None
-    print(f"wrote {written} ({size}, {describe(sparsity, backend)}, transformer blocks {blocks}) in {seconds:.2f} s")
+    label = describe_run(sparsity, precision, cache, backend)
+    print(f"wrote {written} ({size}, {label}, transformer blocks {blocks}) in {seconds:.2f} s")
+    print(f"levers: precision {precision}, {describe_cache(cache)}; denoising steps computed: {computed} of "
+          f"{settings.steps} (the others took some or all blocks from the cache)")
     if patch and patch.state.dense_fallbacks:
         print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
               f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")
     if args.compare:
-        print(f"wrote {full_written} ({size}, full attention, transformer blocks {blocks}) in {full_seconds:.2f} s")
+        print(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, transformer "
+              f"blocks {blocks}) in {full_seconds:.2f} s")
         print("| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |")
         print("|---|---|---|---|---|---|---|")
         print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
         dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
         quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
-        print(f"| {describe(sparsity, backend)} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
+        print(f"| {label} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
     elif density is not None:
         print(f"mean mask density: {density:.3f}")
     return 1 if unwritten else 0

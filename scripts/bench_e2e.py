@@ -1,7 +1,9 @@
-"""End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled.
+"""End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled,
+and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache).
 
     python scripts/bench_e2e.py --arch 14B --height 720 --width 1280 --frames 81 --steps 3
     python scripts/bench_e2e.py --arch 1.3B --height 480 --width 832 --frames 81 --steps 3
+    python scripts/bench_e2e.py --arch 14B --steps 10 --fp8 --cache "{type: taylorseer, cache_interval: 3}"
 
 Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
 dense (raster order, as dense_steps run), and NABLA for each backend (triton, flash where it runs)
@@ -14,6 +16,11 @@ masks fails the run. Random weights do not give trained attention maps, so the N
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
 (captured from layer 0 in one more step after the timed runs, so the copies never count in peak
 memory), times calls per step, over the step time. The table is printed last.
+
+A cache row computes only some of its steps: the table shows the steps that ran all their blocks
+(from the patch's per-pass counters) beside the steps run, and s/step is the total time over the
+steps run, so a cache's gain shows as fewer steps computed, not as a faster step. Its warm-up runs
+the whole schedule, so that the skipped steps' code paths compile before the timing too.
 
     python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
 """
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import WanPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +45,10 @@ from nabla.backend import flash_unavailable_reason
 from scripts.bench_attention import bench_ms, sync
 from scripts.make_random_model import build_random_pipeline
 from scripts.make_tiny_model import build_tiny_pipeline
+from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
 from wan.patch import NablaState, patch_transformer, unpatch
+from wan.precision import apply_precision, check_precision
+from wan.stats import step_report
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 
@@ -65,24 +76,32 @@ def run_steps(pipe, args, steps: int) -> list[float]:
     return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
 
 
-def measure(name: str, pipe, args) -> dict:
+def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool = False) -> dict:
+    """Warm up (one step; the whole schedule when `cached`), then time `args.steps` steps.
+
+    `state`: the NABLA patch's, whose per-pass counters give the steps that computed their blocks.
+    """
     cuda = pipe._execution_device.type == "cuda"
     start = time.perf_counter()
-    warm = run_steps(pipe, args, 1)
+    warm = run_steps(pipe, args, args.steps if cached else 1)
     first_call = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if state is not None:
+        state.passes.clear()
     torch._dynamo.config.error_on_recompile = True
     try:
         steps = run_steps(pipe, args, args.steps)
     finally:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
-    row = {"name": name, "step_s": step, "steps": steps, "first_call_s": first_call,
-           "compile_s": max(0.0, warm[0] - step),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
-    log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), first call {first_call:.1f} s, "
-        f"peak {row['peak_gib']:.1f} GiB")
+    layers = len(pipe.transformer.blocks)
+    computed = len(step_report(state.passes, layers)["computed_steps"]) if state is not None else len(steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
+           "compile_s": max(0.0, warm[0] - step), "peak_gib": peak}
+    log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
+        f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
 
 
@@ -144,16 +163,24 @@ def nabla_config(args, backend: str, block_size: int) -> SparsityConfig:
                           backend=backend, dense_above=1.0)
 
 
-def main() -> None:
-    def extra(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
-        parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
-                            "where FlashAttention-4 runs")
-        parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
-                            help="NABLA block sizes to time")
+def extra_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
+                        "where FlashAttention-4 runs")
+    parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
+                        help="NABLA block sizes to time (the levers' rows use the first)")
+    parser.add_argument("--fp8", action="store_true", help="add rows with torchao FP8 block Linear layers (compute "
+                        "capability >= 8.9; skipped with the reason elsewhere)")
+    parser.add_argument("--cache", nargs="?", metavar="YAML",
+                        const="{type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}",
+                        help="add rows with a step cache, given like the config's `cache:` section as a YAML mapping "
+                        "(default: %(const)s, a plumbing check: set the steps and cache that you mean)")
 
-    args = model_args(__doc__, steps=3, extra=extra)
+
+def main() -> None:
+    args = model_args(__doc__, steps=3, extra=extra_options)
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
+    cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None
     pipe = build_pipeline(args)
     device = pipe._execution_device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -181,13 +208,38 @@ def main() -> None:
             patch.state.reset()
             name = f"NABLA {backend}, block {block_size}, compiled"
             try:
-                row = measure(name, pipe, args)
+                row = measure(name, pipe, args, patch.state)
             except RuntimeError as failure:  # a kernel that refuses this blocking: report it, time the rest
                 log(f"{name}: n/a ({str(failure).strip().splitlines()[0][:200]})")
                 torch._dynamo.config.error_on_recompile = False
                 continue
             row.update(config=cfg, density=patch.state.mean_density())
             rows.append(row)
+
+    def lever(name: str, cached: bool = False) -> dict:
+        patch.state.reset()
+        row = measure(name, pipe, args, patch.state, cached=cached)
+        return {**row, "config": base, "density": patch.state.mean_density()}
+
+    # The levers on the first backend and block size. The cache goes on last, over the compiled and patched
+    # blocks, as in generate.py; FP8 replaces the weights in place, so its rows come last.
+    patch.state.config, patch.state.backend = base, None
+    if cache is not None:
+        enable_cache(transformer, cache)
+        rows.append(lever(f"NABLA + cache ({describe_cache(cache)})", cached=True))
+        disable_cache(transformer)
+    if args.fp8:
+        try:
+            check_precision("fp8", device)
+        except ValueError as err:
+            log(f"skipping the NABLA + FP8 rows: {err}")
+        else:
+            apply_precision(transformer, "fp8")
+            rows.append(lever("NABLA + FP8"))
+            if cache is not None:
+                enable_cache(transformer, cache)
+                rows.append(lever(f"NABLA + FP8 + cache ({describe_cache(cache)})", cached=True))
+                disable_cache(transformer)
 
     # Per-call attention times on layer 0's own q, k, v.
     patch.state.config, patch.state.backend = base, None
@@ -217,18 +269,21 @@ def main() -> None:
         f"{r['name']} {r['sparse_ms']:.2f} ms (mask {r['mask_ms']:.2f} ms)" for r in rows if "config" in r) + "\n")
     stock = rows[0]["step_s"] if not args.skip_stock else None
     dense_compiled = next(r["step_s"] for r in rows if r["name"] == "dense, compiled blocks")
-    print("| variant | s/step | vs stock | vs dense compiled | density | attention share | mask share "
+    print("s/step: total time over the steps run; a cache row computes its blocks on fewer steps (steps computed)")
+    print("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
           "| mask / sparse call | first call s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         nabla = "config" in row
-        attn = (row["sparse_ms"] if nabla else dense_ms) * calls / 1000 / row["step_s"]
-        mask = f"{row['mask_ms'] * calls / 1000 / row['step_s']:.1%}" if nabla else "-"
+        row_calls = calls * row["computed"] / len(row["steps"])  # calls per step run: cached steps make (almost) none
+        attn = (row["sparse_ms"] if nabla else dense_ms) * row_calls / 1000 / row["step_s"]
+        mask = f"{row['mask_ms'] * row_calls / 1000 / row['step_s']:.1%}" if nabla else "-"
         per_call = f"{row['mask_ms'] / row['sparse_ms']:.1%}" if nabla else "-"
         density = f"{row['density']:.3f}" if nabla else "1"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
-        print(f"| {row['name']} | {row['step_s']:.2f} | {vs_stock} | {dense_compiled / row['step_s']:.2f}x | {density} "
-              f"| {attn:.1%} | {mask} | {per_call} | {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
+        print(f"| {row['name']} | {row['computed']}/{len(row['steps'])} | {row['step_s']:.2f} | {vs_stock} "
+              f"| {dense_compiled / row['step_s']:.2f}x | {density} | {attn:.1%} | {mask} | {per_call} "
+              f"| {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

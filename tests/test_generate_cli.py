@@ -1,5 +1,6 @@
 """generate.py end to end on the tiny checkpoint: videos, --compare, and the one-line errors."""
 
+import json
 import os
 import shutil
 import stat
@@ -59,6 +60,27 @@ def test_compare_writes_both_and_reports(tiny_model, tmp_path, capsys):
     assert iio.imread(out).shape == iio.imread(tmp_path / "cmp.full.mp4").shape == (9, 64, 96, 3)
 
 
+def test_compare_cache_with_full_attention_and_stats(tiny_model, tmp_path, capsys):
+    """A cache alone (mode full) against the stock model: the summary names the levers and counts the computed
+    steps; --stats says which steps came from the cache."""
+    config = write_config(tmp_path, "sparsity: {mode: full}\nprecision: bf16\n"
+                                    "cache: {type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}\n")
+    out, stats = tmp_path / "c.mp4", tmp_path / "c.json"
+    args = ["--prompt", "a dog runs", "--model", tiny_model, "--config", config, "--output", out, "--compare"]
+    assert run_cli(*args, "--stats", stats, "--height", "64", "--width", "96", "--frames", "9", "--steps", "4") == 0
+    printed = capsys.readouterr().out
+    assert "levers: precision bf16, TaylorSeer (lite), interval 2, order 1, from step 1; denoising steps computed: " \
+           "2 of 4" in printed
+    assert "reference: stock model, full attention, no FP8, no cache" in printed
+    assert "| full attention + TaylorSeer (lite), interval 2, order 1, from step 1 |" in printed
+    report = json.loads(stats.read_text())
+    # step 0 warms up, then one computed step in 2: (step - 1 - 1) % 2 == 0
+    assert report["computed_steps"] == [0, 2] and report["cached_steps"] == [1, 3]
+    assert report["attention_calls"][1] == {"step": 1, "per_pass": [0, 0]} and report["precision"] == "bf16"
+    assert report["blocks"] == 2 and report["attention_calls"][0] == {"step": 0, "per_pass": [2, 2]}
+    assert iio.imread(out).shape == (9, 64, 96, 3)
+
+
 def test_yaml_generation_section_and_cli_override(tiny_model, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"sparsity: {{mode: nabla, threshold: 0.5}}\ngeneration: {{prompt: a cat, height: 64, width: 64,"
@@ -102,6 +124,17 @@ BAD_INPUTS = {
                         "'backend': 'cudnn'; allowed: auto, triton, flash"),
     "dense-above-0": (lambda t: ["--config", write_config(t, "sparsity: {mode: nabla, dense_above: 0}")],
                       "'dense_above': 0"),
+    "precision-fp16": (lambda t: ["--config", write_config(t, "precision: fp16")],
+                       "bad value for 'precision': 'fp16'; allowed: bf16, fp8"),
+    "fp8-on-cpu": (lambda t: ["--precision", "fp8", "--device", "cpu"],
+                   "precision fp8 needs a CUDA GPU of compute capability >= 8.9"),
+    "cache-unknown-key": (lambda t: ["--config", write_config(t, "cache: {type: first_block, thresh: 0.1}")],
+                          "unknown key 'cache.thresh' for type first_block; allowed keys: type, threshold"),
+    "cache-interval-0": (lambda t: ["--config", write_config(t, "cache: {type: taylorseer, cache_interval: 0}")],
+                         "'cache.cache_interval': 0; allowed: an integer >= 1"),
+    "first-block-ulysses": (lambda t: ["--config", write_config(t, "cache: {type: first_block}"), "--ulysses", "2"],
+                            "cache type first_block decides per rank on its shard of the sequence"),
+    "compare-nothing": (lambda t: ["--compare"], "--compare needs something to compare with the stock model"),
 }
 
 

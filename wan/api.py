@@ -55,6 +55,7 @@ def enable_nabla(
     *,
     compile: bool | None = None,
     pad_dense: bool = False,
+    always: bool = False,
 ) -> NablaPatch | None:
     """Patch the pipeline's (or the transformer's) self-attention for `config`.
 
@@ -63,8 +64,8 @@ def enable_nabla(
     (`transformer.compile_repeated_blocks(dynamic=False)`) when the transformer runs on CUDA; True forces it,
     False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
     Returns the handle (wan.patch.NablaPatch), or None for mode full: nothing is patched then, but the
-    blocks are still compiled when asked. `pad_dense` (sequence parallelism) patches mode full too, see
-    `wan.patch.patch_transformer`. Raises ValueError if the transformer is already patched.
+    blocks are still compiled when asked. `pad_dense` (sequence parallelism) and `always` (count the
+    attention calls) patch mode full too, see `wan.patch.patch_transformer`. Raises ValueError if the transformer is already patched.
     """
     transformer = _transformer(pipe_or_transformer, "enable_nabla")
     config = _config(config)
@@ -73,7 +74,7 @@ def enable_nabla(
     on_cuda = _on_cuda(pipe_or_transformer, transformer)
     if config.is_sparse:  # a backend that cannot run here fails now, in one line, not at the first step
         resolve_backend(config.backend, _device(pipe_or_transformer, transformer) if on_cuda else "cpu")
-    handle = patch_transformer(transformer, config, pad_dense=pad_dense)
+    handle = patch_transformer(transformer, config, pad_dense=pad_dense, always=always)
     if compile or (compile is None and on_cuda):
         # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape
         # change must give a second static graph, not one graph with dynamic shapes (slower kernels).

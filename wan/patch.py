@@ -51,6 +51,9 @@ class NablaState:
     backend: str | None = None
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
     recorder: Any = None
+    #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers
+    #: mean the other blocks came from a step cache (wan/cache.py)
+    passes: list[list[int]] = dataclasses.field(default_factory=list)
 
     def start_forward(self, latent_shape: torch.Size, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
         T, H, W = (n // p for n, p in zip(latent_shape[2:], patch_size))
@@ -76,6 +79,7 @@ class NablaState:
         self.densities.clear()
         self.dense_fallbacks.clear()
         self.dense_until.clear()
+        self.passes.clear()
         if self.recorder is not None:
             self.recorder.reset()
 
@@ -88,6 +92,7 @@ class NablaState:
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        self.passes[-1][1] += 1
         if not self.tiled:  # a dense step in raster order: exactly what stock diffusers runs
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if not self.sparse_now:
@@ -201,20 +206,21 @@ def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> t
 
 
 def patch_transformer(
-    transformer: WanTransformer3DModel, config: SparsityConfig, *, pad_dense: bool = False
+    transformer: WanTransformer3DModel, config: SparsityConfig, *, pad_dense: bool = False, always: bool = False
 ) -> NablaPatch | None:
     """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched).
 
     With `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and
     attention stays dense; sequence parallelism uses it to split sequences that are not a multiple
-    of the degree.
+    of the degree. With `always`, mode "full" is patched in raster order (the stock computation, bit for
+    bit), so that the state counts the attention calls (how many blocks a step cache let run).
     """
     if getattr(transformer, "_nabla_patch", None) is not None:
         raise ValueError("patch_transformer: this transformer is already patched; unpatch it first")
     if transformer._parallel_config is not None:
         # rope.forward must be wrapped before context parallelism wraps it (tile, then split)
         raise ValueError("patch_transformer: patch before transformer.enable_parallelism(), not after")
-    if not config.is_sparse and not pad_dense:
+    if not (config.is_sparse or pad_dense or always):
         return None
     state = NablaState(config, pad_dense=pad_dense)
     patch_size = tuple(transformer.config.patch_size)
@@ -224,6 +230,7 @@ def patch_transformer(
 
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
+        state.passes.append([state.step, 0])  # runs even when a step cache then skips the block's forward
         if not state.tiled:
             return None
         hidden = _arg(args, kwargs, 0, "hidden_states")

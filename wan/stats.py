@@ -215,3 +215,21 @@ def run_report(recorder: StatsRecorder | None, config: Any, settings: Any, **ext
         "mask_steps": sorted(recorder.mask_steps) if recorder is not None else [],
         **resolved,
     }
+
+
+def step_report(passes: list[list[int]], layers: int) -> dict:
+    """Which denoising steps ran all their blocks, and which took some or all of them from a step cache.
+
+    `passes` is NablaState.passes: [step, self-attention calls] per transformer pass (CFG pass) that
+    reached the blocks; a pass computed its blocks when it made `layers` calls.
+    """
+    per_step: dict[int, list[int]] = {}
+    for step, calls in passes:
+        per_step.setdefault(step, []).append(calls)
+    computed = [step for step, calls in per_step.items() if all(n == layers for n in calls)]
+    return {  # "blocks", not "layers": run_report's "layers" lists the layers with sparse records
+        "blocks": layers,
+        "attention_calls": [{"step": step, "per_pass": calls} for step, calls in sorted(per_step.items())],
+        "computed_steps": sorted(computed),
+        "cached_steps": sorted(set(per_step) - set(computed)),
+    }
