@@ -226,9 +226,11 @@ def run(args: argparse.Namespace) -> int:
     # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
     enable_cache(pipe.transformer, cache)
     if warmup:
+        # untimed: compile the sparse kernels, and with dense_steps the raster-order dense graph too
+        dense_first = bool(patch) and sparsity.is_sparse and sparsity.dense_steps > 0
         if patch:
-            patch.state.config = sparsity.replace(dense_steps=0)  # compile the sparse kernels too, untimed
-        generate(pipe, settings, steps=1)
+            patch.state.config = sparsity.replace(dense_steps=int(dense_first))
+        generate(pipe, settings, steps=2 if dense_first else 1)
         if patch:
             patch.state.config = sparsity
             patch.state.reset()

@@ -30,7 +30,7 @@ def run_cli(*args: str) -> int:
 def test_every_shipped_config_is_there():
     names = {p.name for p in CONFIGS}
     assert {"full.yaml", "nabla-0.7.yaml", "nabla-0.4.yaml", "nabla-0.6-sta-11-3-3.yaml", "nabla-0.5-sta-11-5-5.yaml",
-            "sta-11-3-3.yaml"} <= names
+            "sta-11-3-3.yaml", "nabla-0.7-fast.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
