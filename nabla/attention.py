@@ -187,24 +187,11 @@ def attend_block_mask(
     return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
 
 
-def attend_or_dense(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TileLayout,
-    block_mask: BlockMask,
-    keep: torch.Tensor,
-    limit: float,
-    compiled: bool,
-    backend: str,
-) -> tuple[torch.Tensor, bool]:
-    """Sparse attention on `block_mask`, or dense attention where the mask `keep` holds more than `limit` of
-    the blocks (there the sparse kernel is slower than dense); returns the output and whether it ran dense.
-    """
-    # The density check waits for the mask on the device: only pay for it where a fallback can happen.
-    if limit < 1.0 and keep.float().mean().item() > limit:
-        return dense_attention(q, k, v, layout), True
-    return attend_block_mask(q, k, v, block_mask, compiled, backend), False
+def too_dense(keep: torch.Tensor, limit: float) -> bool:
+    """Whether the block mask `keep` holds more than `limit` of the blocks: there the sparse kernel is slower
+    than dense attention (see nabla.backend.dense_above)."""
+    # The check waits for the mask on the device: only pay for it where a fallback can happen.
+    return limit < 1.0 and keep.float().mean().item() > limit
 
 
 def sparse_attention(
@@ -231,7 +218,8 @@ def sparse_attention(
     compiled = q.is_cuda if compiled is None else compiled
     backend = resolve_backend(config.backend, q.device) if compiled else "eager"
     block_mask, keep = make_block_mask(q, k, layout, config, compiled)
-    out, ran_dense = attend_or_dense(q, k, v, layout, block_mask, keep, dense_above(config, backend), compiled, backend)
+    ran_dense = too_dense(keep, dense_above(config, backend))
+    out = dense_attention(q, k, v, layout) if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, backend)
     if not return_stats:
         return out
     return out, {"density": keep.float().mean(dim=(0, 2, 3)), "mask": keep, "dense": ran_dense, "backend": backend}

@@ -82,11 +82,12 @@ class TileLayout:
         dim = dim % x.ndim
         if x.shape[dim] != self.length:
             raise ValueError(f"TileLayout.tile: size {x.shape[dim]} along dim {dim} != {self.length} tokens of {self}")
-        if self.has_padding:
-            pad_shape = list(x.shape)
-            pad_shape[dim] = 1
-            x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-        return x.index_select(dim, _on(self, "raster_index", x.device))
+        if not self.has_padding:
+            return x.index_select(dim, _on(self, "raster_index", x.device))
+        # one scatter into zeros: no padded copy of x first
+        shape = list(x.shape)
+        shape[dim] = self.padded_length
+        return x.new_zeros(shape).index_copy_(dim, _on(self, "tile_index", x.device), x)
 
     def untile(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Exact inverse of `tile`: back to raster order, padding dropped."""

@@ -106,22 +106,21 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
 
 
 def capture_qkv(transformer, pipe, args) -> dict:
-    """Layer 0's q, k, v (tile order) from one more NABLA step, for per-call timing; captured after the
+    """Layer 0's tile-ordered q, k, v from one more NABLA step, for per-call timing; captured after the
     timed runs so the copies never count in their peak memory."""
     captured: dict = {}
-    original = NablaState.attend
+    original = NablaState.attend_tiled
 
-    @torch.compiler.disable
-    def attend(self, q, k, v, layer):
-        if layer == 0 and "q" not in captured and self.tiled:
+    def attend_tiled(self, q, k, v, layer):
+        if layer == 0 and "q" not in captured:
             captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=self.layout)
         return original(self, q, k, v, layer)
 
-    NablaState.attend = attend
+    NablaState.attend_tiled = attend_tiled
     try:
         run_steps(pipe, args, 1)
     finally:
-        NablaState.attend = original
+        NablaState.attend_tiled = original
     return captured
 
 

@@ -180,9 +180,10 @@ def test_compare_reports_fidelity_and_stats(tiny_model, tmp_path, capsys):
     header = [c.strip() for c in lines[-4].strip("|").split("|")]
     assert header == ["attention", "seconds", "speedup", "PSNR (dB)", "SSIM", "MAD", "mean mask density"]
     row = dict(zip(header, (c.strip() for c in lines[-1].strip("|").split("|"))))
-    assert row["attention"] == "nabla, threshold 0.4"
+    assert row["attention"] == "nabla, threshold 0.4, 64-token blocks, eager kernel"
     psnr, ssim, mad, density = (float(row[k]) for k in ("PSNR (dB)", "SSIM", "MAD", "mean mask density"))
     assert 0 < psnr < float("inf") and -1 <= ssim < 1 and 0 < mad < 1 and 0 < density < 1
     report = json.loads(stats.read_text())
     assert report["fidelity"]["psnr"] == pytest.approx(psnr, abs=0.01) and report["full_seconds"] > 0
     assert report["totals"]["mean_density"] == pytest.approx(density, abs=1e-3)
+    assert report["backend"] == "eager" and report["compiled_blocks"] is False and report["dense_fallback_calls"] == 0

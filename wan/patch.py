@@ -3,12 +3,14 @@
 No model code is forked; hooks and an attention processor do the work:
 - a forward pre-hook on the transformer reads the latent shape (-> TileLayout) and the timestep
   (-> denoising step index);
-- a pre-hook on blocks[0] and a wrapper of rope.forward put hidden states and the rotary embedding
-  in tile order, once per forward; a post-hook on proj_out puts the output back in raster order (every op in between is
-  per-token, except self-attention);
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
-  processor that computes q, k, v like diffusers' WanAttnProcessor and calls
-  `nabla.sparse_attention` (or dense attention during the first `dense_steps` steps).
+  processor that computes q, k, v like diffusers' WanAttnProcessor and, on sparse steps, puts them
+  in tile order (padded to whole tiles), runs NABLA/STA block-sparse attention and puts the output
+  back in raster order. Every other op of the model runs on the raster-order tokens, unpadded,
+  exactly as in stock diffusers (and dense steps are the stock computation, bit for bit).
+- Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
+  pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
+  order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
 from nabla import SparsityConfig, TileLayout, dense_attention
-from nabla.attention import attend_or_dense, make_block_mask
+from nabla.attention import attend_block_mask, make_block_mask, too_dense
 from nabla.backend import dense_above, resolve_backend
 
 #: steps for which a layer that fell back to dense attention stays dense without building a mask
@@ -33,13 +36,12 @@ class NablaState:
     """What the hooks share during one transformer forward, and what a run records."""
 
     config: SparsityConfig
-    #: tokens are always put in tile order, dense steps too (sequence parallelism splits tiles evenly)
+    #: the whole token stream runs in padded tile order, dense steps too (sequence parallelism splits the
+    #: padded tiles evenly); otherwise it stays in raster order and only attention sees tile order
     pad_dense: bool = False
     layout: TileLayout | None = None
     step: int = -1
     last_timestep: float | None = None
-    #: whether this forward runs in tile order (sparse steps); dense steps stay in raster order, unpadded
-    tiled: bool = False
     #: (step, layer, density per head [H] on the device) for every sparse attention call
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
     #: (step, layer) of sparse calls run dense instead: their mask was too dense for the sparse kernel to win,
@@ -68,7 +70,6 @@ class NablaState:
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
-        self.tiled = self.pad_dense or self.sparse_now
 
     @property
     def sparse_now(self) -> bool:
@@ -92,26 +93,44 @@ class NablaState:
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """Self-attention of q, k, v [B, L, H, D] in stream order (raster, or padded tile order with
+        `pad_dense`); the output [B, L, H, D] in the same order."""
         self.passes[-1][1] += 1
-        if not self.tiled:  # a dense step in raster order: exactly what stock diffusers runs
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if not self.sparse_now:
-            return dense_attention(q, k, v, self.layout)
+            return self._dense(q, k, v)
         if self.step < self.dense_until.get(layer, -1):
             # This layer's mask was too dense to win a few steps ago: masks change slowly over the steps,
             # so skip building one (dense attention is a superset of any mask).
             self.dense_fallbacks.append((self.step, layer))
-            return dense_attention(q, k, v, self.layout)
+            return self._dense(q, k, v)
+        layout = self.layout
+        # [B, L, H, D] -> tile order [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are
+        tiled = [x if self.pad_dense else layout.tile(x, dim=1) for x in (q, k, v)]
+        out = self.attend_tiled(*(x.transpose(1, 2) for x in tiled), layer)
+        if out is None:
+            return self._dense(q, k, v)
+        out = out.transpose(1, 2)
+        return out if self.pad_dense else layout.untile(out, dim=1)
+
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.pad_dense:  # padding keys must not be attended
+            return dense_attention(*(x.transpose(1, 2) for x in (q, k, v)), self.layout).transpose(1, 2)
+        # raster order, as stock diffusers computes it
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+
+    def attend_tiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """Block-sparse attention of tile-ordered q, k, v [B, H, S, D]; None where the mask is too dense to win
+        (the caller then runs dense attention)."""
         compiled = q.is_cuda
         if self.backend is None:
             self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
-        # sparse_attention in two timed halves: mask build, then flex_attention on it
+        # in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
         block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=compiled)
         if timer is not None:
             timer.split()
-        limit = dense_above(self.config, self.backend)
-        out, ran_dense = attend_or_dense(q, k, v, self.layout, block_mask, keep, limit, compiled, self.backend)
+        ran_dense = too_dense(keep, dense_above(self.config, self.backend))
+        out = None if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, self.backend)
         if timer is not None:
             timer.stop()
         density = keep.float().mean(dim=(0, 2, 3))
@@ -148,10 +167,7 @@ class NablaWanAttnProcessor:
     @torch.compiler.disable
     def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
-        # [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are (copies
-        # cost 3.4 GiB of peak memory at 14B 720p, measured)
-        out = self.state.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layer)
-        return out.transpose(1, 2)
+        return self.state.attend(query, key, value, self.layer)
 
     @torch.compiler.disable  # collectives and NABLA's own compiled kernels stay outside compiled blocks
     def _ulysses(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -231,7 +247,7 @@ def patch_transformer(
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
         state.passes.append([state.step, 0])  # runs even when a step cache then skips the block's forward
-        if not state.tiled:
+        if not state.pad_dense:
             return None
         hidden = _arg(args, kwargs, 0, "hidden_states")
         tiled = state.layout.tile(hidden, dim=1)
@@ -248,12 +264,12 @@ def patch_transformer(
 
     def tiled_rope_forward(hidden_states):
         rope = rope_forward(hidden_states)
-        return tuple(state.layout.tile(r, dim=1) for r in rope) if state.tiled else rope
+        return tuple(state.layout.tile(r, dim=1) for r in rope) if state.pad_dense else rope
 
     transformer.rope.forward = tiled_rope_forward
 
     def on_proj_out(module, args, output):
-        return state.layout.untile(output, dim=1) if state.tiled else output
+        return state.layout.untile(output, dim=1) if state.pad_dense else output
 
     hooks = [
         transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
