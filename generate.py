@@ -117,8 +117,9 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
             raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
         from wan.parallel import check_sequence
 
-        # the sequence is split in tile order, padded to whole tiles (dense runs too, when the raw one is uneven)
-        check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
+        # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
+        if math.prod(token_grid(settings)) % args.ulysses:
+            check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
     return sparsity, settings, outputs, precision, cache
 
 
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
     patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven, always=cache is not None)
     compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
-    if setup is not None:  # after the patch: tile before the sequence split, untile after the gather
+    if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
         check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
         enable_ulysses(pipe.transformer, setup)
         if setup.cfg_parallel:

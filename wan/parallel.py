@@ -8,8 +8,10 @@ rank the whole sequence for U-th of the heads). With --cfg-parallel the conditio
 unconditional pass run at once on the two groups, and rank i of one group swaps its prediction
 with rank i of the other.
 
-NABLA composes with this: the patch tiles the sequence before the split and untiles after the
-gather, and its processor runs NABLA between diffusers' two all-to-alls, for its own heads.
+NABLA composes with this: its processor runs NABLA between diffusers' two all-to-alls, on the whole
+sequence (put in tile order there) and this rank's heads. A sequence that the degree does not divide
+runs in padded tile order end to end instead (the patch tiles it before the split and untiles it
+after the gather), which splits evenly.
 """
 
 from __future__ import annotations
