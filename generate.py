@@ -275,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
     backend = patch.state.backend if patch else None
     label = describe_run(sparsity, precision, cache, backend)
     print(f"wrote {written} ({size}, {label}, transformer blocks {blocks}) in {seconds:.2f} s")
-    print(f"levers: precision {precision}, {describe_cache(cache)}; denoising steps computed: {computed} of "
-          f"{settings.steps} (the others took some or all blocks from the cache)")
+    if precision != "bf16" or cache is not None:
+        linears = "FP8 linear layers" if precision == "fp8" else "linear layers in the model's dtype"
+        print(f"levers: {linears}, {describe_cache(cache)}; denoising steps computed: {computed} of {settings.steps}"
+              " (the others took some or all blocks from the cache)")
     if patch and patch.state.dense_fallbacks:
         print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
               f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")

@@ -69,8 +69,8 @@ def test_compare_cache_with_full_attention_and_stats(tiny_model, tmp_path, capsy
     args = ["--prompt", "a dog runs", "--model", tiny_model, "--config", config, "--output", out, "--compare"]
     assert run_cli(*args, "--stats", stats, "--height", "64", "--width", "96", "--frames", "9", "--steps", "4") == 0
     printed = capsys.readouterr().out
-    assert "levers: precision bf16, TaylorSeer (lite), interval 2, order 1, from step 1; denoising steps computed: " \
-           "2 of 4" in printed
+    assert "levers: linear layers in the model's dtype, TaylorSeer (lite), interval 2, order 1, from step 1; " \
+           "denoising steps computed: 2 of 4" in printed
     assert "reference: stock model, full attention, no FP8, no cache" in printed
     assert "| full attention + TaylorSeer (lite), interval 2, order 1, from step 1 |" in printed
     report = json.loads(stats.read_text())
