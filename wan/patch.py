@@ -45,7 +45,7 @@ class NablaState:
     #: (step, layer, density per head [H] on the device) for every sparse attention call
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
     #: (step, layer) of sparse calls run dense instead: their mask was too dense for the sparse kernel to win,
-    #: or it was at one of the last FALLBACK_STEPS steps (then no mask is built)
+    #: or the layer's was within the last FALLBACK_STEPS steps (then no mask is built)
     dense_fallbacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     #: layer -> first step at which it builds a mask again after falling back to dense
     dense_until: dict[int, int] = dataclasses.field(default_factory=dict)
