@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
     try:
         code = run(args)
+        if torch.distributed.is_initialized():
+            # ranks other than 0 finish first: tear the process group down together, not under rank 0's feet
+            torch.distributed.barrier()
     except (ValueError, NonFiniteLatentsError) as err:  # wan.loading.ModelNotFoundError is a ValueError
         if main_rank:
             print(f"error: {err}", file=sys.stderr)
