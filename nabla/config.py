@@ -93,6 +93,7 @@ class SparsityConfig:
     @property
     def is_sparse(self) -> bool:
         return self.mode != "full"
+
     def replace(self, **changes: Any) -> SparsityConfig:
         return dataclasses.replace(self, **changes)
 
