@@ -111,10 +111,10 @@ def capture_qkv(transformer, pipe, args) -> dict:
     captured: dict = {}
     original = NablaState.attend_tiled
 
-    def attend_tiled(self, q, k, v, layer):
+    def attend_tiled(self, q, k, v, layer, dense):
         if layer == 0 and "q" not in captured:
             captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=self.layout)
-        return original(self, q, k, v, layer)
+        return original(self, q, k, v, layer, dense)
 
     NablaState.attend_tiled = attend_tiled
     try:

@@ -16,6 +16,7 @@ No model code is forked; hooks and an attention processor do the work:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,9 +107,9 @@ class NablaState:
         layout = self.layout
         # [B, L, H, D] -> tile order [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are
         tiled = [x if self.pad_dense else layout.tile(x, dim=1) for x in (q, k, v)]
-        out = self.attend_tiled(*(x.transpose(1, 2) for x in tiled), layer)
-        if out is None:
-            return self._dense(q, k, v)
+        out, ran_dense = self.attend_tiled(*(x.transpose(1, 2) for x in tiled), layer, lambda: self._dense(q, k, v))
+        if ran_dense:  # the mask was too dense to win: dense attention ran, in stream order
+            return out
         out = out.transpose(1, 2)
         return out if self.pad_dense else layout.untile(out, dim=1)
 
@@ -118,9 +119,11 @@ class NablaState:
         # raster order, as stock diffusers computes it
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
 
-    def attend_tiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor | None:
-        """Block-sparse attention of tile-ordered q, k, v [B, H, S, D]; None where the mask is too dense to win
-        (the caller then runs dense attention)."""
+    def attend_tiled(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, dense: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
+        """Block-sparse attention of tile-ordered q, k, v [B, H, S, D] -> ([B, H, S, D], False); where the mask is
+        too dense to win, `dense()` runs instead, timed like a sparse call -> (its output, True)."""
         compiled = q.is_cuda
         if self.backend is None:
             self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
@@ -130,7 +133,7 @@ class NablaState:
         if timer is not None:
             timer.split()
         ran_dense = too_dense(keep, dense_above(self.config, self.backend))
-        out = None if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, self.backend)
+        out = dense() if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, self.backend)
         if timer is not None:
             timer.stop()
         density = keep.float().mean(dim=(0, 2, 3))
@@ -140,7 +143,7 @@ class NablaState:
             self.dense_until[layer] = self.step + FALLBACK_STEPS
         if timer is not None:
             self.recorder.record(self.step, layer, density, keep, timer, ran_dense)
-        return out
+        return out, ran_dense
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
