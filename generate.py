@@ -81,17 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSettings, list[Path], str, object]:
     """Everything that can be checked before a model loads: config, settings, output paths, precision, cache."""
-    sparsity, section = SparsityConfig(), None
+    sparsity, data = SparsityConfig(), {}
     if args.config is not None:
         sparsity = load_config(args.config, other_sections=("generation", "precision", "cache"))
-        section = read_yaml(args.config).get("generation")
+        data = read_yaml(args.config)
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "fps": args.fps,
     }
-    settings = GenerationSettings.from_sources(section, overrides)
-    precision, cache = resolve_speedups(args)
+    settings = GenerationSettings.from_sources(data.get("generation"), overrides)
+    precision, cache = resolve_speedups(args, data)
     if args.compare and not sparsity.is_sparse and precision == "bf16" and cache is None:
         raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
                          "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
@@ -123,12 +123,12 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
     return sparsity, settings, outputs, precision, cache
 
 
-def resolve_speedups(args: argparse.Namespace) -> tuple[str, object]:
-    """The levers beside sparsity: precision (--precision, else the YAML's, else bf16) and the `cache:` config."""
-    data = read_yaml(args.config) if args.config is not None else {}
+def resolve_speedups(args: argparse.Namespace, data: dict) -> tuple[str, object]:
+    """The levers beside sparsity: precision (--precision, else the YAML's, else bf16) and the `cache:` config,
+    from the config file's top-level mapping `data`."""
     precision = args.precision or data.get("precision", "bf16")
     # the device run() will pick (under torchrun each rank's own GPU, of the same kind)
-    check_precision(precision, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_precision(precision, run_device(args))
     cache = cache_config(data.get("cache"))
     check_cache_parallel(cache, args.ulysses)
     return precision, cache
