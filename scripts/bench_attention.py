@@ -279,6 +279,16 @@ def bench_shape(
     return rows, check
 
 
+def add_backends_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
+                        "where FlashAttention-4 runs")
+
+
+def chosen_backends(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """--backends, else triton and, where FlashAttention-4 runs, flash."""
+    return args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
+
+
 def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
@@ -353,12 +363,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows and checks as JSON")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
-                        "where FlashAttention-4 runs")
+    add_backends_option(parser)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backends = args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
+    backends = chosen_backends(args, device)
     if device.type != "cuda" and not args.smoke:
         parser.error("the real shapes need CUDA; use --smoke on CPU")
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}

@@ -41,8 +41,7 @@ from diffusers import WanPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
 from nabla.attention import make_block_mask, sparse_attention
-from nabla.backend import flash_unavailable_reason
-from scripts.bench_attention import bench_ms, sync
+from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
 from scripts.make_random_model import build_random_pipeline
 from scripts.make_tiny_model import build_tiny_pipeline
 from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
@@ -164,8 +163,7 @@ def nabla_config(args, backend: str, block_size: int) -> SparsityConfig:
 
 def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
-                        "where FlashAttention-4 runs")
+    add_backends_option(parser)
     parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
                         help="NABLA block sizes to time (the levers' rows use the first)")
     parser.add_argument("--fp8", action="store_true", help="add rows with torchao FP8 block Linear layers (compute "
@@ -183,7 +181,7 @@ def main() -> None:
     pipe = build_pipeline(args)
     device = pipe._execution_device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    backends = args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
+    backends = chosen_backends(args, device)
     if device.type != "cuda":
         backends = ["auto"]  # eager flex_attention on the CPU
     transformer = pipe.transformer
