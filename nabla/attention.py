@@ -12,7 +12,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from nabla.backend import dense_above, kernel_options, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout, _on
-from nabla.masks import coarsen_block_mask, nabla_block_mask, sta_block_mask
+from nabla.masks import coarsen_block_mask, density_bounds, nabla_block_mask, pooled_logits, sta_block_mask
+
+try:  # the CUDA fast path; CPU-only installs may lack Triton
+    from nabla.cdf_select import nabla_block_indices
+except ImportError:
+    nabla_block_indices = None
 
 
 def _block_mask_tensors(
@@ -34,6 +39,11 @@ def _block_mask_tensors(
     """
     B, H = q.shape[:2]
     nb = partial_cols.shape[0]
+    if mode in ("nabla", "nabla+sta") and q.is_cuda and nabla_block_indices is not None:
+        # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
+        logits, empty = pooled_logits(q, k, block_size, valid)
+        low, high = density_bounds(nb, min_density, max_density)
+        return nabla_block_indices(logits, empty, threshold, low, high, partial_cols, sta)
     if mode in ("nabla", "nabla+sta"):
         keep = nabla_block_mask(
             q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density

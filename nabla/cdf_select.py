@@ -6,9 +6,15 @@ above bit pattern b (non-increasing in b), an entry x is kept iff S(>x) <= thres
 the larger entries does not yet reach the threshold) iff bits(x) >= b*, the smallest b with
 S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
 `low`-th largest entries. Same result as sorting, except at exact ties.
+
+`nabla_block_indices` runs the whole block mask in that one kernel: the softmax of the pooled logits,
+the cut, the union with STA, and the per-row (count, ascending indices) of the kept key blocks that
+FlexAttention's BlockMask takes, so that no pass over the [B, H, nb, nb] mask follows.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -40,14 +46,8 @@ def _largest_bits_with_count_at_least(bits, k, ONE: tl.constexpr):
 
 
 @triton.jit
-def _cdf_keep_kernel(
-    probs_ptr, keep_ptr, n, threshold, low, high,
-    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    p = tl.load(probs_ptr + row * n + offs, mask=inside, other=0.0)
+def _row_keep(p, inside, threshold, low, high, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr):
+    """The kept lanes of one row of probabilities `p` (0 past the row)."""
     bits = tl.where(inside, p.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
     cut = _smallest_bits_with_mass_at_most(p, bits, threshold, ONE)
     # The bounds cost a bisection each: skip those that cannot bind (the mass search always keeps the
@@ -56,7 +56,54 @@ def _cdf_keep_kernel(
         cut = tl.maximum(cut, _largest_bits_with_count_at_least(bits, high, ONE))  # at most ~high kept
     if RAISE_LOW:
         cut = tl.minimum(cut, _largest_bits_with_count_at_least(bits, low, ONE))  # at least low kept
-    tl.store(keep_ptr + row * n + offs, bits >= cut, mask=inside)
+    return bits >= cut
+
+
+@triton.jit
+def _cdf_keep_kernel(
+    probs_ptr, keep_ptr, n, threshold, low, high,
+    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < n
+    p = tl.load(probs_ptr + row * n + offs, mask=inside, other=0.0)
+    keep = _row_keep(p, inside, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW)
+    tl.store(keep_ptr + row * n + offs, keep, mask=inside)
+
+
+@triton.jit
+def _store_compacted(selected, offs, inside, counts_ptr, indices_ptr, row, n):
+    """Row `row` of (count, indices): the selected columns ascending, then the others ascending (every
+    slot written, so the output needs no zero fill; FlexAttention reads only the first `count`)."""
+    sel = selected.to(tl.int32)
+    running = tl.cumsum(sel, axis=0)  # selected columns up to and including this one
+    count = tl.sum(sel, axis=0)
+    slot = tl.where(selected, running - 1, count + offs - running)
+    tl.store(indices_ptr + row * n + slot, offs, mask=inside)
+    tl.store(counts_ptr + row, count)
+
+
+@triton.jit
+def _nabla_indices_kernel(
+    logits_ptr, empty_ptr, sta_ptr, partial_ptr, keep_ptr,
+    partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
+    n, threshold, low, high,
+    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < n
+    empty = tl.load(empty_ptr + offs, mask=inside, other=1) != 0  # key blocks without a real token
+    x = tl.load(logits_ptr + row * n + offs, mask=inside & ~empty, other=float("-inf"))
+    e = tl.exp(x - tl.max(x, axis=0))
+    keep = _row_keep(e / tl.sum(e, axis=0), inside, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW) & inside
+    if HAS_STA:
+        keep = keep | (tl.load(sta_ptr + (row % n) * n + offs, mask=inside, other=0) != 0)
+    tl.store(keep_ptr + row * n + offs, keep, mask=inside)
+    partial = tl.load(partial_ptr + offs, mask=inside, other=0) != 0  # key blocks holding padding
+    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, row, n)
+    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, row, n)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
@@ -68,11 +115,48 @@ def cdf_keep(probs: torch.Tensor, threshold: float, low: int, high: int) -> torc
     probs = probs.contiguous()
     n = probs.shape[-1]
     keep = torch.empty_like(probs, dtype=torch.bool)
-    rows = probs.numel() // n
-    # threshold 1.0 keeps every entry: S(>b) <= 1 holds from b = 0, even with rounding in the sums
-    thr = float("inf") if threshold >= 1.0 else float(threshold)
-    torch.library.wrap_triton(_cdf_keep_kernel)[(rows,)](
-        probs, keep, n, thr, low, high, BLOCK=triton.next_power_of_2(n), ONE=ONE_BITS, CAP_HIGH=high < n,
-        RAISE_LOW=low > 1,
+    torch.library.wrap_triton(_cdf_keep_kernel)[(probs.numel() // n,)](
+        probs, keep, n, _threshold(threshold), low, high, **_meta(n, low, high)
     )
     return keep
+
+
+@torch.library.triton_op("nabla::nabla_block_indices", mutates_args=())
+def nabla_block_indices(
+    logits: torch.Tensor,
+    empty: torch.Tensor,
+    threshold: float,
+    low: int,
+    high: int,
+    partial: torch.Tensor,
+    sta: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NABLA's block mask and its FlexAttention indices from the pooled logits, in one kernel.
+
+    `logits` [B, H, nb, nb] float32 (scaled pooled q @ k^T), `empty` [nb] bool (key blocks without a
+    real token: probability 0), `partial` [nb] bool (key blocks holding padding), `sta` [nb, nb] bool
+    or None (kept as well). Returns keep [B, H, nb, nb] bool and, per query block, the count and
+    indices of the kept key blocks that are partial, then of those that are full (int32; indices
+    beyond the count hold the other blocks).
+    """
+    logits = logits.contiguous()
+    n = logits.shape[-1]
+    keep = torch.empty_like(logits, dtype=torch.bool)
+    rows = logits.shape[:-1]
+    outputs = [keep]
+    for _ in range(2):
+        outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty(logits.shape, dtype=torch.int32)]
+    torch.library.wrap_triton(_nabla_indices_kernel)[(logits.numel() // n,)](
+        logits, empty, sta if sta is not None else empty, partial, *outputs, n, _threshold(threshold), low, high,
+        HAS_STA=sta is not None, **_meta(n, low, high),
+    )
+    return tuple(outputs)
+
+
+def _threshold(threshold: float) -> float:
+    # threshold 1.0 keeps every entry: S(>b) <= 1 holds from b = 0, even with rounding in the sums
+    return float("inf") if threshold >= 1.0 else float(threshold)
+
+
+def _meta(n: int, low: int, high: int) -> dict:
+    return {"BLOCK": triton.next_power_of_2(n), "ONE": ONE_BITS, "CAP_HIGH": high < n, "RAISE_LOW": low > 1}

@@ -13,6 +13,7 @@ import math
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 
 class TileLayout:
@@ -77,6 +78,10 @@ class TileLayout:
     def valid_on(self, device: torch.device | str) -> torch.Tensor:
         return _on(self, "valid", device)
 
+    def on(self, device: torch.device | str, name: str) -> torch.Tensor:
+        """A cached copy on `device` of one of the index tensors ("raster_index", "tile_index", "valid")."""
+        return _on(self, name, device)
+
     def tile(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Reorder raster-ordered `x` (size `length` along `dim`) into tile order, zero-padded."""
         dim = dim % x.ndim
@@ -97,6 +102,16 @@ class TileLayout:
                 f"TileLayout.untile: size {y.shape[dim]} along dim {dim} != {self.padded_length} slots of {self}"
             )
         return y.index_select(dim, _on(self, "tile_index", y.device))
+
+
+def gather_tiles(x: torch.Tensor, raster_index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`layout.tile(x, dim)` as one gather, given `raster_index = layout.on(x.device, "raster_index")`.
+
+    Padding slots read a zero appended to `x`. Under torch.compile the pad and the gather fuse with
+    the op that produced `x`, so x itself is never written; eagerly, `TileLayout.tile` copies less.
+    """
+    dim = dim % x.ndim
+    return F.pad(x, [0, 0] * (x.ndim - 1 - dim) + [0, 1]).index_select(dim, raster_index)
 
 
 def _on(layout: TileLayout, name: str, device: torch.device | str) -> torch.Tensor:

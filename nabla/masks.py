@@ -54,17 +54,29 @@ def nabla_block_mask(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"nabla_block_mask: threshold={threshold!r} must be in (0, 1]")
-    qa, counts = pool_blocks(q, block_size, valid)
-    ka, _ = pool_blocks(k, block_size, valid)
-    logits = (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    probs = logits.masked_fill(counts == 0, float("-inf")).softmax(-1)
-
-    nb = probs.shape[-1]
-    low = max(1, math.ceil(min_density * nb)) if min_density is not None else 1
-    high = max(low, math.floor(max_density * nb)) if max_density is not None else nb
+    logits, empty = pooled_logits(q, k, block_size, valid)
+    probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
+    low, high = density_bounds(probs.shape[-1], min_density, max_density)
     if probs.is_cuda and cdf_keep is not None:
         return cdf_keep(probs, threshold, low, high)  # one Triton kernel, no sort
     return cdf_keep_sorted(probs, threshold, low, high)
+
+
+def pooled_logits(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NABLA's pooled logits mean_q @ mean_k^T / sqrt(D) [B, H, nb, nb] (float32), and the key blocks
+    without a real token [nb] (bool), whose probability is 0."""
+    qa, counts = pool_blocks(q, block_size, valid)
+    ka, _ = pool_blocks(k, block_size, valid)
+    return (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1]), counts == 0
+
+
+def density_bounds(nb: int, min_density: float | None, max_density: float | None) -> tuple[int, int]:
+    """The least and most key blocks a row keeps: [ceil(min * nb), floor(max * nb)], at least one."""
+    low = max(1, math.ceil(min_density * nb)) if min_density is not None else 1
+    high = max(low, math.floor(max_density * nb)) if max_density is not None else nb
+    return low, high
 
 
 def cdf_keep_sorted(probs: torch.Tensor, threshold: float, low: int, high: int) -> torch.Tensor:

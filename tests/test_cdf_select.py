@@ -35,3 +35,57 @@ def test_triton_kernel_matches_sorting():
     result = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checked 48" in result.stdout
+
+
+# The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
+CHECK_INDICES = r"""
+import torch
+from nabla.attention import _compact, _padded_valid, _partial_cols, _sta_blocks
+from nabla.cdf_select import nabla_block_indices
+from nabla.config import SparsityConfig
+from nabla.layout import TileLayout
+from nabla.masks import cdf_keep_sorted, density_bounds, pooled_logits
+torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+checked = 0
+for grid in ((2, 9, 20), (3, 10, 13), (1, 16, 16)):
+    layout = TileLayout(*grid)
+    for config in (SparsityConfig(mode="nabla", threshold=0.5), SparsityConfig(mode="nabla", threshold=1.0),
+                   SparsityConfig(mode="nabla", threshold=0.9, max_density=0.3, block_size=128),
+                   SparsityConfig(mode="nabla", threshold=0.05, min_density=0.4),
+                   SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 3, 3))):
+        bs = config.block_size
+        q, k = (torch.randn(2, 3, layout.padded_length, 16) * 3 for _ in range(2))
+        logits, empty = pooled_logits(q, k, bs, layout.valid)
+        nb = logits.shape[-1]
+        low, high = density_bounds(nb, config.min_density, config.max_density)
+        partial = _partial_cols(_padded_valid(layout, bs, "cpu"), bs)
+        sta = _sta_blocks(layout, config, torch.device("cpu")) if config.uses_sta else None
+        keep, *indices = nabla_block_indices(logits, empty, config.threshold, low, high, partial, sta)
+        probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
+        ref = cdf_keep_sorted(probs, config.threshold, low, high)
+        if sta is not None:
+            ref = ref | sta
+        differ = keep != ref
+        if differ.any():  # only near-ties at the cut: float sums in another order
+            vals = probs.sort(-1, descending=True).values
+            gap = ((vals.cumsum(-1) - vals) - config.threshold).abs().min()
+            assert gap < 1e-6 and differ.sum() <= 2, (grid, config, int(differ.sum()), float(gap))
+        for (count, idx), (ref_count, ref_idx) in zip(zip(indices[::2], indices[1::2]),
+                                                      (_compact(keep & partial), _compact(keep & ~partial))):
+            assert torch.equal(count, ref_count), (grid, config)
+            taken = torch.arange(nb) < count.unsqueeze(-1)
+            assert torch.equal(idx[taken], ref_idx[taken]), (grid, config)
+            assert torch.equal(idx.sort(-1).values, torch.arange(nb, dtype=torch.int32).expand_as(idx)), "not a permutation"
+        assert int(indices[0].sum() + indices[2].sum()) == int(keep.sum())
+        checked += 1
+print("checked", checked)
+"""
+
+
+def test_fused_mask_kernel_matches_the_torch_path():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", CHECK_INDICES], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked 15" in result.stdout

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nabla.layout import TileLayout
+from nabla.layout import TileLayout, gather_tiles
 
 GRIDS = [(1, 8, 8), (1, 1, 1), (3, 10, 13), (2, 45, 80), (1, 30, 52), (5, 7, 9), (2, 16, 24), (1, 9, 8)]
 
@@ -60,3 +60,13 @@ def test_wrong_length_is_rejected():
         layout.tile(torch.zeros(1, 99, 2))
     with pytest.raises(ValueError, match="256 slots"):
         layout.untile(torch.zeros(1, 100, 2))
+
+
+@pytest.mark.parametrize("grid", [(2, 9, 20), (1, 16, 16)])
+def test_gather_tiles_equals_tile(grid, gen):
+    layout = TileLayout(*grid)
+    x = torch.randn(2, layout.length, 3, 5, generator=gen)
+    gathered = gather_tiles(x, layout.on("cpu", "raster_index"), dim=1)
+    assert torch.equal(gathered, layout.tile(x, dim=1))
+    compiled = torch.compile(lambda x, i: gather_tiles(x * 2 + 1, i), dynamic=False)
+    assert torch.equal(compiled(x, layout.on("cpu", "raster_index")), layout.tile(x * 2 + 1, dim=1))

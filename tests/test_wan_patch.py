@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import wan.patch
 from nabla import SparsityConfig
-from nabla.layout import TileLayout
+from nabla.layout import gather_tiles
 from wan.loading import load_pipeline
 from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, patch_transformer, unpatch
 from wan.run import generate
@@ -12,7 +13,7 @@ from wan.settings import GenerationSettings
 
 # 128x160 px -> latent 16x20 -> token grid (3, 8, 10): W is not a multiple of the 8-token tile.
 SETTINGS = GenerationSettings(prompt="a cat plays piano", height=128, width=160, frames=9, steps=3, guidance_scale=4.0)
-TILE = TileLayout.tile
+GATHER = gather_tiles
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def full_video(pipe):
     return generate(pipe, SETTINGS)[0]
 
 
-def run_patched(pipe, config):
-    handle = patch_transformer(pipe.transformer, config)
+def run_patched(pipe, config, always=False):
+    handle = patch_transformer(pipe.transformer, config, always=always)
     try:
         frames, _ = generate(pipe, SETTINGS)
         return frames, handle.state
@@ -61,16 +62,20 @@ def test_sta_modes_are_sparse(pipe, full_video, config):
 
 
 def test_dense_steps(pipe, full_video, monkeypatch):
-    tiled = []
-    monkeypatch.setattr(TileLayout, "tile", lambda self, x, dim=1: tiled.append(x.shape) or TILE(self, x, dim))
+    gathered = []
+    monkeypatch.setattr(wan.patch, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
     frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
-    # dense steps stay in raster order, unpadded: the stock computation, bit for bit, and nothing tiled
-    assert state.densities == [] and tiled == [] and (frames == full_video).all()
+    # dense steps put q, k, v back in raster order: the stock computation, bit for bit
+    assert state.densities == [] and (frames == full_video).all()
+    # only attention sees tile order: q, k, v of each layer in each CFG pass of the 3 steps; the token
+    # stream itself stays in raster order, unpadded
+    assert gathered == [torch.Size([1, 240, 2, 12])] * (3 * 3 * 2 * 2)
     _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
     assert {s for s, _, _ in state.densities} == {2}
-    # only attention sees tile order: q, k, v of each layer, in the last step's two CFG passes; the token
-    # stream itself stays in raster order, unpadded
-    assert tiled == [torch.Size([1, 240, 2, 12])] * (3 * 2 * 2)
+    gathered.clear()
+    # mode full is never tiled
+    run_patched(pipe, SparsityConfig(mode="full"), always=True)
+    assert gathered == []
 
 
 def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video):

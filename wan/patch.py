@@ -4,10 +4,11 @@ No model code is forked; hooks and an attention processor do the work:
 - a forward pre-hook on the transformer reads the latent shape (-> TileLayout) and the timestep
   (-> denoising step index);
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
-  processor that computes q, k, v like diffusers' WanAttnProcessor and, on sparse steps, puts them
-  in tile order (padded to whole tiles), runs NABLA/STA block-sparse attention and puts the output
-  back in raster order. Every other op of the model runs on the raster-order tokens, unpadded,
-  exactly as in stock diffusers (and dense steps are the stock computation, bit for bit).
+  processor that computes q, k, v like diffusers' WanAttnProcessor, puts them in tile order (padded
+  to whole tiles) in the same compiled graph as the rotary embedding (one fused gather: the raster
+  copies are never written), runs NABLA/STA block-sparse attention and puts the output back in
+  raster order. Every other op of the model runs on the raster-order tokens, unpadded, exactly as in
+  stock diffusers (dense steps put q, k, v back in raster order: the stock computation, bit for bit).
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
   order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
@@ -27,6 +28,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel,
 from nabla import SparsityConfig, TileLayout, dense_attention
 from nabla.attention import attend_block_mask, make_block_mask, too_dense
 from nabla.backend import dense_above, resolve_backend
+from nabla.layout import gather_tiles
 
 #: steps for which a layer that fell back to dense attention stays dense without building a mask
 FALLBACK_STEPS = 4
@@ -57,11 +59,16 @@ class NablaState:
     #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers
     #: mean the other blocks came from a step cache (wan/cache.py)
     passes: list[list[int]] = dataclasses.field(default_factory=list)
+    #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse, raster stream),
+    #: else None
+    tile_gather: torch.Tensor | None = None
 
-    def start_forward(self, latent_shape: torch.Size, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
-        T, H, W = (n // p for n, p in zip(latent_shape[2:], patch_size))
+    def start_forward(self, latents: torch.Tensor, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
+        T, H, W = (n // p for n, p in zip(latents.shape[2:], patch_size))
         if self.layout is None or self.layout.shape != (T, H, W):
             self.layout = TileLayout(T, H, W)
+        tiles = self.config.is_sparse and not self.pad_dense
+        self.tile_gather = self.layout.on(latents.device, "raster_index") if tiles else None
         if timestep.ndim != 1:
             raise ValueError("NABLA patch: per-token timesteps (Wan2.2 TI2V) are not supported; use a Wan2.1 model")
         t = float(timestep[0])
@@ -93,30 +100,32 @@ class NablaState:
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tiled: bool = False
+               ) -> torch.Tensor:
         """Self-attention of q, k, v [B, L, H, D] in stream order (raster, or padded tile order with
-        `pad_dense`); the output [B, L, H, D] in the same order."""
+        `pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in stream order."""
         self.passes[-1][1] += 1
         if not self.sparse_now:
-            return self._dense(q, k, v)
+            return self._dense(q, k, v, tiled)
         if self.step < self.dense_until.get(layer, -1):
             # This layer's mask was too dense to win a few steps ago: masks change slowly over the steps,
             # so skip building one (dense attention is a superset of any mask).
             self.dense_fallbacks.append((self.step, layer))
-            return self._dense(q, k, v)
+            return self._dense(q, k, v, tiled)
         layout = self.layout
         # [B, L, H, D] -> tile order [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are
-        tiled = [x if self.pad_dense else layout.tile(x, dim=1) for x in (q, k, v)]
-        out, ran_dense = self.attend_tiled(*(x.transpose(1, 2) for x in tiled), layer, lambda: self._dense(q, k, v))
+        qkv = [x if self.pad_dense or tiled else layout.tile(x, dim=1) for x in (q, k, v)]
+        out, ran_dense = self.attend_tiled(*(x.transpose(1, 2) for x in qkv), layer, lambda: self._dense(q, k, v, tiled))
         if ran_dense:  # the mask was too dense to win: dense attention ran, in stream order
             return out
         out = out.transpose(1, 2)
         return out if self.pad_dense else layout.untile(out, dim=1)
 
-    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         if self.pad_dense:  # padding keys must not be attended
             return dense_attention(*(x.transpose(1, 2) for x in (q, k, v)), self.layout).transpose(1, 2)
-        # raster order, as stock diffusers computes it
+        if tiled:  # back to raster order (exactly: a permutation), as stock diffusers computes it
+            q, k, v = (self.layout.untile(x, dim=1) for x in (q, k, v))
         return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
 
     def attend_tiled(
@@ -168,9 +177,9 @@ class NablaWanAttnProcessor:
 
     # Outside compiled blocks: dynamo would otherwise guard on self.layer and recompile for every layer.
     @torch.compiler.disable
-    def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
+    def _attend(self, ctx, query, key, value, *args, tiled: bool = False, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
-        return self.state.attend(query, key, value, self.layer)
+        return self.state.attend(query, key, value, self.layer, tiled)
 
     @torch.compiler.disable  # collectives and NABLA's own compiled kernels stay outside compiled blocks
     def _ulysses(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -194,7 +203,12 @@ class NablaWanAttnProcessor:
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
         if self._parallel_config is None:
-            out = self._attend(None, query, key, value)
+            gather = self.state.tile_gather
+            if gather is not None:
+                # Tile order here, inside the compiled block: the gather fuses with the rotary embedding,
+                # so raster copies of q, k, v never take memory next to the tiled ones.
+                query, key, value = (gather_tiles(x, gather, dim=1) for x in (query, key, value))
+            out = self._attend(None, query, key, value, tiled=gather is not None)
         else:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
@@ -245,7 +259,7 @@ def patch_transformer(
     patch_size = tuple(transformer.config.patch_size)
 
     def on_transformer(module, args, kwargs):
-        state.start_forward(_arg(args, kwargs, 0, "hidden_states").shape, patch_size, _arg(args, kwargs, 1, "timestep"))
+        state.start_forward(_arg(args, kwargs, 0, "hidden_states"), patch_size, _arg(args, kwargs, 1, "timestep"))
 
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
