@@ -19,8 +19,11 @@ memory), times calls per step, over the step time. The table is printed last.
 
 A cache row computes only some of its steps: the table shows the steps that ran all their blocks
 (from the patch's per-pass counters) beside the steps run, and s/step is the total time over the
-steps run, so a cache's gain shows as fewer steps computed, not as a faster step. Its warm-up runs
-the whole schedule, so that the skipped steps' code paths compile before the timing too.
+steps run, so a cache's gain shows as fewer steps computed, not as a faster step. It runs the whole
+schedule of `--video-steps` steps (default: --steps), timed, after a warm-up of `--cache-warmup-steps`
+steps (computed and cached ones, so both code paths compile before the timing). The last column,
+denoising seconds per video of --video-steps steps, is that measured total for cache rows and
+s/step x steps for the others (every step computes all its blocks there).
 
     python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
 """
@@ -50,6 +53,7 @@ from wan.precision import apply_precision, check_precision
 from wan.stats import step_report
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
+LEVERS = ("cache", "fp8", "fp8+cache")
 
 
 def log(message: str) -> None:
@@ -76,13 +80,14 @@ def run_steps(pipe, args, steps: int) -> list[float]:
 
 
 def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool = False) -> dict:
-    """Warm up (one step; the whole schedule when `cached`), then time `args.steps` steps.
+    """Warm up (one step; --cache-warmup-steps when `cached`), then time `args.steps` steps (the
+    --video-steps schedule when `cached`).
 
     `state`: the NABLA patch's, whose per-pass counters give the steps that computed their blocks.
     """
     cuda = pipe._execution_device.type == "cuda"
     start = time.perf_counter()
-    warm = run_steps(pipe, args, args.steps if cached else 1)
+    warm = run_steps(pipe, args, args.cache_warmup_steps if cached else 1)
     first_call = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -90,15 +95,16 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
         state.passes.clear()
     torch._dynamo.config.error_on_recompile = True
     try:
-        steps = run_steps(pipe, args, args.steps)
+        steps = run_steps(pipe, args, args.video_steps if cached else args.steps)
     finally:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
     layers = len(pipe.transformer.blocks)
     computed = len(step_report(state.passes, layers)["computed_steps"]) if state is not None else len(steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    video = sum(steps) if cached else step * args.video_steps
     row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
-           "compile_s": max(0.0, warm[0] - step), "peak_gib": peak}
+           "compile_s": max(0.0, warm[0] - step), "peak_gib": peak, "video_s": video}
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
         f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
@@ -163,6 +169,8 @@ def nabla_config(args, backend: str, block_size: int) -> SparsityConfig:
 
 def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="skip the dense compiled and patched dense runs (their ratios then show '-')")
     add_backends_option(parser)
     parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
                         help="NABLA block sizes to time (the levers' rows use the first)")
@@ -172,10 +180,16 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
                         const="{type: taylorseer, cache_interval: 2, disable_cache_before_step: 1}",
                         help="add rows with a step cache, given like the config's `cache:` section as a YAML mapping "
                         "(default: %(const)s, a plumbing check: set the steps and cache that you mean)")
+    parser.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS),
+                        help="which of the --fp8 / --cache rows to run (default: all that those flags enable)")
+    parser.add_argument("--video-steps", type=int, help="denoising steps of one video: the schedule that cache rows "
+                        "run and time whole, and the last column's steps (default: --steps)")
+    parser.add_argument("--cache-warmup-steps", type=int, default=6, help="untimed warm-up steps of a cache row")
 
 
 def main() -> None:
     args = model_args(__doc__, steps=3, extra=extra_options)
+    args.video_steps = args.video_steps or args.steps
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
     cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None
     pipe = build_pipeline(args)
@@ -189,15 +203,15 @@ def main() -> None:
     if not args.skip_stock:
         rows.append(measure("stock diffusers, dense, eager", pipe, args))
 
-    compile_start = time.perf_counter()
     # regional compilation: one graph for all identical blocks; static shapes, as generate.py compiles them
     transformer.compile_repeated_blocks(dynamic=False)
-    rows.append(measure("dense, compiled blocks", pipe, args))
-    rows[-1]["note"] = f"compile call {time.perf_counter() - compile_start:.1f} s incl. warm-up"
+    if not args.skip_dense:
+        rows.append(measure("dense, compiled blocks", pipe, args))
 
     base = nabla_config(args, backends[0], args.block_sizes[0])
     patch = patch_transformer(transformer, base.replace(dense_steps=10**6))
-    rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
+    if not args.skip_dense:
+        rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
     for backend in backends:
         for block_size in args.block_sizes:
             cfg = nabla_config(args, backend, block_size)
@@ -221,19 +235,19 @@ def main() -> None:
     # The levers on the first backend and block size. The cache goes on last, over the compiled and patched
     # blocks, as in generate.py; FP8 replaces the weights in place, so its rows come last.
     patch.state.config, patch.state.backend = base, None
-    if cache is not None:
+    if cache is not None and "cache" in args.levers:
         enable_cache(transformer, cache)
         rows.append(lever(f"NABLA + cache ({describe_cache(cache)})", cached=True))
         disable_cache(transformer)
-    if args.fp8:
+    if args.fp8 and {"fp8", "fp8+cache"} & set(args.levers):
         try:
             check_precision("fp8", device)
         except ValueError as err:
             log(f"skipping the NABLA + FP8 rows: {err}")
         else:
             apply_precision(transformer, "fp8")
-            rows.append(lever("NABLA + FP8"))
-            if cache is not None:
+            rows.append(lever("NABLA + FP8"))  # also the FP8 compile, which "fp8+cache" would otherwise time
+            if cache is not None and "fp8+cache" in args.levers:
                 enable_cache(transformer, cache)
                 rows.append(lever(f"NABLA + FP8 + cache ({describe_cache(cache)})", cached=True))
                 disable_cache(transformer)
@@ -265,11 +279,13 @@ def main() -> None:
     print(f"per call: dense SDPA {dense_ms:.2f} ms; NABLA per call (mask build incl.): " + ", ".join(
         f"{r['name']} {r['sparse_ms']:.2f} ms (mask {r['mask_ms']:.2f} ms)" for r in rows if "config" in r) + "\n")
     stock = rows[0]["step_s"] if not args.skip_stock else None
-    dense_compiled = next(r["step_s"] for r in rows if r["name"] == "dense, compiled blocks")
+    dense_compiled = next((r["step_s"] for r in rows if r["name"] == "dense, compiled blocks"), None)
     print("s/step: total time over the steps run; a cache row computes its blocks on fewer steps (steps computed)")
+    print(f"s per video: {args.video_steps} denoising steps, measured whole for cache rows, s/step x "
+          f"{args.video_steps} for the others")
     print("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
-          "| mask / sparse call | first call s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| mask / sparse call | first call s | peak GiB | s per video ({args.video_steps} steps) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         nabla = "config" in row
         row_calls = calls * row["computed"] / len(row["steps"])  # calls per step run: cached steps make (almost) none
@@ -278,9 +294,10 @@ def main() -> None:
         per_call = f"{row['mask_ms'] / row['sparse_ms']:.1%}" if nabla else "-"
         density = f"{row['density']:.3f}" if nabla else "1"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
+        vs_dense = f"{dense_compiled / row['step_s']:.2f}x" if dense_compiled else "-"
         print(f"| {row['name']} | {row['computed']}/{len(row['steps'])} | {row['step_s']:.2f} | {vs_stock} "
-              f"| {dense_compiled / row['step_s']:.2f}x | {density} | {attn:.1%} | {mask} | {per_call} "
-              f"| {row['first_call_s']:.1f} | {row['peak_gib']:.1f} |")
+              f"| {vs_dense} | {density} | {attn:.1%} | {mask} | {per_call} "
+              f"| {row['first_call_s']:.1f} | {row['peak_gib']:.1f} | {row['video_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 @pytest.mark.parametrize("command, header", [
     ([sys.executable, "scripts/bench_attention.py", "--smoke"],
      "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |"),
-    ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache"],
+    ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache", "--video-steps", "5",
+      "--cache-warmup-steps", "2"],
      ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
-      "| mask / sparse call | first call s | peak GiB |")),
+      "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
 ], ids=["attention", "e2e", "parallel"])
 def test_benchmark_runs_to_its_table(command, header, tmp_path):
@@ -31,5 +32,6 @@ def test_benchmark_runs_to_its_table(command, header, tmp_path):
     rows = lines[lines.index(header) + 2:]
     assert len(rows) >= 3 and all(row.startswith("| ") for row in rows)
     if "--cache" in command:  # the cache row computes fewer steps than it runs; FP8 rows need a GPU of 8.9+
-        assert any(row.startswith("| NABLA + cache") and "| 2/3 |" in row for row in rows)
+        # the whole 5-step schedule: step 0 computed, then interval 2 (steps 1 and 3 computed, 2 and 4 cached)
+        assert any(row.startswith("| NABLA + cache") and "| 3/5 |" in row for row in rows)
         assert "skipping the NABLA + FP8 rows: precision fp8 needs a CUDA GPU" in result.stdout

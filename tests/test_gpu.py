@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from nabla.attention import sparse_attention
+from nabla.attention import _compact, _compiled_block_mask_tensors, _mask_inputs, sparse_attention
 from nabla.backend import flash_unavailable_reason, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
+from nabla.masks import cdf_keep_sorted, density_bounds, pooled_logits
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Wan2.1 1.3B 480p and 14B 720p token grids, 81 frames
@@ -81,3 +82,29 @@ def test_nabla_at_the_14b_shape_matches_masked_reference(block_size):
     ref = masked_reference(q, k, v, stats["mask"], layout, block_size, rows)
     diff = (out[:, :, rows].double() - ref).abs().max().item()
     assert diff <= 2e-2, f"{stats['backend']}: max abs diff {diff:.2e} against the masked float64 reference"
+
+
+@cuda
+@pytest.mark.parametrize("shape", WAN_SHAPES, ids=list(WAN_SHAPES))
+@pytest.mark.parametrize("mode", ["nabla", "nabla+sta"])
+def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode):
+    """The one-kernel mask build (softmax, cut, STA union, indices) against sorting, on the GPU's own pooled logits."""
+    heads, *grid = WAN_SHAPES[shape]
+    layout = TileLayout(*grid)
+    q, k, _ = qkv(heads, layout)
+    config = SparsityConfig(mode=mode, threshold=0.4, block_size=64, sta_window=(3, 3, 3), max_density=0.2)
+    valid, partial, sta, *_ = _mask_inputs(q, layout, config)
+    keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(
+        q, k, *_mask_inputs(q, layout, config))
+    logits, empty = pooled_logits(q, k, 64, valid)
+    probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
+    ref = cdf_keep_sorted(probs, 0.4, *density_bounds(probs.shape[-1], None, 0.2))
+    if sta is not None:
+        ref = ref | sta
+    mismatch = (keep != ref).float().mean().item()
+    assert mismatch < 1e-5, f"{mismatch:.2e} of the blocks differ from sorting"  # near-ties at the cut only
+    for counts, idx, ref_counts, ref_idx in ((partial_counts, partial_idx, *_compact(keep & partial)),
+                                             (full_counts, full_idx, *_compact(keep & ~partial))):
+        assert torch.equal(counts, ref_counts)
+        taken = torch.arange(idx.shape[-1], device="cuda") < counts.unsqueeze(-1)
+        assert torch.equal(idx[taken], ref_idx[taken])
