@@ -177,9 +177,16 @@ def _eager_flex(*args, **kwargs) -> torch.Tensor:
         return flex_attention(*args, **kwargs)
 
 
+#: compiled flex_attention graphs allowed per process (one per sequence length, heads, block size, backend
+#: and padding layout), above dynamo's default of 8: past its limit dynamo would run flex_attention eagerly,
+#: where only the padding mask_mod applies and the block mask is ignored (dense attention, S x S in memory).
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    # fullgraph: should the limit still be hit, dynamo raises instead of falling back to eager flex_attention
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
 def attend_block_mask(
@@ -194,7 +201,9 @@ def attend_block_mask(
     if not compiled:
         return _eager_flex(q, k, v, block_mask=block_mask)
     options = kernel_options(backend, block_mask.BLOCK_SIZE[1], q.device) if q.is_cuda else None
-    return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
+    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
 
 
 def too_dense(keep: torch.Tensor, limit: float) -> bool:
