@@ -26,8 +26,8 @@ def full_video(pipe):
     return generate(pipe, SETTINGS)[0]
 
 
-def run_patched(pipe, config, always=False):
-    handle = patch_transformer(pipe.transformer, config, always=always)
+def run_patched(pipe, config):
+    handle = patch_transformer(pipe.transformer, config)
     try:
         frames, _ = generate(pipe, SETTINGS)
         return frames, handle.state
@@ -65,17 +65,13 @@ def test_dense_steps(pipe, full_video, monkeypatch):
     gathered = []
     monkeypatch.setattr(wan.patch, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
     frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
-    # dense steps put q, k, v back in raster order: the stock computation, bit for bit
-    assert state.densities == [] and (frames == full_video).all()
-    # only attention sees tile order: q, k, v of each layer in each CFG pass of the 3 steps; the token
-    # stream itself stays in raster order, unpadded
-    assert gathered == [torch.Size([1, 240, 2, 12])] * (3 * 3 * 2 * 2)
+    # dense steps stay in raster order, unpadded: the stock computation, bit for bit, and nothing tiled
+    assert state.densities == [] and gathered == [] and (frames == full_video).all()
     _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
     assert {s for s, _, _ in state.densities} == {2}
-    gathered.clear()
-    # mode full is never tiled
-    run_patched(pipe, SparsityConfig(mode="full"), always=True)
-    assert gathered == []
+    # only attention sees tile order: q, k, v of each layer, in the last step's two CFG passes; the token
+    # stream itself stays in raster order, unpadded
+    assert gathered == [torch.Size([1, 240, 2, 12])] * (3 * 2 * 2)
 
 
 def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video):

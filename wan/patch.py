@@ -8,7 +8,7 @@ No model code is forked; hooks and an attention processor do the work:
   to whole tiles) in the same compiled graph as the rotary embedding (one fused gather: the raster
   copies are never written), runs NABLA/STA block-sparse attention and puts the output back in
   raster order. Every other op of the model runs on the raster-order tokens, unpadded, exactly as in
-  stock diffusers (dense steps put q, k, v back in raster order: the stock computation, bit for bit).
+  stock diffusers, and dense steps are the stock computation, bit for bit.
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
   order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
@@ -59,16 +59,14 @@ class NablaState:
     #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers
     #: mean the other blocks came from a step cache (wan/cache.py)
     passes: list[list[int]] = dataclasses.field(default_factory=list)
-    #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse, raster stream),
-    #: else None
+    #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse steps, raster
+    #: stream), else None
     tile_gather: torch.Tensor | None = None
 
     def start_forward(self, latents: torch.Tensor, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
         T, H, W = (n // p for n, p in zip(latents.shape[2:], patch_size))
         if self.layout is None or self.layout.shape != (T, H, W):
             self.layout = TileLayout(T, H, W)
-        tiles = self.config.is_sparse and not self.pad_dense
-        self.tile_gather = self.layout.on(latents.device, "raster_index") if tiles else None
         if timestep.ndim != 1:
             raise ValueError("NABLA patch: per-token timesteps (Wan2.2 TI2V) are not supported; use a Wan2.1 model")
         t = float(timestep[0])
@@ -78,6 +76,10 @@ class NablaState:
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
+        # Sparse steps get q, k, v tiled inside the compiled block; dense steps keep them in raster order (the
+        # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both).
+        tiles = self.sparse_now and not self.pad_dense
+        self.tile_gather = self.layout.on(latents.device, "raster_index") if tiles else None
 
     @property
     def sparse_now(self) -> bool:
