@@ -128,15 +128,15 @@ def test_compiled_block_sparse_path(gen):
     assert stats["density"].max() < 1
 
 
-def test_compiled_path_past_dynamos_recompile_limit(gen, monkeypatch):
+def test_compiled_path_past_dynamos_recompile_limit(gen):
     """Each new shape compiles flex_attention again; past dynamo's recompile limit it would run eagerly with the
     padding-only mask_mod, i.e. dense. Both shapes here must still give the block-sparse result."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     config = SparsityConfig(mode="nabla", threshold=0.3)
     for grid in ((1, 10, 13), (1, 9, 20)):
         layout = TileLayout(*grid)
         _, (q, k, v) = tiled_qkv(layout, 2, 16, gen, batch=1)
-        out, stats = sparse_attention(q, k, v, layout, config, compiled=True, return_stats=True)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            out, stats = sparse_attention(q, k, v, layout, config, compiled=True, return_stats=True)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["mask"], layout, 64))
         torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
         assert stats["density"].max() < 1
