@@ -87,7 +87,7 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     """
     cuda = pipe._execution_device.type == "cuda"
     start = time.perf_counter()
-    warm = run_steps(pipe, args, args.cache_warmup_steps if cached else 1)
+    run_steps(pipe, args, args.cache_warmup_steps if cached else 1)
     first_call = time.perf_counter() - start
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -104,7 +104,7 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     video = sum(steps) if cached else step * args.video_steps
     row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
-           "compile_s": max(0.0, warm[0] - step), "peak_gib": peak, "video_s": video}
+           "peak_gib": peak, "video_s": video}
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
         f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
@@ -181,7 +181,8 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
                         help="add rows with a step cache, given like the config's `cache:` section as a YAML mapping "
                         "(default: %(const)s, a plumbing check: set the steps and cache that you mean)")
     parser.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS),
-                        help="which of the --fp8 / --cache rows to run (default: all that those flags enable)")
+                        help="which of the --fp8 / --cache rows to run (default: all that those flags enable; "
+                        "fp8+cache runs after the fp8 row, which takes FP8's compilation)")
     parser.add_argument("--video-steps", type=int, help="denoising steps of one video: the schedule that cache rows "
                         "run and time whole, and the last column's steps (default: --steps)")
     parser.add_argument("--cache-warmup-steps", type=int, default=6, help="untimed warm-up steps of a cache row")
