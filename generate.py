@@ -153,6 +153,8 @@ def describe(config: SparsityConfig, backend: str | None = None) -> str:
     if config.uses_sta:
         parts.append("STA window {}x{}x{}".format(*config.sta_window))
     parts.append(f"{config.block_size}-token blocks")
+    if config.query_merge > 1:
+        parts.append(f"{config.query_block_size}-row kernel blocks" + (" (union)" if config.query_block_union else ""))
     if backend is not None:
         parts.append(f"{backend} kernel")
     return ", ".join(parts)
@@ -261,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
                  "time.perf_counter", "seconds": seconds, "backend": patch.state.backend if patch else None,
                  "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.dense_fallbacks) if patch else 0,
+                 "mean_kernel_density": patch.state.mean_kernel_density() if patch else None,
                  "precision": precision, "cache": describe_cache(cache)}
         if steps_report is not None:
             extra.update(steps_report)
@@ -279,6 +282,11 @@ def run(args: argparse.Namespace) -> int:
         linears = "FP8 linear layers" if precision == "fp8" else "linear layers in the model's dtype"
         print(f"levers: {linears}, {describe_cache(cache)}; denoising steps computed: {computed} of {settings.steps}"
               " (the others took some or all blocks from the cache)")
+    kernel_density = patch.state.mean_kernel_density() if patch and sparsity.query_merge > 1 else None
+    if kernel_density is not None:
+        merged = "their union" if sparsity.query_block_union else "each its own"
+        print(f"{sparsity.query_block_size}-row kernel query blocks over {sparsity.block_size}-token mask rows "
+              f"({merged}): the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
     if patch and patch.state.dense_fallbacks:
         print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
               f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")

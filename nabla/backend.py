@@ -53,18 +53,19 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "triton"
 
 
-def kernel_options(backend: str, block_size: int, device: torch.device) -> dict | None:
-    """flex_attention's kernel_options for `backend` and tokens per block."""
+def kernel_options(backend: str, block_size: tuple[int, int], device: torch.device) -> dict | None:
+    """flex_attention's kernel_options for `backend` and the BlockMask's (query, key) tokens per block."""
     if backend == "eager":
         return None
     if backend == "flash":
         return {"BACKEND": "FLASH"}
-    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token blocks). On the H100, TMA
+    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). On the H100, TMA
     # loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
-    options: dict = {"BACKEND": "TRITON", "BLOCK_M": block_size, "BLOCK_N": block_size}
+    q_block, kv_block = block_size
+    options: dict = {"BACKEND": "TRITON", "BLOCK_M": q_block, "BLOCK_N": kv_block}
     if torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True
-        if block_size == 128:
+        if block_size == (128, 128):
             options.update(num_warps=8, num_stages=3)
     return options
 

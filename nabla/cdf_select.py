@@ -24,8 +24,8 @@ ONE_BITS = 0x3F800000  # bit pattern of 1.0f: no probability lies above it
 
 
 @triton.jit
-def _smallest_bits_with_mass_at_most(p, bits, threshold, ONE: tl.constexpr):
-    lo, hi = 0, ONE  # S(>hi) = 0 <= threshold always holds: the answer lies in [lo, hi]
+def _smallest_bits_with_mass_at_most(p, bits, threshold, lo, ONE: tl.constexpr):
+    hi = ONE  # S(>hi) = 0 <= threshold always holds: the answer lies in [lo, hi]
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         ok = tl.sum(tl.where(bits > mid, p, 0.0), axis=0) <= threshold
@@ -49,13 +49,19 @@ def _largest_bits_with_count_at_least(bits, k, ONE: tl.constexpr):
 def _row_keep(p, inside, threshold, low, high, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr):
     """The kept lanes of one row of probabilities `p` (0 past the row)."""
     bits = tl.where(inside, p.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
-    cut = _smallest_bits_with_mass_at_most(p, bits, threshold, ONE)
-    # The bounds cost a bisection each: skip those that cannot bind (the mass search always keeps the
-    # largest entry, so low <= 1 holds by itself; high >= n never caps).
+    # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of 31 row-wide
+    # sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
+    # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
     if CAP_HIGH:
-        cut = tl.maximum(cut, _largest_bits_with_count_at_least(bits, high, ONE))  # at most ~high kept
-    if RAISE_LOW:
-        cut = tl.minimum(cut, _largest_bits_with_count_at_least(bits, low, ONE))  # at least low kept
+        cut = _largest_bits_with_count_at_least(bits, high, ONE)  # at most ~high kept
+        if tl.sum(tl.where(bits > cut, p, 0.0), axis=0) > threshold:
+            cut = _smallest_bits_with_mass_at_most(p, bits, threshold, cut + 1, ONE)
+    else:
+        cut = _smallest_bits_with_mass_at_most(p, bits, threshold, 0, ONE)
+    # (the mass search always keeps the largest entry, so low <= 1 holds by itself)
+    if RAISE_LOW:  # noqa: SIM102 (a constexpr branch: compiled out, not a runtime test)
+        if tl.sum((bits >= cut).to(tl.int32), axis=0) < low:
+            cut = _largest_bits_with_count_at_least(bits, low, ONE)  # at least low kept
     return bits >= cut
 
 
@@ -85,25 +91,43 @@ def _store_compacted(selected, offs, inside, counts_ptr, indices_ptr, row, n):
 
 
 @triton.jit
-def _nabla_indices_kernel(
-    logits_ptr, empty_ptr, sta_ptr, partial_ptr, keep_ptr,
-    partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
-    n, threshold, low, high,
-    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    empty = tl.load(empty_ptr + offs, mask=inside, other=1) != 0  # key blocks without a real token
+def _nabla_row(logits_ptr, sta_ptr, keep_ptr, row, n, offs, inside, empty, threshold, low, high,
+               ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr):
+    """One row of the block mask from its pooled logits (softmax, cut, STA union), stored and returned."""
     x = tl.load(logits_ptr + row * n + offs, mask=inside & ~empty, other=float("-inf"))
     e = tl.exp(x - tl.max(x, axis=0))
     keep = _row_keep(e / tl.sum(e, axis=0), inside, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW) & inside
     if HAS_STA:
         keep = keep | (tl.load(sta_ptr + (row % n) * n + offs, mask=inside, other=0) != 0)
     tl.store(keep_ptr + row * n + offs, keep, mask=inside)
+    return keep
+
+
+@triton.jit
+def _nabla_indices_kernel(
+    logits_ptr, empty_ptr, sta_ptr, partial_ptr, keep_ptr,
+    partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
+    n, n_q, threshold, low, high,
+    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
+    MERGE: tl.constexpr, EXACT: tl.constexpr,
+):
+    q_row = tl.program_id(0).to(tl.int64)  # a kernel query block: MERGE consecutive rows of the mask
+    first = (q_row // n_q) * n + (q_row % n_q) * MERGE
+    offs = tl.arange(0, BLOCK)
+    inside = offs < n
+    empty = tl.load(empty_ptr + offs, mask=inside, other=1) != 0  # key blocks without a real token
+    args = (n, offs, inside, empty, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
+    keep = _nabla_row(logits_ptr, sta_ptr, keep_ptr, first, *args)
     partial = tl.load(partial_ptr + offs, mask=inside, other=0) != 0  # key blocks holding padding
-    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, row, n)
-    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, row, n)
+    if MERGE == 2:
+        # the second row; an odd last kernel block repeats the first (its rows past the end hold padding)
+        second = tl.minimum(first + 1, (q_row // n_q) * n + n - 1)
+        other = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, *args)
+        if EXACT:  # a key block kept by one row only runs mask_mod, which drops it for the other row
+            partial = partial | (keep != other)
+        keep = keep | other
+    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, q_row, n)
+    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, q_row, n)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
@@ -130,25 +154,32 @@ def nabla_block_indices(
     high: int,
     partial: torch.Tensor,
     sta: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
+    merge: int = 1,
+    exact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NABLA's block mask and its FlexAttention indices from the pooled logits, in one kernel.
 
     `logits` [B, H, nb, nb] float32 (scaled pooled q @ k^T), `empty` [nb] bool (key blocks without a
     real token: probability 0), `partial` [nb] bool (key blocks holding padding), `sta` [nb, nb] bool
-    or None (kept as well). Returns keep [B, H, nb, nb] bool and, per query block, the count and
-    indices of the kept key blocks that are partial, then of those that are full (int32; indices
-    beyond the count hold the other blocks).
+    or None (kept as well). Returns keep [B, H, nb, nb] bool and, per kernel query block (`merge`
+    consecutive mask rows, 1 or 2), the count and indices of the key blocks kept by any of its rows that
+    need mask_mod (holding padding or, if `exact`, kept by only some of its rows), then of the others
+    (int32; indices beyond the count hold the other blocks). Without `exact` every row of a kernel
+    block attends the union of its rows' key blocks.
     """
+    if merge not in (1, 2):
+        raise ValueError(f"nabla_block_indices: merge={merge!r}; allowed: 1 or 2")
     logits = logits.contiguous()
     n = logits.shape[-1]
+    n_q = -(-n // merge)
     keep = torch.empty_like(logits, dtype=torch.bool)
-    rows = logits.shape[:-1]
+    rows = (*logits.shape[:-2], n_q)
     outputs = [keep]
     for _ in range(2):
-        outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty(logits.shape, dtype=torch.int32)]
-    torch.library.wrap_triton(_nabla_indices_kernel)[(logits.numel() // n,)](
-        logits, empty, sta if sta is not None else empty, partial, *outputs, n, _threshold(threshold), low, high,
-        HAS_STA=sta is not None, **_meta(n, low, high),
+        outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty((*rows, n), dtype=torch.int32)]
+    torch.library.wrap_triton(_nabla_indices_kernel)[(logits.numel() // n // n * n_q,)](
+        logits, empty, sta if sta is not None else empty, partial, *outputs, n, n_q, _threshold(threshold), low,
+        high, HAS_STA=sta is not None, MERGE=merge, EXACT=exact, **_meta(n, low, high),
     )
     return tuple(outputs)
 

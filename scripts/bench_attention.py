@@ -8,6 +8,13 @@ is set, also written to $OUT/bench_attention.md.
     python scripts/bench_attention.py                           # both shapes, on CUDA
     python scripts/bench_attention.py --shapes 14B-720p --json bench.json
     python scripts/bench_attention.py --smoke                   # tiny shape, few iterations (runs on CPU)
+    python scripts/bench_attention.py --inputs local            # q, k with attention to nearby tiles
+
+`--inputs random` (default) draws q, k, v at random: the pooled maps are noise, so neighbouring query
+blocks share few key blocks. `--inputs local` adds to q and k a smooth function of the token's position
+(random Fourier features of (t, h, w), length scale LOCAL_SCALE tiles), so that, as in trained video
+models, a query block's largest pooled logits are its neighbours', and neighbouring query blocks share
+most of their key blocks; that decides what 64-token rows run in 128-row kernel blocks cost.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
 
-from nabla.attention import make_block_mask, sparse_attention
+from nabla.attention import attended_mask, make_block_mask, sparse_attention
 from nabla.backend import flash_unavailable_reason
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
@@ -43,6 +50,7 @@ BATCH = 1
 TARGET_SPEEDUP = 6.5
 TARGET_MASK_SHARE = 0.05
 CHECK_TOLERANCE = 2e-2  # max abs error allowed, relative to max |reference|: bf16 rounding is ~0.4%
+LOCAL_SCALE = 2.0  # --inputs local: length scale, in tiles, of the positional part of q and k
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,21 @@ DENSITIES = (0.1, 0.5)
 TARGET_KERNEL = "sparse 10%, block 128"
 
 
+MERGED = "block 64 in 128-row kernel blocks"
+
+
 def sparse_variants(backend: str) -> dict[str, SparsityConfig]:
-    return {
+    variants = {
         f"{backend} sparse {density:.0%}, block {block}": fixed_density(density, block, backend)
         for block in BLOCK_SIZES
         for density in DENSITIES
     }
+    for density in DENSITIES:
+        variants[f"{backend} sparse {density:.0%}, {MERGED}"] = fixed_density(density, 64, backend).replace(
+            query_block_size=128)
+    union = fixed_density(DENSITIES[0], 64, backend).replace(query_block_size=128, query_block_union=True)
+    variants[f"{backend} sparse {DENSITIES[0]:.0%}, {MERGED}, union"] = union
+    return variants
 SDPA_BACKENDS = {
     "SDPA default": None,
     "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
@@ -93,6 +110,7 @@ class Row:
     shape: str
     kernel: str
     density: float | None = None  # fraction of (query block, key block) pairs kept; 1 for dense
+    kernel_density: float | None = None  # fraction the kernel computes (more than density in merged rows)
     mask_ms: float | None = None  # make_block_mask alone (mask + BlockMask)
     total_ms: float | None = None  # the whole call (sparse: mask build + kernel)
     tflops: float | None = None  # 4*D*(real token pairs computed) / total_ms
@@ -216,9 +234,11 @@ def measure_sparse(
     # The stats call compiles the same graphs as `attend` (the stats are computed outside them).
     _, stats = warm_up(lambda: sparse_attention(*tiled, layout, config, return_stats=True), device)
     counts = real_tokens_per_block(layout, config.block_size, device)
-    real_pairs = torch.einsum("bhij,i,j->", stats["mask"].float(), counts, counts).item()
+    attended = attended_mask(stats["mask"], config.query_merge, config.query_block_union)[..., : len(counts), :]
+    real_pairs = torch.einsum("bhij,i,j->", attended.float(), counts, counts).item()
     warm_up(build_mask, device)
     row.density = stats["density"].mean().item()
+    row.kernel_density = stats["kernel_density"].mean().item()
     row.mask_ms = bench(build_mask)
     row.total_ms = bench(attend)
     row.tflops = tflops(4 * HEAD_DIM * real_pairs, row.total_ms)
@@ -232,17 +252,35 @@ def attempt(row: Row, measure: Callable[[Row], None]) -> Row:
         log(f"{row.shape}: {row.kernel}: n/a ({str(failure).strip().splitlines()[0][:160]})")
         return Row(row.shape, row.kernel, dense=row.dense)
     mask = "" if row.dense else f"mask {row.mask_ms:.2f} ms, "
-    log(f"{row.shape}: {row.kernel}: density {row.density:.3f}, {mask}total {row.total_ms:.2f} ms")
+    visited = "" if row.dense else f" (kernel computes {row.kernel_density:.3f})"
+    log(f"{row.shape}: {row.kernel}: density {row.density:.3f}{visited}, {mask}total {row.total_ms:.2f} ms")
     return row
 
 
+def local_part(shape: Shape, device: torch.device) -> torch.Tensor:
+    """[S, HEAD_DIM] a smooth function of each raster token's (t, h, w), in tiles, whose dot products fall
+    off with distance (random Fourier features of a Gaussian kernel of length scale LOCAL_SCALE tiles)."""
+    t, h, w = torch.meshgrid(*(torch.arange(n, device=device) for n in (shape.T, shape.H, shape.W)), indexing="ij")
+    position = torch.stack([t, h / 8, w / 8], -1).flatten(0, 2).float()  # tiles are 1 x 8 x 8 tokens
+    frequencies = torch.randn(3, HEAD_DIM, device=device) / LOCAL_SCALE
+    phases = torch.rand(HEAD_DIM, device=device) * 2 * torch.pi
+    return torch.cos(position @ frequencies + phases) * 2 * HEAD_DIM**0.5  # pooled logits ~ 4x the kernel
+
+
 def bench_shape(
-    name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench, backends: list[str]
+    name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench, backends: list[str],
+    inputs: str = "random",
 ) -> tuple[list[Row], Check]:
     layout = TileLayout(shape.T, shape.H, shape.W)
     S = layout.length
-    log(f"{name}: {shape.heads} heads, grid {shape.T}x{shape.H}x{shape.W}, {S} tokens ({layout.padded_length} padded)")
-    raster = tuple(torch.randn(BATCH, shape.heads, S, HEAD_DIM, device=device, dtype=dtype) for _ in range(3))
+    log(f"{name}: {shape.heads} heads, grid {shape.T}x{shape.H}x{shape.W}, {S} tokens ({layout.padded_length} padded), "
+        f"{inputs} inputs")
+    raster = [torch.randn(BATCH, shape.heads, S, HEAD_DIM, device=device, dtype=dtype) for _ in range(3)]
+    if inputs == "local":
+        local = local_part(shape, device).to(dtype)
+        raster[0] += local
+        raster[1] += local
+    raster = tuple(raster)
     tiled = tuple(layout.tile(x, dim=2) for x in raster)
 
     check = check_sparse(name, raster, tiled, layout, backends)
@@ -308,26 +346,28 @@ def target_line(shape: str, rows: list[Row], backend: str) -> str:
 
 
 def crossover_lines(shape: str, rows: list[Row], backends: list[str]) -> list[str]:
-    """Per backend and block size: the mask density above which dense attention wins (a line through the 10%
-    and 50% rows, mask build included), and the 64-token time over the 128-token one at 10%."""
+    """Per backend and blocking: the mask density above which dense attention wins (a line through the 10%
+    and 50% rows, mask build included), and the time over the 128-token one at 10%."""
     dense = min((r.total_ms for r in rows if r.dense and r.total_ms is not None), default=None)
     by_kernel = {r.kernel: r for r in rows}
     lines = []
     for backend in backends:
         base = by_kernel.get(f"{backend} sparse 10%, block 128")
-        for block in BLOCK_SIZES:
-            low, high = (by_kernel.get(f"{backend} sparse {d:.0%}, block {block}") for d in DENSITIES)
+        for blocking in [f"block {block}" for block in BLOCK_SIZES] + [MERGED]:
+            low, high = (by_kernel.get(f"{backend} sparse {d:.0%}, {blocking}") for d in DENSITIES)
             if dense is None or low is None or high is None or low.total_ms is None or high.total_ms is None:
                 continue
             slope = (high.total_ms - low.total_ms) / (high.density - low.density)
             cross = low.density + (dense - low.total_ms) / slope
             ratio = f"; {low.total_ms / base.total_ms:.2f}x the block-128 time at 10%" if base and base.total_ms else ""
-            lines.append(f"- {shape}, {backend}, block {block}: dense wins above density {min(cross, 1.0):.2f}{ratio}")
+            lines.append(f"- {shape}, {backend}, {blocking}: dense wins above density {min(cross, 1.0):.2f}{ratio}")
     return lines
 
 
-def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.dtype, backends: list[str]) -> str:
-    setup = f"{device_name}, torch {torch.__version__}, {dtype}, head dim {HEAD_DIM}, batch {BATCH}"
+def render(
+    rows: list[Row], checks: list[Check], device_name: str, dtype: torch.dtype, backends: list[str], inputs: str
+) -> str:
+    setup = f"{device_name}, torch {torch.__version__}, {dtype}, head dim {HEAD_DIM}, batch {BATCH}, {inputs} inputs"
     lines = [
         f"## Attention benchmark: {setup}",
         "",
@@ -341,18 +381,21 @@ def render(rows: list[Row], checks: list[Check], device_name: str, dtype: torch.
     lines += [
         "",
         ("Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
-        "density: fraction of (query block, key block) pairs kept (sparse_attention's stats, mean over heads). "
+        "density: fraction of (query block, key block) pairs kept (sparse_attention's stats, mean over heads); "
+        "kernel density: the fraction the kernel computes, more than the density where 64-token rows run in "
+        "128-row kernel blocks (each visits the key blocks of both rows; union: both rows attend all of them). "
         "TFLOP/s: 4*D*(real token pairs computed) / attention total, so sparse rows count exactly the real "
         "token pairs of their kept blocks (padding excluded) and include the mask build time. "
         "speedup: fastest dense attention total / this attention total."),
         "",
-        "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         mask = "-" if row.dense else fmt(row.mask_ms, ".2f")
         lines.append(
-            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {mask} | {fmt(row.total_ms, '.2f')} "
+            f"| {row.shape} | {row.kernel} | {fmt(row.density, '.3f')} | {'-' if row.dense else fmt(row.kernel_density, '.3f')} "
+            f"| {mask} | {fmt(row.total_ms, '.2f')} "
             f"| {fmt(row.tflops, '.1f')} | {fmt(row.speedup, '.2f', '-')}{'x' if row.speedup else ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -363,6 +406,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows and checks as JSON")
+    parser.add_argument("--inputs", choices=["random", "local"], default="random",
+                        help="q, k at random, or with attention to nearby tiles (see above)")
     add_backends_option(parser)
     args = parser.parse_args()
 
@@ -388,7 +433,7 @@ def main() -> None:
     rows: list[Row] = []
     checks: list[Check] = []
     for name, shape in shapes.items():
-        shape_rows, check = bench_shape(name, shape, device, dtype, bench, backends)
+        shape_rows, check = bench_shape(name, shape, device, dtype, bench, backends, args.inputs)
         rows += shape_rows
         checks.append(check)
         # Free this shape's tensors and compiled graphs before the next one.
@@ -397,7 +442,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    markdown = render(rows, checks, device_name, dtype, backends)
+    markdown = render(rows, checks, device_name, dtype, backends, args.inputs)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_attention.md"
         path.write_text(markdown)

@@ -161,10 +161,15 @@ def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipelin
     return pipe
 
 
-def nabla_config(args, backend: str, block_size: int) -> SparsityConfig:
+#: --block-sizes: tokens per block, or 64-token mask rows run two by two in 128-row kernel query blocks
+BLOCKINGS = {"128": (128, None), "64": (64, None), "64/128": (64, 128)}
+
+
+def nabla_config(args, backend: str, blocking: str) -> SparsityConfig:
     # dense_above 1.0: time the sparse kernels themselves
+    block_size, query_block_size = BLOCKINGS[blocking]
     return SparsityConfig(mode="nabla", threshold=args.threshold, block_size=block_size, max_density=args.max_density,
-                          backend=backend, dense_above=1.0)
+                          backend=backend, dense_above=1.0, query_block_size=query_block_size)
 
 
 def extra_options(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +177,9 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-dense", action="store_true",
                         help="skip the dense compiled and patched dense runs (their ratios then show '-')")
     add_backends_option(parser)
-    parser.add_argument("--block-sizes", nargs="+", type=int, choices=[128, 64], default=[128, 64],
-                        help="NABLA block sizes to time (the levers' rows use the first)")
+    parser.add_argument("--block-sizes", nargs="+", choices=list(BLOCKINGS), default=["128", "64"],
+                        help="NABLA block sizes to time, 64/128 for 64-token mask rows in 128-row kernel query blocks "
+                        "(the levers' rows use the first)")
     parser.add_argument("--fp8", action="store_true", help="add rows with torchao FP8 block Linear layers (compute "
                         "capability >= 8.9; skipped with the reason elsewhere)")
     parser.add_argument("--cache", nargs="?", metavar="YAML",
@@ -214,18 +220,18 @@ def main() -> None:
     if not args.skip_dense:
         rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
     for backend in backends:
-        for block_size in args.block_sizes:
-            cfg = nabla_config(args, backend, block_size)
+        for blocking in args.block_sizes:
+            cfg = nabla_config(args, backend, blocking)
             patch.state.config, patch.state.backend = cfg, None
             patch.state.reset()
-            name = f"NABLA {backend}, block {block_size}, compiled"
+            name = f"NABLA {backend}, block {blocking}, compiled"
             try:
                 row = measure(name, pipe, args, patch.state)
             except RuntimeError as failure:  # a kernel that refuses this blocking: report it, time the rest
                 log(f"{name}: n/a ({str(failure).strip().splitlines()[0][:200]})")
                 torch._dynamo.config.error_on_recompile = False
                 continue
-            row.update(config=cfg, density=patch.state.mean_density())
+            row.update(config=cfg, density=patch.state.mean_density(), kernel_density=patch.state.mean_kernel_density())
             rows.append(row)
 
     def lever(name: str, cached: bool = False) -> dict:
@@ -294,6 +300,8 @@ def main() -> None:
         mask = f"{row['mask_ms'] * row_calls / 1000 / row['step_s']:.1%}" if nabla else "-"
         per_call = f"{row['mask_ms'] / row['sparse_ms']:.1%}" if nabla else "-"
         density = f"{row['density']:.3f}" if nabla else "1"
+        if nabla and row["config"].query_merge > 1:
+            density += f" (kernel {row['kernel_density']:.3f})"
         vs_stock = f"{stock / row['step_s']:.2f}x" if stock else "-"
         vs_dense = f"{dense_compiled / row['step_s']:.2f}x" if dense_compiled else "-"
         print(f"| {row['name']} | {row['computed']}/{len(row['steps'])} | {row['step_s']:.2f} | {vs_stock} "

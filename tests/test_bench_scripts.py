@@ -16,9 +16,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.mark.parametrize("command, header", [
     ([sys.executable, "scripts/bench_attention.py", "--smoke"],
-     "| shape | kernel | density | mask build ms | attention total ms | TFLOP/s | speedup |"),
+     "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |"),
     ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache", "--video-steps", "5",
-      "--cache-warmup-steps", "2"],
+      "--cache-warmup-steps", "2", "--block-sizes", "128", "64", "64/128"],
      ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
       "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
@@ -35,3 +35,7 @@ def test_benchmark_runs_to_its_table(command, header, tmp_path):
         # the whole 5-step schedule: step 0 computed, then interval 2 (steps 1 and 3 computed, 2 and 4 cached)
         assert any(row.startswith("| NABLA + cache") and "| 3/5 |" in row for row in rows)
         assert "skipping the NABLA + FP8 rows: precision fp8 needs a CUDA GPU" in result.stdout
+        # 64-token rows in 128-row kernel blocks: the kernel computes more blocks than the mask keeps
+        merged = next(row for row in rows if row.startswith("| NABLA auto, block 64/128, compiled"))
+        density, kernel = merged.split(" | ")[5].replace("(kernel ", "").rstrip(")").split()
+        assert float(kernel) > float(density)

@@ -40,14 +40,14 @@ def test_triton_kernel_matches_sorting():
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
 CHECK_INDICES = r"""
 import torch
-from nabla.attention import _compact, _padded_valid, _partial_cols, _sta_blocks
+from nabla.attention import _padded_valid, _partial_cols, _sta_blocks, kernel_block_indices
 from nabla.cdf_select import nabla_block_indices
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 from nabla.masks import cdf_keep_sorted, density_bounds, pooled_logits
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
-for grid in ((2, 9, 20), (3, 10, 13), (1, 16, 16)):
+for grid in ((1, 17, 20), (3, 10, 13), (1, 16, 16)):  # 9, 12 and 4 tiles
     layout = TileLayout(*grid)
     for config in (SparsityConfig(mode="nabla", threshold=0.5), SparsityConfig(mode="nabla", threshold=1.0),
                    SparsityConfig(mode="nabla", threshold=0.9, max_density=0.3, block_size=128),
@@ -60,24 +60,29 @@ for grid in ((2, 9, 20), (3, 10, 13), (1, 16, 16)):
         low, high = density_bounds(nb, config.min_density, config.max_density)
         partial = _partial_cols(_padded_valid(layout, bs, "cpu"), bs)
         sta = _sta_blocks(layout, config, torch.device("cpu")) if config.uses_sta else None
-        keep, *indices = nabla_block_indices(logits, empty, config.threshold, low, high, partial, sta)
         probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
         ref = cdf_keep_sorted(probs, config.threshold, low, high)
         if sta is not None:
             ref = ref | sta
-        differ = keep != ref
-        if differ.any():  # only near-ties at the cut: float sums in another order
-            vals = probs.sort(-1, descending=True).values
-            gap = ((vals.cumsum(-1) - vals) - config.threshold).abs().min()
-            assert gap < 1e-6 and differ.sum() <= 2, (grid, config, int(differ.sum()), float(gap))
-        for (count, idx), (ref_count, ref_idx) in zip(zip(indices[::2], indices[1::2]),
-                                                      (_compact(keep & partial), _compact(keep & ~partial))):
-            assert torch.equal(count, ref_count), (grid, config)
-            taken = torch.arange(nb) < count.unsqueeze(-1)
-            assert torch.equal(idx[taken], ref_idx[taken]), (grid, config)
-            assert torch.equal(idx.sort(-1).values, torch.arange(nb, dtype=torch.int32).expand_as(idx)), "not a permutation"
-        assert int(indices[0].sum() + indices[2].sum()) == int(keep.sum())
-        checked += 1
+        # kernel query blocks of one mask row, and for 64-token blocks of two (exact; with STA also their union)
+        variants = ((1, False), (2, False), (2, True)) if config.uses_sta else ((1, False), (2, False))
+        for merge, union in variants if bs == 64 else ((1, False),):
+            keep, *indices = nabla_block_indices(logits, empty, config.threshold, low, high, partial, sta, merge,
+                                                 not union)
+            differ = keep != ref
+            if differ.any():  # only near-ties at the cut: float sums in another order
+                vals = probs.sort(-1, descending=True).values
+                gap = ((vals.cumsum(-1) - vals) - config.threshold).abs().min()
+                assert gap < 1e-6 and differ.sum() <= 2, (grid, config, int(differ.sum()), float(gap))
+            expected = kernel_block_indices(keep, partial, merge, union)
+            for count, idx, ref_count, ref_idx in zip(indices[::2], indices[1::2], expected[::2], expected[1::2]):
+                assert torch.equal(count, ref_count), (grid, config, merge, union)
+                taken = torch.arange(nb) < count.unsqueeze(-1)
+                assert torch.equal(idx[taken], ref_idx[taken]), (grid, config, merge, union)
+                assert torch.equal(idx.sort(-1).values, torch.arange(nb, dtype=torch.int32).expand_as(idx)), "not a permutation"
+            if merge == 1:
+                assert int(indices[0].sum() + indices[2].sum()) == int(keep.sum())
+            checked += 1
 print("checked", checked)
 """
 
@@ -88,4 +93,4 @@ def test_fused_mask_kernel_matches_the_torch_path():
     result = subprocess.run([sys.executable, "-c", CHECK_INDICES], cwd=root, env=env, capture_output=True, text=True,
                             timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 15" in result.stdout
+    assert "checked 30" in result.stdout

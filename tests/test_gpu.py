@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from nabla.attention import _compact, _compiled_block_mask_tensors, _mask_inputs, sparse_attention
+from nabla.attention import (
+    _compiled_block_mask_tensors,
+    _mask_inputs,
+    attended_mask,
+    kernel_block_indices,
+    sparse_attention,
+)
 from nabla.backend import flash_unavailable_reason, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
@@ -44,6 +50,7 @@ def test_auto_backend_picks_flash_where_it_runs():
 
 
 def masked_reference(q, k, v, keep, layout, block_size, rows):
+    # keep: [B, H, nb, nb], or more rows (attended_mask pads to whole kernel blocks)
     """float64 attention of the query `rows` over the keys that the block mask `keep` and `layout.valid` allow,
     written out (no SDPA kernel choice): [B, H, len(rows), D]."""
     valid = layout.valid_on(q.device)
@@ -87,12 +94,14 @@ def test_nabla_at_the_14b_shape_matches_masked_reference(block_size):
 @cuda
 @pytest.mark.parametrize("shape", WAN_SHAPES, ids=list(WAN_SHAPES))
 @pytest.mark.parametrize("mode", ["nabla", "nabla+sta"])
-def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode):
+@pytest.mark.parametrize("query_block", [None, 128])
+def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode, query_block):
     """The one-kernel mask build (softmax, cut, STA union, indices) against sorting, on the GPU's own pooled logits."""
     heads, *grid = WAN_SHAPES[shape]
     layout = TileLayout(*grid)
     q, k, _ = qkv(heads, layout)
-    config = SparsityConfig(mode=mode, threshold=0.4, block_size=64, sta_window=(3, 3, 3), max_density=0.2)
+    config = SparsityConfig(mode=mode, threshold=0.4, block_size=64, sta_window=(3, 3, 3), max_density=0.2,
+                            query_block_size=query_block)
     valid, partial, sta, *_ = _mask_inputs(q, layout, config)
     keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(
         q, k, *_mask_inputs(q, layout, config))
@@ -103,8 +112,30 @@ def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode):
         ref = ref | sta
     mismatch = (keep != ref).float().mean().item()
     assert mismatch < 1e-5, f"{mismatch:.2e} of the blocks differ from sorting"  # near-ties at the cut only
-    for counts, idx, ref_counts, ref_idx in ((partial_counts, partial_idx, *_compact(keep & partial)),
-                                             (full_counts, full_idx, *_compact(keep & ~partial))):
+    expected = kernel_block_indices(keep, partial, config.query_merge)
+    for counts, idx, ref_counts, ref_idx in ((partial_counts, partial_idx, *expected[:2]),
+                                             (full_counts, full_idx, *expected[2:])):
         assert torch.equal(counts, ref_counts)
         taken = torch.arange(idx.shape[-1], device="cuda") < counts.unsqueeze(-1)
         assert torch.equal(idx[taken], ref_idx[taken])
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("union", [False, True], ids=["exact", "union"])
+@pytest.mark.parametrize("shape", ["padded", "14B-720p"])
+def test_merged_query_blocks_match_masked_reference(backend, union, shape):
+    """64-token mask rows two by two in 128-row kernel blocks: exact, or their union, against float64."""
+    heads, *grid = (4, 3, 20, 28) if shape == "padded" else WAN_SHAPES[shape]
+    layout = TileLayout(*grid)
+    q, k, v = qkv(heads, layout)
+    config = SparsityConfig(mode="nabla", threshold=0.4, max_density=0.2, backend=backend, dense_above=1.0,
+                            query_block_size=128, query_block_union=union)
+    out, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
+    assert (stats["kernel_density"] > stats["density"]).all()
+    rows = layout.valid_on("cuda").nonzero().flatten()
+    if shape != "padded":
+        rows = rows[torch.randperm(len(rows), device="cuda")[:256]]
+    ref = masked_reference(q, k, v, attended_mask(stats["mask"], 2, union), layout, 64, rows)
+    diff = (out[:, :, rows].double() - ref).abs().max().item()
+    assert diff <= 2e-2, f"{stats['backend']}: max abs diff {diff:.2e} against the masked float64 reference"

@@ -26,7 +26,7 @@ from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
 from nabla import SparsityConfig, TileLayout, dense_attention
-from nabla.attention import attend_block_mask, make_block_mask, too_dense
+from nabla.attention import attend_block_mask, kernel_density, make_block_mask, too_dense
 from nabla.backend import dense_above, resolve_backend
 from nabla.layout import gather_tiles
 
@@ -47,6 +47,9 @@ class NablaState:
     last_timestep: float | None = None
     #: (step, layer, density per head [H] on the device) for every sparse attention call
     densities: list[tuple[int, int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    #: per sparse call that ran the sparse kernel, the fraction of blocks it computed per head [H]: the mask
+    #: density, or more where kernel query blocks merge mask rows (config.query_block_size)
+    kernel_densities: list[torch.Tensor] = dataclasses.field(default_factory=list)
     #: (step, layer) of sparse calls run dense instead: their mask was too dense for the sparse kernel to win,
     #: or the layer's was within the last FALLBACK_STEPS steps (then no mask is built)
     dense_fallbacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -88,6 +91,7 @@ class NablaState:
     def reset(self) -> None:
         self.step, self.last_timestep = -1, None
         self.densities.clear()
+        self.kernel_densities.clear()
         self.dense_fallbacks.clear()
         self.dense_until.clear()
         self.passes.clear()
@@ -95,9 +99,10 @@ class NablaState:
             self.recorder.reset()
 
     def mean_density(self) -> float | None:
-        if not self.densities:
-            return None
-        return float(torch.stack([d.float().mean() for _, _, d in self.densities]).mean())
+        return _mean([d for _, _, d in self.densities])
+
+    def mean_kernel_density(self) -> float | None:
+        return _mean(self.kernel_densities)
 
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
@@ -152,9 +157,15 @@ class NablaState:
         if ran_dense:
             self.dense_fallbacks.append((self.step, layer))
             self.dense_until[layer] = self.step + FALLBACK_STEPS
+        else:
+            self.kernel_densities.append(kernel_density(block_mask))
         if timer is not None:
             self.recorder.record(self.step, layer, density, keep, timer, ran_dense)
         return out, ran_dense
+
+
+def _mean(per_head: list[torch.Tensor]) -> float | None:
+    return float(torch.stack([d.float().mean() for d in per_head]).mean()) if per_head else None
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
