@@ -154,7 +154,7 @@ def describe(config: SparsityConfig, backend: str | None = None) -> str:
         parts.append("STA window {}x{}x{}".format(*config.sta_window))
     parts.append(f"{config.block_size}-token blocks")
     if config.query_merge > 1:
-        parts.append(f"{config.query_block_size}-row kernel blocks" + (" (union)" if config.query_block_union else ""))
+        parts.append(f"{config.query_block_size}-row kernel blocks")
     if backend is not None:
         parts.append(f"{backend} kernel")
     return ", ".join(parts)
@@ -284,9 +284,8 @@ def run(args: argparse.Namespace) -> int:
               " (the others took some or all blocks from the cache)")
     kernel_density = patch.state.mean_kernel_density() if patch and sparsity.query_merge > 1 else None
     if kernel_density is not None:
-        merged = "their union" if sparsity.query_block_union else "each its own"
-        print(f"{sparsity.query_block_size}-row kernel query blocks over {sparsity.block_size}-token mask rows "
-              f"({merged}): the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
+        print(f"{sparsity.query_block_size}-row kernel query blocks attend the union of their {sparsity.block_size}-token "
+              f"mask rows: the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
     if patch and patch.state.dense_fallbacks:
         print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
               f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")

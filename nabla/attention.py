@@ -32,12 +32,11 @@ def _block_mask_tensors(
     min_density: float | None,
     max_density: float | None,
     merge: int,
-    union: bool,
 ) -> tuple[torch.Tensor, ...]:
     """Block mask and its FlexAttention indices, in one function so that CUDA compiles it into few kernels.
 
     Returns keep [B, H, nb, nb] and, per kernel query block (`merge` consecutive mask rows), (count,
-    indices) of the key blocks that run mask_mod and of the full ones (see `kernel_block_indices`).
+    indices) of the key blocks that hold padding and of the full ones (see `kernel_block_indices`).
     """
     B, H = q.shape[:2]
     nb = partial_cols.shape[0]
@@ -45,7 +44,7 @@ def _block_mask_tensors(
         # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
         logits, empty = pooled_logits(q, k, block_size, valid)
         low, high = density_bounds(nb, min_density, max_density)
-        return nabla_block_indices(logits, empty, threshold, low, high, partial_cols, sta, merge, not union)
+        return nabla_block_indices(logits, empty, threshold, low, high, partial_cols, sta, merge)
     if mode in ("nabla", "nabla+sta"):
         keep = nabla_block_mask(
             q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density
@@ -54,22 +53,15 @@ def _block_mask_tensors(
         keep = torch.full((B, H, nb, nb), mode == "full", dtype=torch.bool, device=q.device)
     if sta is not None:
         keep = keep | sta
-    return (keep, *kernel_block_indices(keep, partial_cols, merge, union))
+    return (keep, *kernel_block_indices(keep, partial_cols, merge))
 
 
-def kernel_block_indices(
-    keep: torch.Tensor, partial_cols: torch.Tensor, merge: int = 1, union: bool = False
-) -> tuple[torch.Tensor, ...]:
+def kernel_block_indices(keep: torch.Tensor, partial_cols: torch.Tensor, merge: int = 1) -> tuple[torch.Tensor, ...]:
     """FlexAttention's (count, indices) per kernel query block of `merge` consecutive rows of `keep`
-    [B, H, nb, nb]: first of the kept key blocks that run mask_mod (holding padding, or kept by only some
-    of the rows unless `union`), then of the full ones. A kernel block visits the union of its rows' key
-    blocks; with `union` all its rows attend them (a superset of `keep`)."""
-    kept = agreed = keep
-    if merge > 1:
-        rows = _pad_rows(keep, merge).unflatten(-2, (-1, merge))
-        kept, agreed = rows.any(-2), rows.all(-2)
-    needs_mod = partial_cols if union else partial_cols | (kept & ~agreed)
-    return (*_compact(kept & needs_mod), *_compact(kept & ~needs_mod))
+    [B, H, nb, nb], which attends the union of its rows' key blocks: first of those holding padding
+    (mask_mod runs there), then of the full ones."""
+    kept = _pad_rows(keep, merge).unflatten(-2, (-1, merge)).any(-2) if merge > 1 else keep
+    return (*_compact(kept & partial_cols), *_compact(kept & ~partial_cols))
 
 
 def _pad_rows(keep: torch.Tensor, merge: int) -> torch.Tensor:
@@ -79,13 +71,14 @@ def _pad_rows(keep: torch.Tensor, merge: int) -> torch.Tensor:
     return torch.cat([keep, keep[..., -1:, :].expand(*keep.shape[:-2], extra, keep.shape[-1])], -2) if extra else keep
 
 
-def attended_mask(keep: torch.Tensor, merge: int = 1, union: bool = False) -> torch.Tensor:
-    """The key blocks each query block attends [B, H, nb', nb]: `keep`, or with `union` each row the union
-    of its kernel block's `merge` rows; rows padded to whole kernel blocks (nb' = nb rounded up to `merge`)."""
-    keep = _pad_rows(keep, merge)
-    if union and merge > 1:
-        keep = keep.unflatten(-2, (-1, merge)).any(-2, keepdim=True).expand(-1, -1, -1, merge, -1).flatten(-3, -2)
-    return keep
+def attended_mask(keep: torch.Tensor, merge: int = 1) -> torch.Tensor:
+    """The key blocks each query block attends [B, H, nb, nb]: each row the union of the `merge` rows of its
+    kernel query block (`keep` itself for merge 1)."""
+    if merge == 1:
+        return keep
+    nb = keep.shape[-2]
+    union = _pad_rows(keep, merge).unflatten(-2, (-1, merge)).any(-2, keepdim=True)
+    return union.expand(-1, -1, -1, merge, -1).flatten(-3, -2)[..., :nb, :]
 
 
 @cache
@@ -99,7 +92,7 @@ def _mask_inputs(q: torch.Tensor, layout: TileLayout, config: SparsityConfig) ->
     partial_cols = _partial_cols(padded_valid, config.block_size)
     sta = _sta_blocks(layout, config, q.device) if config.uses_sta else None
     return (valid, partial_cols, sta, config.mode, config.threshold, config.block_size, config.min_density,
-            config.max_density, config.query_merge, config.query_block_union)
+            config.max_density, config.query_merge)
 
 
 def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
@@ -113,19 +106,16 @@ def make_block_mask(
     """FlexAttention BlockMask for `config` and the boolean block mask it came from."""
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
     keep, *indices = build(q, k, *_mask_inputs(q, layout, config))
-    # Per-row masking inside merged kernel blocks needs the exact mask_mod, compiled too.
-    merge, union = config.query_merge, config.query_block_union
-    exact = not compiled or (merge > 1 and not union)
-    return _from_indices(indices, keep, layout, config.block_size, merge, union, exact), keep
+    return _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled), keep
 
 
 def _from_indices(
-    indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, merge: int, union: bool,
+    indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, merge: int,
     exact_mask_mod: bool,
 ) -> BlockMask:
     """BlockMask from (count, indices) of the partial and of the full key blocks per kernel query block."""
     if exact_mask_mod:
-        mask_mod = _exact_mask_mod(attended_mask(keep, merge, union), layout, block_size)
+        mask_mod = _exact_mask_mod(attended_mask(keep, merge), layout, block_size)
     else:
         mask_mod = _padding_mask_mod(layout, block_size, keep.device)
     S = layout.padded_length
@@ -175,8 +165,8 @@ def _partial_cols(padded_valid: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _exact_mask_mod(keep: torch.Tensor, layout: TileLayout, block_size: int):
-    # Eager flex_attention ignores the block structure and applies only mask_mod, so on that path mask_mod
-    # looks the block mask up; so do kernel query blocks whose rows keep different key blocks (merge > 1).
+    # Eager flex_attention ignores the block structure and applies only mask_mod, so on that path
+    # mask_mod also looks the block mask up.
     valid = _padded_valid(layout, block_size, keep.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -186,18 +176,18 @@ def _exact_mask_mod(keep: torch.Tensor, layout: TileLayout, block_size: int):
 
 
 def to_flex_block_mask(
-    keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool, merge: int = 1, union: bool = False
+    keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool, merge: int = 1
 ) -> BlockMask:
     """BlockMask from a block-level mask [B, H, nb, nb], built from block indices (never S x S).
 
     Kept key blocks without padding are "full" blocks (no mask_mod evaluated); those holding padding
     keys are "partial" and run a mask_mod that drops the padding keys. With `exact_mask_mod` the
-    mask_mod also applies the block mask itself (for eager flex_attention, which applies only mask_mod,
-    and for kernel query blocks of `merge` > 1 mask rows, see `kernel_block_indices`).
+    mask_mod also applies the block mask itself (for eager flex_attention, which applies only mask_mod).
+    Kernel query blocks of `merge` mask rows attend their union (`kernel_block_indices`).
     """
     partial_cols = _partial_cols(_padded_valid(layout, block_size, keep.device), block_size)
-    indices = kernel_block_indices(keep, partial_cols, merge, union)
-    return _from_indices(indices, keep, layout, block_size, merge, union, exact_mask_mod)
+    indices = kernel_block_indices(keep, partial_cols, merge)
+    return _from_indices(indices, keep, layout, block_size, merge, exact_mask_mod)
 
 
 @lru_cache(maxsize=32)
@@ -249,7 +239,8 @@ def attend_block_mask(
 
 def kernel_density(block_mask: BlockMask) -> torch.Tensor:
     """[H] the fraction of (kernel query block, key block) pairs that the kernel computes, mean over the
-    batch: the mask density, or more where kernel query blocks merge mask rows (`query_block_size`)."""
+    batch: the mask density, or more where kernel query blocks attend the union of several mask rows
+    (`query_block_size`)."""
     visited = block_mask.kv_num_blocks + block_mask.full_kv_num_blocks
     return visited.float().mean(dim=(0, 2)) / block_mask.kv_indices.shape[-1]
 

@@ -52,17 +52,28 @@ def _row_keep(p, inside, threshold, low, high, ONE: tl.constexpr, CAP_HIGH: tl.c
     # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of 31 row-wide
     # sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
     # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
+    bound = tl.full((), -1, tl.int32)  # the count that a binding density bound sets, else -1
     if CAP_HIGH:
         cut = _largest_bits_with_count_at_least(bits, high, ONE)  # at most ~high kept
+        bound = bound * 0 + high
         if tl.sum(tl.where(bits > cut, p, 0.0), axis=0) > threshold:
             cut = _smallest_bits_with_mass_at_most(p, bits, threshold, cut + 1, ONE)
+            bound = bound * 0 - 1
     else:
-        cut = _smallest_bits_with_mass_at_most(p, bits, threshold, 0, ONE)
+        cut = _smallest_bits_with_mass_at_most(p, bits, threshold, tl.full((), 0, tl.int32), ONE)
     # (the mass search always keeps the largest entry, so low <= 1 holds by itself)
     if RAISE_LOW:  # noqa: SIM102 (a constexpr branch: compiled out, not a runtime test)
         if tl.sum((bits >= cut).to(tl.int32), axis=0) < low:
             cut = _largest_bits_with_count_at_least(bits, low, ONE)  # at least low kept
-    return bits >= cut
+            bound = bound * 0 + low
+    keep = bits >= cut
+    if CAP_HIGH or RAISE_LOW:
+        # A bound keeps exactly its count, as sorting does: of the entries tied at the cut (probabilities that
+        # underflow to 0 in a peaked row, say), only the first ones, so that a tie cannot keep the whole row.
+        tied = bits == cut
+        room = bound - tl.sum((bits > cut).to(tl.int32), axis=0)
+        keep = tl.where(bound >= 0, (bits > cut) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room)), keep)
+    return keep
 
 
 @triton.jit
@@ -109,23 +120,22 @@ def _nabla_indices_kernel(
     partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
     n, n_q, threshold, low, high,
     BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
-    MERGE: tl.constexpr, EXACT: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     q_row = tl.program_id(0).to(tl.int64)  # a kernel query block: MERGE consecutive rows of the mask
     first = (q_row // n_q) * n + (q_row % n_q) * MERGE
     offs = tl.arange(0, BLOCK)
     inside = offs < n
     empty = tl.load(empty_ptr + offs, mask=inside, other=1) != 0  # key blocks without a real token
-    args = (n, offs, inside, empty, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
-    keep = _nabla_row(logits_ptr, sta_ptr, keep_ptr, first, *args)
+    keep = _nabla_row(logits_ptr, sta_ptr, keep_ptr, first, n, offs, inside, empty, threshold, low, high,
+                      ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
     partial = tl.load(partial_ptr + offs, mask=inside, other=0) != 0  # key blocks holding padding
     if MERGE == 2:
         # the second row; an odd last kernel block repeats the first (its rows past the end hold padding)
         second = tl.minimum(first + 1, (q_row // n_q) * n + n - 1)
-        other = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, *args)
-        if EXACT:  # a key block kept by one row only runs mask_mod, which drops it for the other row
-            partial = partial | (keep != other)
-        keep = keep | other
+        other = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs, inside, empty, threshold, low, high,
+                           ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
+        keep = keep | other  # both rows attend the union
     _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, q_row, n)
     _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, q_row, n)
 
@@ -155,17 +165,15 @@ def nabla_block_indices(
     partial: torch.Tensor,
     sta: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
     merge: int = 1,
-    exact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NABLA's block mask and its FlexAttention indices from the pooled logits, in one kernel.
 
     `logits` [B, H, nb, nb] float32 (scaled pooled q @ k^T), `empty` [nb] bool (key blocks without a
     real token: probability 0), `partial` [nb] bool (key blocks holding padding), `sta` [nb, nb] bool
     or None (kept as well). Returns keep [B, H, nb, nb] bool and, per kernel query block (`merge`
-    consecutive mask rows, 1 or 2), the count and indices of the key blocks kept by any of its rows that
-    need mask_mod (holding padding or, if `exact`, kept by only some of its rows), then of the others
-    (int32; indices beyond the count hold the other blocks). Without `exact` every row of a kernel
-    block attends the union of its rows' key blocks.
+    consecutive mask rows, 1 or 2, which attend the union of their key blocks), the count and indices
+    of the kept key blocks that hold padding, then of the full ones (int32; indices beyond the count
+    hold the other blocks).
     """
     if merge not in (1, 2):
         raise ValueError(f"nabla_block_indices: merge={merge!r}; allowed: 1 or 2")
@@ -179,7 +187,7 @@ def nabla_block_indices(
         outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty((*rows, n), dtype=torch.int32)]
     torch.library.wrap_triton(_nabla_indices_kernel)[(logits.numel() // n // n * n_q,)](
         logits, empty, sta if sta is not None else empty, partial, *outputs, n, n_q, _threshold(threshold), low,
-        high, HAS_STA=sta is not None, MERGE=merge, EXACT=exact, **_meta(n, low, high),
+        high, HAS_STA=sta is not None, MERGE=merge, **_meta(n, low, high),
     )
     return tuple(outputs)
 

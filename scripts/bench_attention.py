@@ -95,8 +95,6 @@ def sparse_variants(backend: str) -> dict[str, SparsityConfig]:
     for density in DENSITIES:
         variants[f"{backend} sparse {density:.0%}, {MERGED}"] = fixed_density(density, 64, backend).replace(
             query_block_size=128)
-    union = fixed_density(DENSITIES[0], 64, backend).replace(query_block_size=128, query_block_union=True)
-    variants[f"{backend} sparse {DENSITIES[0]:.0%}, {MERGED}, union"] = union
     return variants
 SDPA_BACKENDS = {
     "SDPA default": None,
@@ -234,7 +232,7 @@ def measure_sparse(
     # The stats call compiles the same graphs as `attend` (the stats are computed outside them).
     _, stats = warm_up(lambda: sparse_attention(*tiled, layout, config, return_stats=True), device)
     counts = real_tokens_per_block(layout, config.block_size, device)
-    attended = attended_mask(stats["mask"], config.query_merge, config.query_block_union)[..., : len(counts), :]
+    attended = attended_mask(stats["mask"], config.query_merge)
     real_pairs = torch.einsum("bhij,i,j->", attended.float(), counts, counts).item()
     warm_up(build_mask, device)
     row.density = stats["density"].mean().item()
@@ -383,7 +381,7 @@ def render(
         ("Dense rows run on the real T*H*W tokens; sparse rows on the padded tile-ordered sequence. "
         "density: fraction of (query block, key block) pairs kept (sparse_attention's stats, mean over heads); "
         "kernel density: the fraction the kernel computes, more than the density where 64-token rows run in "
-        "128-row kernel blocks (each visits the key blocks of both rows; union: both rows attend all of them). "
+        "128-row kernel blocks (both rows of a kernel block attend the union of their key blocks). "
         "TFLOP/s: 4*D*(real token pairs computed) / attention total, so sparse rows count exactly the real "
         "token pairs of their kept blocks (padding excluded) and include the mask build time. "
         "speedup: fastest dense attention total / this attention total."),

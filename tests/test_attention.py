@@ -192,23 +192,21 @@ def test_dense_above_resolution():
 
 # 64-token mask rows run two by two in 128-row kernel query blocks; (3, 17, 20) has an odd number of tiles.
 @pytest.mark.parametrize("grid", [(2, 16, 16), (3, 17, 20)])
-@pytest.mark.parametrize("union", [False, True], ids=["exact", "union"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_merged_query_blocks_match_masked_sdpa(grid, union, compiled, gen):
+def test_merged_query_blocks_attend_their_union(grid, compiled, gen):
     layout = TileLayout(*grid)
     _, (q, k, v) = tiled_qkv(layout, 2, 16, gen, batch=1)
-    config = SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 1, 1), query_block_size=128,
-                            query_block_union=union)
+    config = SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 1, 1), query_block_size=128)
     out, stats = sparse_attention(q, k, v, layout, config, compiled=compiled, return_stats=True)
     keep = stats["mask"]
-    nb = keep.shape[-1]
-    attended = attended_mask(keep, 2, union)[..., :nb, :]
-    assert torch.equal(attended, keep) != union  # the union adds blocks here; the exact path none
+    # each row attends the union of its pair of rows (the second row of an odd last pair is its own)
+    pairs = torch.cat([keep, keep[..., -1:, :]], -2) if keep.shape[-2] % 2 else keep
+    union = pairs.unflatten(-2, (-1, 2)).any(-2)
+    attended = union.repeat_interleave(2, -2)[..., : keep.shape[-2], :]
+    assert torch.equal(attended_mask(keep, 2), attended) and (attended & ~keep).any() and not (keep & ~attended).any()
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(attended, layout, 64))
     torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
-    # the kernel visits the union of each pair of rows: more than the mask, counted per 128-row block
-    pairs = attended_mask(keep, 2, True).unflatten(-2, (-1, 2))[..., 0, :]
-    torch.testing.assert_close(stats["kernel_density"], pairs.float().mean((0, 2, 3)))
+    torch.testing.assert_close(stats["kernel_density"], union.float().mean((0, 2, 3)))
     assert (stats["kernel_density"] > stats["density"]).all()
 
 
@@ -216,12 +214,9 @@ def test_merged_kernel_block_indices(gen):
     keep = torch.rand(2, 3, 11, 11, generator=gen) < 0.3
     partial = torch.zeros(11, dtype=torch.bool)
     partial[-1] = True
-    for union in (False, True):
-        mod_count, mod_idx, full_count, full_idx = kernel_block_indices(keep, partial, 2, union)
-        assert mod_count.shape == (2, 3, 6) and full_idx.shape == (2, 3, 6, 11)
-        for b, h, r in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(6)).tolist():
-            rows = keep[b, h, 2 * r : 2 * r + 2]
-            either, both = rows.any(0), rows.all(0)
-            needs_mod = either & (partial if union else partial | ~both)
-            assert mod_idx[b, h, r, : mod_count[b, h, r]].tolist() == needs_mod.nonzero().flatten().tolist()
-            assert full_idx[b, h, r, : full_count[b, h, r]].tolist() == (either & ~needs_mod).nonzero().flatten().tolist()
+    partial_count, partial_idx, full_count, full_idx = kernel_block_indices(keep, partial, 2)
+    assert partial_count.shape == (2, 3, 6) and full_idx.shape == (2, 3, 6, 11)
+    for b, h, r in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(6)).tolist():
+        either = keep[b, h, 2 * r : 2 * r + 2].any(0)
+        assert partial_idx[b, h, r, : partial_count[b, h, r]].tolist() == (either & partial).nonzero().flatten().tolist()
+        assert full_idx[b, h, r, : full_count[b, h, r]].tolist() == (either & ~partial).nonzero().flatten().tolist()

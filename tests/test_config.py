@@ -24,6 +24,8 @@ sparsity:
     assert cfg == SparsityConfig("nabla+sta", 0.6, (11, 3, 3), False, 2, 128, 0.05, 0.2)
     assert cfg.uses_nabla and cfg.uses_sta and cfg.is_sparse
     assert (cfg.backend, cfg.dense_above) == ("auto", "auto")
+    assert cfg.query_block_size is None and cfg.query_merge == 1
+    assert SparsityConfig(block_size=64, query_block_size=128).query_merge == 2
 
 
 def test_other_sections_are_allowed_only_when_named(tmp_path):
@@ -54,6 +56,9 @@ BAD = [
     ("sparsity: {backend: cuda}", "'backend': 'cuda'; allowed: auto, triton, flash"),
     ("sparsity: {dense_above: 0}", "'dense_above': 0; allowed: \"auto\" or a number in \\(0, 1\\]"),
     ("sparsity: {dense_above: always}", "'dense_above': 'always'"),
+    ("sparsity: {block_size: 128, query_block_size: 64}", "'query_block_size': 64; allowed: null or one of 128 \\(>= block_size\\)"),
+    ("sparsity: {query_block_size: 96}", "'query_block_size': 96; allowed: null or one of 64, 128"),
+    ("sparsity: {query_block_size: true}", "'query_block_size': True"),
     ("sparsity: [1, 2]", "'sparsity' must be a mapping"),
     ("- a\n- b", "must hold a mapping at the top level"),
     ("sparsity: {mode: [", "is not valid YAML"),

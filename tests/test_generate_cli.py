@@ -30,7 +30,7 @@ def run_cli(*args: str) -> int:
 def test_every_shipped_config_is_there():
     names = {p.name for p in CONFIGS}
     assert {"full.yaml", "nabla-0.7.yaml", "nabla-0.4.yaml", "nabla-0.6-sta-11-3-3.yaml", "nabla-0.5-sta-11-5-5.yaml",
-            "sta-11-3-3.yaml", "nabla-0.7-fast.yaml"} <= names
+            "sta-11-3-3.yaml", "nabla-0.7-fast.yaml", "nabla-0.7-q128.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -58,6 +58,17 @@ def test_compare_writes_both_and_reports(tiny_model, tmp_path, capsys):
     density = float(printed.strip().splitlines()[-1].split("|")[-2])
     assert 0 < density < 1
     assert iio.imread(out).shape == iio.imread(tmp_path / "cmp.full.mp4").shape == (9, 64, 96, 3)
+
+
+def test_merged_query_blocks_report_what_the_union_adds(tiny_model, tmp_path, capsys):
+    config = ROOT / "configs/nabla-0.7-q128.yaml"
+    assert run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", config, "--output",
+                   tmp_path / "v.mp4", *SMALL) == 0
+    printed = capsys.readouterr().out
+    assert "nabla, threshold 0.7, 64-token blocks, 128-row kernel blocks, eager kernel" in printed
+    line = next(line for line in printed.splitlines() if line.startswith("128-row kernel query blocks"))
+    kernel, mask = (float(part.split()[-1]) for part in line.split(": ")[1].split(" of the blocks, "))
+    assert 0 < mask <= kernel <= 1
 
 
 def test_compare_cache_with_full_attention_and_stats(tiny_model, tmp_path, capsys):
