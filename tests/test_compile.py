@@ -57,3 +57,26 @@ def test_compiled_blocks_run_every_step_without_recompiling(recompile_guard):
     compiled = latents(3)  # 3 steps x 2 CFG passes x 2 layers, each with its own mask
     assert len(patch.state.densities) == 12 and patch.state.mean_density() < 1
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [SparsityConfig(mode="nabla", threshold=0.5),
+                                    SparsityConfig(mode="sta", sta_window=(1, 1, 1), dense_steps=1)],
+                         ids=["nabla", "sta-dense-first"])
+def test_patched_block_compiles_into_one_graph(config):
+    """Attention is an op inside the compiled block, on sparse and dense steps: no graph break (which would keep
+    the block's normalised input alive through attention), same output as eager."""
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def latents():
+        with torch.inference_mode():
+            return pipe(prompt="a cat plays piano", height=64, width=96, num_frames=9, num_inference_steps=2,
+                        guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    patch = patch_transformer(pipe.transformer, config)
+    eager = latents()
+    patch.state.reset()
+    pipe.transformer.blocks[1].compile(fullgraph=True)  # blocks[0] carries the patch's pass-counting hook
+    compiled = latents()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert [calls for _, calls in patch.state.passes] == [2] * 4  # 2 steps x 2 CFG passes, both layers counted

@@ -151,8 +151,24 @@ def check_cache_parallel(config: Any, ulysses: int) -> None:
 
 def enable_cache(transformer: torch.nn.Module, config: Any) -> None:
     """Hook the cache onto `transformer` (after any NABLA patch and context parallelism; see README)."""
-    if config is not None:
-        transformer.enable_cache(config)
+    if config is None:
+        return
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    if isinstance(config, TaylorSeerCacheConfig):
+        _eager_taylorseer_update()
+    transformer.enable_cache(config)
+
+
+def _eager_taylorseer_update() -> None:
+    # diffusers' TaylorSeerState.update stores its step counter (an int) from inside a compiled block's graph,
+    # where dynamo specialises on it: the block would recompile at every computed step, and past the recompile
+    # limit run uncompiled. Run the update eagerly instead: a few elementwise ops on the block's output.
+    from diffusers.hooks.taylorseer_cache import TaylorSeerState
+
+    if not getattr(TaylorSeerState.update, "_nabla_eager", False):
+        TaylorSeerState.update = torch.compiler.disable(TaylorSeerState.update)
+        TaylorSeerState.update._nabla_eager = True
 
 
 def disable_cache(transformer: torch.nn.Module) -> None:

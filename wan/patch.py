@@ -7,7 +7,8 @@ No model code is forked; hooks and an attention processor do the work:
   processor that computes q, k, v like diffusers' WanAttnProcessor, puts them in tile order (padded
   to whole tiles) in the same compiled graph as the rotary embedding (one fused gather: the raster
   copies are never written), runs NABLA/STA block-sparse attention and puts the output back in
-  raster order. Every other op of the model runs on the raster-order tokens, unpadded, exactly as in
+  raster order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
+  not a graph break, so the block's activations are freed as in the stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded, exactly as in
   stock diffusers, and dense steps are the stock computation, bit for bit.
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
@@ -16,7 +17,10 @@ No model code is forked; hooks and an attention processor do the work:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +69,13 @@ class NablaState:
     #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse steps, raster
     #: stream), else None
     tile_gather: torch.Tensor | None = None
+    #: torch config patched for the duration of one transformer forward (`_no_custom_op_check`)
+    forward_context: Any = None
+    #: this state's key for the attention op (`wan_self_attention`), which reaches the state through it
+    key: int = dataclasses.field(default_factory=lambda: next(_KEYS))
+
+    def __post_init__(self) -> None:
+        _STATES[self.key] = self
 
     def start_forward(self, latents: torch.Tensor, patch_size: tuple[int, int, int], timestep: torch.Tensor) -> None:
         T, H, W = (n // p for n, p in zip(latents.shape[2:], patch_size))
@@ -107,10 +118,11 @@ class NablaState:
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tiled: bool = False
-               ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Self-attention of q, k, v [B, L, H, D] in stream order (raster, or padded tile order with
-        `pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in stream order."""
+        `pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in stream order.
+        The blocks call it in order: the calls of this pass so far give the layer."""
+        layer = self.passes[-1][1]
         self.passes[-1][1] += 1
         if not self.sparse_now:
             return self._dense(q, k, v, tiled)
@@ -164,6 +176,34 @@ class NablaState:
         return out, ran_dense
 
 
+_KEYS = itertools.count()
+_STATES: weakref.WeakValueDictionary[int, NablaState] = weakref.WeakValueDictionary()
+
+
+# An opaque op inside the compiled block: inductor frees the block's activations as in the stock compiled block
+# (a graph break instead keeps the block's normalised input alive while attention runs), and the per-call
+# bookkeeping runs in Python, between the compiled kernels, without guards or recompiles.
+@torch.library.custom_op("nabla::wan_self_attention", mutates_args=())
+def wan_self_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, state: int, length: int, tiled: bool
+) -> torch.Tensor:
+    """`NablaState.attend` of the state keyed `state`: [B, length, H, D], contiguous, in stream order."""
+    return _STATES[state].attend(query, key, value, tiled).contiguous()
+
+
+@wan_self_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, state: int, length: int, tiled: bool) -> torch.Tensor:
+    return query.new_empty(query.shape[0], length, *query.shape[2:])
+
+
+def _no_custom_op_check():
+    # torch >= 2.12 checks the first call of each compiled graph for custom ops that alias their inputs, running
+    # them under a dispatch mode in which eager flex_attention's vmap fails (the CPU path); the op never aliases.
+    if hasattr(torch._functorch.config, "check_custom_op_aliasing"):
+        return torch._functorch.config.patch(check_custom_op_aliasing=False)
+    return contextlib.nullcontext()
+
+
 def _mean(per_head: list[torch.Tensor]) -> float | None:
     return float(torch.stack([d.float().mean() for d in per_head]).mean()) if per_head else None
 
@@ -184,15 +224,12 @@ class NablaWanAttnProcessor:
 
     _parallel_config = None
 
-    def __init__(self, state: NablaState, layer: int) -> None:
+    def __init__(self, state: NablaState) -> None:
         self.state = state
-        self.layer = layer
 
-    # Outside compiled blocks: dynamo would otherwise guard on self.layer and recompile for every layer.
-    @torch.compiler.disable
-    def _attend(self, ctx, query, key, value, *args, tiled: bool = False, **kwargs) -> torch.Tensor:
+    def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
-        return self.state.attend(query, key, value, self.layer, tiled)
+        return self.state.attend(query, key, value)
 
     @torch.compiler.disable  # collectives and NABLA's own compiled kernels stay outside compiled blocks
     def _ulysses(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -221,7 +258,11 @@ class NablaWanAttnProcessor:
                 # Tile order here, inside the compiled block: the gather fuses with the rotary embedding,
                 # so raster copies of q, k, v never take memory next to the tiled ones.
                 query, key, value = (gather_tiles(x, gather, dim=1) for x in (query, key, value))
-            out = self._attend(None, query, key, value, tiled=gather is not None)
+            tiled = gather is not None
+            if torch.is_grad_enabled():  # the op has no backward: a graph break instead
+                out = self.state.attend(query, key, value, tiled)
+            else:
+                out = wan_self_attention(query, key, value, self.state.key, hidden_states.shape[1], tiled)
         else:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
@@ -273,6 +314,13 @@ def patch_transformer(
 
     def on_transformer(module, args, kwargs):
         state.start_forward(_arg(args, kwargs, 0, "hidden_states"), patch_size, _arg(args, kwargs, 1, "timestep"))
+        state.forward_context = _no_custom_op_check()
+        state.forward_context.__enter__()
+
+    def after_transformer(module, args, output):
+        context, state.forward_context = state.forward_context, None
+        if context is not None:
+            context.__exit__(None, None, None)
 
     @torch.compiler.disable  # a plain gather: keep it out of compiled blocks (no graph, no guards)
     def on_first_block(module, args, kwargs):
@@ -303,12 +351,13 @@ def patch_transformer(
 
     hooks = [
         transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
+        transformer.register_forward_hook(after_transformer, always_call=True),
         transformer.blocks[0].register_forward_pre_hook(on_first_block, with_kwargs=True),
         transformer.proj_out.register_forward_hook(on_proj_out),
     ]
     processors = [block.attn1.processor for block in transformer.blocks]
-    for layer, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
+    for block in transformer.blocks:
+        block.attn1.set_processor(NablaWanAttnProcessor(state))
     handle = NablaPatch(transformer, state, hooks, processors)
     transformer._nabla_patch = handle
     return handle
