@@ -79,17 +79,17 @@ def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video
     config = SparsityConfig(mode="nabla", threshold=0.3, dense_above=0.01)  # every mask is denser than 1%
     handle = patch_transformer(pipe.transformer, config)
     try:
-        frames, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 6}))
+        frames, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))
     finally:
         unpatch(pipe.transformer)
     state = handle.state
     # step 0 builds each layer's mask (first CFG pass) and falls back; the layer then skips its mask for
-    # FALLBACK_STEPS steps; step 4 builds it again
-    assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.densities}) == [(0, 0), (0, 1), (4, 0),
-                                                                                                (4, 1)]
-    assert len(state.dense_fallbacks) == 6 * 2 * 2  # every call ran dense
-    full6, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 6}))
-    assert abs(frames - full6).max() < 1e-4
+    # FALLBACK_STEPS steps; step 4 builds it again, falls back again and skips twice as long: step 12 next
+    assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.densities}) == [
+        (0, 0), (0, 1), (4, 0), (4, 1), (12, 0), (12, 1)]
+    assert len(state.dense_fallbacks) == 13 * 2 * 2  # every call ran dense
+    full, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))
+    assert abs(frames - full).max() < 1e-4
 
 
 def test_cross_attention_untouched_and_unpatch_restores(pipe):

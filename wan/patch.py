@@ -34,7 +34,8 @@ from nabla.attention import attend_block_mask, kernel_density, make_block_mask, 
 from nabla.backend import dense_above, resolve_backend
 from nabla.layout import gather_tiles
 
-#: steps for which a layer that fell back to dense attention stays dense without building a mask
+#: steps for which a layer that fell back to dense attention stays dense without building a mask; doubled at
+#: each further fallback in a row (a mask too dense at 4 checks in a row is checked again 60 steps later)
 FALLBACK_STEPS = 4
 
 
@@ -59,6 +60,8 @@ class NablaState:
     dense_fallbacks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     #: layer -> first step at which it builds a mask again after falling back to dense
     dense_until: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: layer -> its fallbacks to dense in a row (each doubles the steps it then skips its mask)
+    dense_streak: dict[int, int] = dataclasses.field(default_factory=dict)
     #: the kernel that runs the sparse calls (nabla.backend.resolve_backend), set on the first one
     backend: str | None = None
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
@@ -105,6 +108,7 @@ class NablaState:
         self.kernel_densities.clear()
         self.dense_fallbacks.clear()
         self.dense_until.clear()
+        self.dense_streak.clear()
         self.passes.clear()
         if self.recorder is not None:
             self.recorder.reset()
@@ -168,8 +172,10 @@ class NablaState:
         self.densities.append((self.step, layer, density))
         if ran_dense:
             self.dense_fallbacks.append((self.step, layer))
-            self.dense_until[layer] = self.step + FALLBACK_STEPS
+            streak = self.dense_streak[layer] = self.dense_streak.get(layer, 0) + 1
+            self.dense_until[layer] = self.step + FALLBACK_STEPS * 2 ** (streak - 1)
         else:
+            self.dense_streak.pop(layer, None)
             self.kernel_densities.append(kernel_density(block_mask))
         if timer is not None:
             self.recorder.record(self.step, layer, density, keep, timer, ran_dense)
