@@ -47,6 +47,7 @@ from nabla.attention import make_block_mask, sparse_attention
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
 from scripts.make_random_model import build_random_pipeline
 from scripts.make_tiny_model import build_tiny_pipeline
+from wan.api import BLOCK_COMPILE_OPTIONS
 from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
 from wan.patch import NablaState, patch_transformer, unpatch
 from wan.precision import apply_precision, check_precision
@@ -211,7 +212,7 @@ def main() -> None:
         rows.append(measure("stock diffusers, dense, eager", pipe, args))
 
     # regional compilation: one graph for all identical blocks; static shapes, as generate.py compiles them
-    transformer.compile_repeated_blocks(dynamic=False)
+    transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
     if not args.skip_dense:
         rows.append(measure("dense, compiled blocks", pipe, args))
 

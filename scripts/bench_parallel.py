@@ -22,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
 from scripts.bench_e2e import build_pipeline, model_args, run_steps
+from wan.api import BLOCK_COMPILE_OPTIONS
 from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
 from wan.patch import patch_transformer
 
@@ -39,7 +40,7 @@ def main() -> None:
                            max_density=args.max_density)
     dense = SparsityConfig(mode="full")
     patch = patch_transformer(pipe.transformer, nabla)
-    pipe.transformer.compile_repeated_blocks()
+    pipe.transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
     rows: list[tuple[str, str, float]] = []
 
     def timed(layout: str, name: str, config: SparsityConfig, ranks: list[int]) -> None:
