@@ -173,7 +173,7 @@ def describe_run(sparsity: SparsityConfig, precision: str, cache: object, backen
 def run(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved)."""
     sparsity, settings, outputs, precision, cache = resolve(args)
-    from nabla.backend import dense_above
+    from nabla.backend import dense_above, resolve_backend
     from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
     from wan.cache import enable_cache
     from wan.loading import load_pipeline
@@ -229,8 +229,10 @@ def run(args: argparse.Namespace) -> int:
     # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
     enable_cache(pipe.transformer, cache)
     if warmup:
-        # untimed: compile the sparse kernels, and with dense_steps the raster-order dense graph too
-        dense_first = bool(patch) and sparsity.is_sparse and sparsity.dense_steps > 0
+        # untimed: compile the sparse kernels, and with dense_steps (or where layers can fall back to dense, which
+        # keeps steps on which all of them do in raster order) the raster-order dense graph too
+        falls_back = dense_above(sparsity, resolve_backend(sparsity.backend, device)) < 1.0
+        dense_first = bool(patch) and sparsity.is_sparse and (sparsity.dense_steps > 0 or falls_back)
         if patch:
             patch.state.config = sparsity.replace(dense_steps=int(dense_first))
         generate(pipe, settings, steps=2 if dense_first else 1)

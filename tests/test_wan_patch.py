@@ -78,9 +78,13 @@ def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video
     settings = SETTINGS
     config = SparsityConfig(mode="nabla", threshold=0.3, dense_above=0.01)  # every mask is denser than 1%
     handle = patch_transformer(pipe.transformer, config)
+    tiled_steps = []
+    hook = pipe.transformer.blocks[0].register_forward_pre_hook(
+        lambda *_: tiled_steps.append((handle.state.step, handle.state.tile_gather is not None)))
     try:
         frames, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))
     finally:
+        hook.remove()
         unpatch(pipe.transformer)
     state = handle.state
     # step 0 builds each layer's mask (first CFG pass) and falls back; the layer then skips its mask for
@@ -88,6 +92,8 @@ def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video
     assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.densities}) == [
         (0, 0), (0, 1), (4, 0), (4, 1), (12, 0), (12, 1)]
     assert len(state.dense_fallbacks) == 13 * 2 * 2  # every call ran dense
+    # q, k, v go to tile order only where a mask is built; the other steps keep the raster graph
+    assert sorted({step for step, tiled in tiled_steps if tiled}) == [0, 4, 12]
     full, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))
     assert abs(frames - full).max() < 1e-4
 

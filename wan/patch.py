@@ -72,6 +72,8 @@ class NablaState:
     #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse steps, raster
     #: stream), else None
     tile_gather: torch.Tensor | None = None
+    #: the transformer's blocks (self-attention layers)
+    layers: int = 0
     #: torch config patched for the duration of one transformer forward (`_no_custom_op_check`)
     forward_context: Any = None
     #: this state's key for the attention op (`wan_self_attention`), which reaches the state through it
@@ -94,9 +96,14 @@ class NablaState:
             self.step += 1
         self.last_timestep = t
         # Sparse steps get q, k, v tiled inside the compiled block; dense steps keep them in raster order (the
-        # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both).
-        tiles = self.sparse_now and not self.pad_dense
+        # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both), and so
+        # do steps on which every layer skips its mask after falling back to dense (no tiling to undo).
+        tiles = self.sparse_now and not self.pad_dense and not self.all_layers_dense_now()
         self.tile_gather = self.layout.on(latents.device, "raster_index") if tiles else None
+
+    def all_layers_dense_now(self) -> bool:
+        """Whether every layer runs dense this step without building a mask (each fell back recently)."""
+        return 0 < self.layers == len(self.dense_until) and all(self.step < until for until in self.dense_until.values())
 
     @property
     def sparse_now(self) -> bool:
@@ -315,7 +322,7 @@ def patch_transformer(
         raise ValueError("patch_transformer: patch before transformer.enable_parallelism(), not after")
     if not (config.is_sparse or pad_dense or always):
         return None
-    state = NablaState(config, pad_dense=pad_dense)
+    state = NablaState(config, pad_dense=pad_dense, layers=len(transformer.blocks))
     patch_size = tuple(transformer.config.patch_size)
 
     def on_transformer(module, args, kwargs):
