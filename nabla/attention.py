@@ -60,25 +60,25 @@ def kernel_block_indices(keep: torch.Tensor, partial_cols: torch.Tensor, merge: 
     """FlexAttention's (count, indices) per kernel query block of `merge` consecutive rows of `keep`
     [B, H, nb, nb], which attends the union of its rows' key blocks: first of those holding padding
     (mask_mod runs there), then of the full ones."""
-    kept = _pad_rows(keep, merge).unflatten(-2, (-1, merge)).any(-2) if merge > 1 else keep
+    kept = _row_unions(keep, merge)
     return (*_compact(kept & partial_cols), *_compact(kept & ~partial_cols))
 
 
-def _pad_rows(keep: torch.Tensor, merge: int) -> torch.Tensor:
-    """`keep` with its last row repeated up to a multiple of `merge` rows (a kernel query block past the
-    last mask row holds no query; mask_mod may still read that row)."""
+def _row_unions(keep: torch.Tensor, merge: int) -> torch.Tensor:
+    """[B, H, ceil(nb / merge), nb]: the union of each `merge` consecutive rows of `keep` (a last, shorter group
+    is the union of the rows it has)."""
+    if merge == 1:
+        return keep
     extra = -keep.shape[-2] % merge
-    return torch.cat([keep, keep[..., -1:, :].expand(*keep.shape[:-2], extra, keep.shape[-1])], -2) if extra else keep
+    if extra:  # repeating the last row leaves its group's union as it is
+        keep = torch.cat([keep, keep[..., -1:, :].expand(*keep.shape[:-2], extra, keep.shape[-1])], -2)
+    return keep.unflatten(-2, (-1, merge)).any(-2)
 
 
 def attended_mask(keep: torch.Tensor, merge: int = 1) -> torch.Tensor:
     """The key blocks each query block attends [B, H, nb, nb]: each row the union of the `merge` rows of its
     kernel query block (`keep` itself for merge 1)."""
-    if merge == 1:
-        return keep
-    nb = keep.shape[-2]
-    union = _pad_rows(keep, merge).unflatten(-2, (-1, merge)).any(-2, keepdim=True)
-    return union.expand(-1, -1, -1, merge, -1).flatten(-3, -2)[..., :nb, :]
+    return _row_unions(keep, merge).repeat_interleave(merge, -2)[..., : keep.shape[-2], :]
 
 
 @cache
