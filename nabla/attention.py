@@ -175,19 +175,15 @@ def _exact_mask_mod(keep: torch.Tensor, layout: TileLayout, block_size: int):
     return mask_mod
 
 
-def to_flex_block_mask(
-    keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool, merge: int = 1
-) -> BlockMask:
+def to_flex_block_mask(keep: torch.Tensor, layout: TileLayout, block_size: int, exact_mask_mod: bool) -> BlockMask:
     """BlockMask from a block-level mask [B, H, nb, nb], built from block indices (never S x S).
 
     Kept key blocks without padding are "full" blocks (no mask_mod evaluated); those holding padding
     keys are "partial" and run a mask_mod that drops the padding keys. With `exact_mask_mod` the
     mask_mod also applies the block mask itself (for eager flex_attention, which applies only mask_mod).
-    Kernel query blocks of `merge` mask rows attend their union (`kernel_block_indices`).
     """
     partial_cols = _partial_cols(_padded_valid(layout, block_size, keep.device), block_size)
-    indices = kernel_block_indices(keep, partial_cols, merge)
-    return _from_indices(indices, keep, layout, block_size, merge, exact_mask_mod)
+    return _from_indices(kernel_block_indices(keep, partial_cols), keep, layout, block_size, 1, exact_mask_mod)
 
 
 @lru_cache(maxsize=32)
