@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from nabla.backend import dense_above, kernel_options, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout, _on
-from nabla.masks import coarsen_block_mask, density_bounds, nabla_block_mask, pooled_logits, sta_block_mask
+from nabla.masks import coarsen_block_mask, density_bounds, means_logits, nabla_keep, pool_blocks, sta_block_mask
 
 try:  # the CUDA fast path; CPU-only installs may lack Triton
     from nabla.cdf_select import nabla_block_indices
@@ -23,7 +23,9 @@ except ImportError:
 def _block_mask_tensors(
     q: torch.Tensor,
     k: torch.Tensor,
+    pooled: bool,
     valid: torch.Tensor,
+    empty_cols: torch.Tensor,
     partial_cols: torch.Tensor,
     sta: torch.Tensor | None,
     mode: str,
@@ -35,20 +37,21 @@ def _block_mask_tensors(
 ) -> tuple[torch.Tensor, ...]:
     """Block mask and its FlexAttention indices, in one function so that CUDA compiles it into few kernels.
 
+    q, k: tile-ordered [B, H, S, D], or with `pooled` their block means [B, H, nb, D] (`pool_blocks`).
     Returns keep [B, H, nb, nb] and, per kernel query block (`merge` consecutive mask rows), (count,
     indices) of the key blocks that hold padding and of the full ones (see `kernel_block_indices`).
     """
     B, H = q.shape[:2]
     nb = partial_cols.shape[0]
-    if mode in ("nabla", "nabla+sta") and q.is_cuda and nabla_block_indices is not None:
-        # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
-        logits, empty = pooled_logits(q, k, block_size, valid)
-        low, high = density_bounds(nb, min_density, max_density)
-        return nabla_block_indices(logits, empty, threshold, low, high, partial_cols, sta, merge)
     if mode in ("nabla", "nabla+sta"):
-        keep = nabla_block_mask(
-            q, k, threshold, block_size, valid=valid, min_density=min_density, max_density=max_density
-        )
+        if not pooled:
+            q, k = (pool_blocks(x, block_size, valid)[0] for x in (q, k))
+        logits = means_logits(q, k)
+        if q.is_cuda and nabla_block_indices is not None:
+            # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
+            low, high = density_bounds(nb, min_density, max_density)
+            return nabla_block_indices(logits, empty_cols, threshold, low, high, partial_cols, sta, merge)
+        keep = nabla_keep(logits, empty_cols, threshold, min_density, max_density)
     else:
         keep = torch.full((B, H, nb, nb), mode == "full", dtype=torch.bool, device=q.device)
     if sta is not None:
@@ -89,23 +92,32 @@ def _compiled_block_mask_tensors():
 def _mask_inputs(q: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> tuple:
     valid = layout.valid_on(q.device)
     padded_valid = _padded_valid(layout, config.block_size, q.device)
-    partial_cols = _partial_cols(padded_valid, config.block_size)
+    empty_cols, partial_cols = _empty_cols(padded_valid, config.block_size), _partial_cols(padded_valid, config.block_size)
     sta = _sta_blocks(layout, config, q.device) if config.uses_sta else None
-    return (valid, partial_cols, sta, config.mode, config.threshold, config.block_size, config.min_density,
-            config.max_density, config.query_merge)
+    return (valid, empty_cols, partial_cols, sta, config.mode, config.threshold, config.block_size,
+            config.min_density, config.max_density, config.query_merge)
 
 
 def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
     """The kept (query block, key block) pairs [B, H, nb, nb] for `config` (NABLA, STA or their union)."""
-    return _block_mask_tensors(q, k, *_mask_inputs(q, layout, config))[0]
+    return _block_mask_tensors(q, k, False, *_mask_inputs(q, layout, config))[0]
 
 
 def make_block_mask(
-    q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig, compiled: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: TileLayout,
+    config: SparsityConfig,
+    compiled: bool,
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[BlockMask, torch.Tensor]:
-    """FlexAttention BlockMask for `config` and the boolean block mask it came from."""
+    """FlexAttention BlockMask for `config` and the boolean block mask it came from.
+
+    `means`: the block means of q and k [B, H, nb, D] (`pool_blocks`) where the caller has them (a compiled
+    caller computes them in the kernels that write q and k), else they are pooled here from q, k [B, H, S, D].
+    """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
-    keep, *indices = build(q, k, *_mask_inputs(q, layout, config))
+    keep, *indices = build(*(means or (q, k)), means is not None, *_mask_inputs(q, layout, config))
     return _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled), keep
 
 
@@ -156,6 +168,12 @@ def _padded_valid(layout: TileLayout, block_size: int, device: torch.device) -> 
     """`layout.valid` padded with False up to whole blocks, so mask_mod never indexes past the end."""
     valid = layout.valid_on(device)
     return F.pad(valid, (0, -len(valid) % block_size), value=False)
+
+
+@lru_cache(maxsize=32)
+def _empty_cols(padded_valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool [nb]: key blocks without a real token, whose pooled probability is 0."""
+    return ~padded_valid.view(-1, block_size).any(-1)
 
 
 @lru_cache(maxsize=32)
@@ -241,11 +259,11 @@ def kernel_density(block_mask: BlockMask) -> torch.Tensor:
     return visited.float().mean(dim=(0, 2)) / block_mask.kv_indices.shape[-1]
 
 
-def too_dense(keep: torch.Tensor, limit: float) -> bool:
-    """Whether the block mask `keep` holds more than `limit` of the blocks: there the sparse kernel is slower
-    than dense attention (see nabla.backend.dense_above)."""
+def too_dense(block_mask: BlockMask, limit: float) -> bool:
+    """Whether the kernel would compute more than `limit` of the blocks (`kernel_density`): there the sparse
+    kernel is slower than dense attention (see nabla.backend.dense_above)."""
     # The check waits for the mask on the device: only pay for it where a fallback can happen.
-    return limit < 1.0 and keep.float().mean().item() > limit
+    return limit < 1.0 and kernel_density(block_mask).mean().item() > limit
 
 
 def sparse_attention(
@@ -273,7 +291,7 @@ def sparse_attention(
     compiled = q.is_cuda if compiled is None else compiled
     backend = resolve_backend(config.backend, q.device) if compiled else "eager"
     block_mask, keep = make_block_mask(q, k, layout, config, compiled)
-    ran_dense = too_dense(keep, dense_above(config, backend))
+    ran_dense = too_dense(block_mask, dense_above(config, backend))
     out = dense_attention(q, k, v, layout) if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, backend)
     if not return_stats:
         return out

@@ -9,11 +9,17 @@ import torch
 
 from nabla.config import SparsityConfig
 
-# Mask density above which the sparse kernel no longer beats dense cuDNN attention on the H100, per
-# (backend, block size): scripts/bench_attention.py, 2026-11-23 (BENCHMARKS.md, "where sparse stops
-# winning"), mask build included; the lower of the two Wan shapes' crossovers (1.3B 480p / 14B 720p:
-# triton 128 0.63 / 0.77, 64 0.36 / 0.42; flash 128 0.81 / 0.90, 64 0.54 / 0.65), rounded down.
-DENSE_ABOVE = {("triton", 128): 0.6, ("triton", 64): 0.35, ("flash", 128): 0.8, ("flash", 64): 0.5}
+# Density of the blocks the kernel computes above which the sparse kernel no longer beats dense cuDNN
+# attention on the H100, per (backend, block size, kernel query block size): scripts/bench_attention.py,
+# 2026-11-23 (BENCHMARKS.md, "where sparse stops winning"), mask build included; the lower of the two Wan
+# shapes' crossovers (1.3B 480p / 14B 720p: triton 128 0.63 / 0.77, 64 0.36 / 0.42; flash 128 0.81 / 0.90,
+# 64 0.54 / 0.65), rounded down. 64-token mask rows in 128-row kernel blocks: flash 0.80 measured at 14B; the
+# 1.3B values scale the 128-token crossovers by the measured cost of those kernels per computed block (1.23x
+# flash, 1.19x triton: flash 0.66, triton 0.53).
+DENSE_ABOVE = {
+    ("triton", 128, 128): 0.6, ("triton", 64, 64): 0.35, ("triton", 64, 128): 0.5,
+    ("flash", 128, 128): 0.8, ("flash", 64, 64): 0.5, ("flash", 64, 128): 0.6,
+}
 
 
 @cache
@@ -71,12 +77,17 @@ def kernel_options(backend: str, block_size: tuple[int, int], device: torch.devi
 
 
 def dense_above(config: SparsityConfig, backend: str) -> float:
-    """The mask density above which a layer runs dense: `config.dense_above`, or the measured crossover for "auto".
+    """The density of computed blocks (`nabla.attention.kernel_density`) above which a layer runs dense:
+    `config.dense_above`, or the measured crossover for "auto".
 
-    1.0 (never) where no mask can get denser than the limit: NABLA alone under a `max_density` cap at or
-    below it; checking the density would only cost a device synchronisation per layer.
+    1.0 (never) where the kernel cannot compute more than the limit: NABLA alone under a `max_density` cap
+    at or below it (times the mask rows merged per kernel query block, whose union it computes); checking the
+    density would only cost a device synchronisation per layer.
     """
-    limit = DENSE_ABOVE.get((backend, config.block_size), 1.0) if config.dense_above == "auto" else config.dense_above
-    if config.mode == "nabla" and config.max_density is not None and config.max_density <= limit:
+    if config.dense_above == "auto":
+        limit = DENSE_ABOVE.get((backend, config.block_size, config.query_merge * config.block_size), 1.0)
+    else:
+        limit = config.dense_above
+    if config.mode == "nabla" and config.max_density is not None and config.max_density * config.query_merge <= limit:
         return 1.0
     return float(limit)

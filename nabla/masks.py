@@ -55,6 +55,13 @@ def nabla_block_mask(
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"nabla_block_mask: threshold={threshold!r} must be in (0, 1]")
     logits, empty = pooled_logits(q, k, block_size, valid)
+    return nabla_keep(logits, empty, threshold, min_density, max_density)
+
+
+def nabla_keep(
+    logits: torch.Tensor, empty: torch.Tensor, threshold: float, min_density: float | None, max_density: float | None
+) -> torch.Tensor:
+    """NABLA's block mask from the pooled logits [B, H, nb, nb] and the key blocks without a real token [nb]."""
     probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
     low, high = density_bounds(probs.shape[-1], min_density, max_density)
     if probs.is_cuda and cdf_keep is not None:
@@ -69,7 +76,12 @@ def pooled_logits(
     without a real token [nb] (bool), whose probability is 0."""
     qa, counts = pool_blocks(q, block_size, valid)
     ka, _ = pool_blocks(k, block_size, valid)
-    return (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1]), counts == 0
+    return means_logits(qa, ka), counts == 0
+
+
+def means_logits(q_means: torch.Tensor, k_means: torch.Tensor) -> torch.Tensor:
+    """mean_q @ mean_k^T / sqrt(D) [B, H, nb, nb] from the block means [B, H, nb, D] of `pool_blocks`."""
+    return (q_means @ k_means.transpose(-1, -2)) / math.sqrt(q_means.shape[-1])
 
 
 def density_bounds(nb: int, min_density: float | None, max_density: float | None) -> tuple[int, int]:

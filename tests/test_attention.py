@@ -74,6 +74,21 @@ def test_dense_fallback_above_the_limit(gen):
     assert (sparse - below)[:, :, layout.valid].abs().max() > 1e-3
 
 
+def test_dense_fallback_judges_what_merged_query_blocks_compute(gen):
+    # 64-token rows in 128-row kernel blocks compute the union of two rows: a limit between the mask's
+    # density and the union's must fall back, though the mask alone is under it
+    layout = TileLayout(2, 16, 16)
+    (rq, rk, rv), (q, k, v) = tiled_qkv(layout, 2, 8, gen)
+    config = SparsityConfig(mode="nabla", threshold=0.3, query_block_size=128)
+    _, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
+    mask, computed = float(stats["density"].mean()), float(stats["kernel_density"].mean())
+    assert mask < computed
+    out, stats = sparse_attention(q, k, v, layout, config.replace(dense_above=(mask + computed) / 2), return_stats=True)
+    assert stats["dense"] is True
+    torch.testing.assert_close(layout.untile(out, dim=2), F.scaled_dot_product_attention(rq, rk, rv),
+                               atol=2e-5, rtol=1e-4)
+
+
 def test_backend_resolution_on_the_cpu():
     assert resolve_backend("auto", "cpu") == resolve_backend("triton", "cpu") == "eager"
     with pytest.raises(ValueError, match="backend 'flash' cannot run here: it needs a CUDA GPU, not cpu") as err:
@@ -183,11 +198,16 @@ def test_eager_path_prints_no_compile_advice(gen, monkeypatch):
 
 def test_dense_above_resolution():
     auto = SparsityConfig(mode="nabla", block_size=128)
-    assert dense_above(auto, "flash") == DENSE_ABOVE[("flash", 128)] and dense_above(auto, "eager") == 1.0
+    assert dense_above(auto, "flash") == DENSE_ABOVE[("flash", 128, 128)] and dense_above(auto, "eager") == 1.0
     assert dense_above(auto.replace(dense_above=0.3), "eager") == 0.3
     # a density cap below the limit: no mask can exceed it, so no per-layer check (and no device sync)
     assert dense_above(auto.replace(max_density=0.1), "flash") == 1.0
-    assert dense_above(auto.replace(mode="nabla+sta", max_density=0.1), "flash") == DENSE_ABOVE[("flash", 128)]
+    assert dense_above(auto.replace(mode="nabla+sta", max_density=0.1), "flash") == DENSE_ABOVE[("flash", 128, 128)]
+    # 64-token rows in 128-row kernel blocks: the crossover of that kernel; the union can double a cap
+    merged = SparsityConfig(mode="nabla", block_size=64, query_block_size=128)
+    assert dense_above(merged, "flash") == DENSE_ABOVE[("flash", 64, 128)] != DENSE_ABOVE[("flash", 64, 64)]
+    assert dense_above(merged.replace(max_density=0.25), "flash") == 1.0
+    assert dense_above(merged.replace(max_density=0.4), "flash") == DENSE_ABOVE[("flash", 64, 128)]
 
 
 # 64-token mask rows run two by two in 128-row kernel query blocks; (3, 17, 20) has an odd number of tiles.

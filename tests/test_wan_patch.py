@@ -5,9 +5,10 @@ import torch
 
 import wan.patch
 from nabla import SparsityConfig
+from nabla.attention import attended_mask, build_block_mask
 from nabla.layout import gather_tiles
 from wan.loading import load_pipeline
-from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, patch_transformer, unpatch
+from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, _apply_rotary, patch_transformer, unpatch
 from wan.run import generate
 from wan.settings import GenerationSettings
 
@@ -61,6 +62,40 @@ def test_sta_modes_are_sparse(pipe, full_video, config):
     assert abs(frames - full_video).max() > 1e-4
 
 
+@pytest.mark.parametrize("config", [SparsityConfig(mode="nabla", threshold=0.4),
+                                    SparsityConfig(mode="nabla+sta", threshold=0.2, sta_window=(1, 1, 1), block_size=128),
+                                    SparsityConfig(mode="nabla", threshold=0.3, query_block_size=128)],
+                         ids=["nabla", "nabla+sta-128", "64-in-128"])
+def test_processor_matches_stock_attention_under_the_token_mask(pipe, config, gen):
+    """The processor (tile order, block means and untiling in its graph, the op between) against diffusers' own
+    processor given the attended blocks as a raster-order token mask (the mask from q, k pooled separately)."""
+    transformer = pipe.transformer
+    attn, stock = transformer.blocks[0].attn1, transformer.blocks[0].attn1.processor
+    latents = torch.randn(1, 16, 3, 16, 20, generator=gen)  # token grid (3, 8, 10): padded to (3, 8, 16)
+    hidden = torch.randn(1, 240, attn.inner_dim, generator=gen)
+    handle = patch_transformer(transformer, config)
+    try:
+        state = handle.state
+        state.start_forward(latents, tuple(transformer.config.patch_size), torch.tensor([700.0]))
+        state.passes.append([state.step, 0])
+        with torch.no_grad():
+            rotary = transformer.rope(latents)
+            out = attn(hidden, rotary_emb=rotary)
+            q, k = (norm(x).unflatten(2, (attn.heads, -1)) for norm, x in ((attn.norm_q, attn.to_q(hidden)),
+                                                                             (attn.norm_k, attn.to_k(hidden))))
+            q, k = (state.layout.tile(_apply_rotary(x, *rotary), dim=1).transpose(1, 2) for x in (q, k))
+            keep = attended_mask(build_block_mask(q, k, state.layout, config), config.query_merge)
+            tiled = keep.repeat_interleave(config.block_size, -1).repeat_interleave(config.block_size, -2)
+            raster = state.layout.on("cpu", "tile_index")
+            token = tiled[..., raster, :][..., raster]
+            assert 0.1 < token.float().mean() < 0.9
+            reference = stock(attn, hidden, attention_mask=token, rotary_emb=rotary)
+    finally:
+        unpatch(transformer)
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+    assert len(state.densities) == 1 and not state.dense_fallbacks
+
+
 def test_dense_steps(pipe, full_video, monkeypatch):
     gathered = []
     monkeypatch.setattr(wan.patch, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
@@ -80,7 +115,7 @@ def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video
     handle = patch_transformer(pipe.transformer, config)
     tiled_steps = []
     hook = pipe.transformer.blocks[0].register_forward_pre_hook(
-        lambda *_: tiled_steps.append((handle.state.step, handle.state.tile_gather is not None)))
+        lambda *_: tiled_steps.append((handle.state.step, handle.state.tile_indices is not None)))
     try:
         frames, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))
     finally:

@@ -5,9 +5,10 @@ No model code is forked; hooks and an attention processor do the work:
   (-> denoising step index);
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
   processor that computes q, k, v like diffusers' WanAttnProcessor, puts them in tile order (padded
-  to whole tiles) in the same compiled graph as the rotary embedding (one fused gather: the raster
-  copies are never written), runs NABLA/STA block-sparse attention and puts the output back in
-  raster order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
+  to whole tiles) and takes NABLA's block means of q and k in the same compiled graph as the rotary
+  embedding (fused gathers and reductions: the raster copies are never written, q and k not read
+  again for the means), runs NABLA/STA block-sparse attention and puts the output back in raster
+  order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
   not a graph break, so the block's activations are freed as in the stock compiled block. Every
   other op of the model runs on the raster-order tokens, unpadded, exactly as in stock diffusers,
   and dense steps are the stock computation, bit for bit.
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from nabla import SparsityConfig, TileLayout, dense_attention
 from nabla.attention import attend_block_mask, kernel_density, make_block_mask, too_dense
 from nabla.backend import dense_above, resolve_backend
 from nabla.layout import gather_tiles
+from nabla.masks import pool_blocks
 
 #: steps for which a layer that fell back to dense attention stays dense without building a mask; doubled at
 #: each further fallback in a row (a mask too dense at 4 checks in a row is checked again 60 steps later)
@@ -70,9 +73,9 @@ class NablaState:
     #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers
     #: mean the other blocks came from a step cache (wan/cache.py)
     passes: list[list[int]] = dataclasses.field(default_factory=list)
-    #: layout.raster_index on the device where the processor tiles q, k, v itself (sparse steps, raster
-    #: stream), else None
-    tile_gather: torch.Tensor | None = None
+    #: where the processor tiles q, k, v itself (sparse steps, raster stream), the layout's index tensors on the
+    #: device, else None
+    tile_indices: TileIndices | None = None
     #: the transformer's blocks (self-attention layers)
     layers: int = 0
     #: torch config patched for the duration of one transformer forward (`_no_custom_op_check`)
@@ -100,7 +103,8 @@ class NablaState:
         # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both), and so
         # do steps on which every layer skips its mask after falling back to dense (no tiling to undo).
         tiles = self.sparse_now and not self.pad_dense and not self.all_layers_dense_now()
-        self.tile_gather = self.layout.on(latents.device, "raster_index") if tiles else None
+        on = functools.partial(self.layout.on, latents.device)
+        self.tile_indices = TileIndices(on("raster_index"), on("tile_index"), on("valid")) if tiles else None
 
     def all_layers_dense_now(self) -> bool:
         """Whether every layer runs dense this step without building a mask (each fell back recently)."""
@@ -130,9 +134,17 @@ class NablaState:
     # Kept out of torch.compile'd blocks (compile_repeated_blocks): the mask builder and flex_attention
     # are compiled on their own, and the per-layer bookkeeping here would make dynamo recompile per layer.
     @torch.compiler.disable
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        tiled: bool = False,
+        means: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Self-attention of q, k, v [B, L, H, D] in stream order (raster, or padded tile order with
-        `pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in stream order.
+        `pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in the order of the input.
+        `means`: NABLA's block means of q and k [B, H, nb, D] where the caller took them (`block_means`).
         The blocks call it in order: the calls of this pass so far give the layer."""
         layer = self.passes[-1][1]
         self.passes[-1][1] += 1
@@ -146,21 +158,29 @@ class NablaState:
         layout = self.layout
         # [B, L, H, D] -> tile order [B, S, H, D] -> [B, H, S, D] views: flex_attention reads the strides as they are
         qkv = [x if self.pad_dense or tiled else layout.tile(x, dim=1) for x in (q, k, v)]
-        out, ran_dense = self.attend_tiled(*(x.transpose(1, 2) for x in qkv), layer, lambda: self._dense(q, k, v, tiled))
-        if ran_dense:  # the mask was too dense to win: dense attention ran, in stream order
+        dense = functools.partial(self._dense, q, k, v, tiled)
+        out, ran_dense = self.attend_tiled(*(x.transpose(1, 2) for x in qkv), layer, dense, means)
+        if ran_dense:  # the mask was too dense to win: dense attention ran, its output in the order of the input
             return out
         out = out.transpose(1, 2)
-        return out if self.pad_dense else layout.untile(out, dim=1)
+        return out if self.pad_dense or tiled else layout.untile(out, dim=1)
 
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         if self.pad_dense:  # padding keys must not be attended
             return dense_attention(*(x.transpose(1, 2) for x in (q, k, v)), self.layout).transpose(1, 2)
-        if tiled:  # back to raster order (exactly: a permutation), as stock diffusers computes it
+        if tiled:  # in raster order (exactly: a permutation), as stock diffusers computes it
             q, k, v = (self.layout.untile(x, dim=1) for x in (q, k, v))
-        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        return self.layout.tile(out, dim=1) if tiled else out
 
     def attend_tiled(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, dense: Callable[[], torch.Tensor]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        dense: Callable[[], torch.Tensor],
+        means: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Block-sparse attention of tile-ordered q, k, v [B, H, S, D] -> ([B, H, S, D], False); where the mask is
         too dense to win, `dense()` runs instead, timed like a sparse call -> (its output, True)."""
@@ -169,10 +189,10 @@ class NablaState:
             self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
         # in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
-        block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=compiled)
+        block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=compiled, means=means)
         if timer is not None:
             timer.split()
-        ran_dense = too_dense(keep, dense_above(self.config, self.backend))
+        ran_dense = too_dense(block_mask, dense_above(self.config, self.backend))
         out = dense() if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, self.backend)
         if timer is not None:
             timer.stop()
@@ -199,15 +219,22 @@ _STATES: weakref.WeakValueDictionary[int, NablaState] = weakref.WeakValueDiction
 # bookkeeping runs in Python, between the compiled kernels, without guards or recompiles.
 @torch.library.custom_op("nabla::wan_self_attention", mutates_args=())
 def wan_self_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, state: int, length: int, tiled: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_means: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
+    key_means: Optional[torch.Tensor],  # noqa: UP045
+    state: int,
+    tiled: bool,
 ) -> torch.Tensor:
-    """`NablaState.attend` of the state keyed `state`: [B, length, H, D], contiguous, in stream order."""
-    return _STATES[state].attend(query, key, value, tiled).contiguous()
+    """`NablaState.attend` of the state keyed `state`: [B, L, H, D] like `query`, contiguous, in its order."""
+    means = None if query_means is None or key_means is None else (query_means, key_means)
+    return _STATES[state].attend(query, key, value, tiled, means).contiguous()
 
 
 @wan_self_attention.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, state: int, length: int, tiled: bool) -> torch.Tensor:
-    return query.new_empty(query.shape[0], length, *query.shape[2:])
+def _(query, key, value, query_means, key_means, state, tiled) -> torch.Tensor:
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 def _no_custom_op_check():
@@ -220,6 +247,20 @@ def _no_custom_op_check():
 
 def _mean(per_head: list[torch.Tensor]) -> float | None:
     return float(torch.stack([d.float().mean() for d in per_head]).mean()) if per_head else None
+
+
+class TileIndices(NamedTuple):
+    """A TileLayout's index tensors on the device, for the processor's gathers inside the compiled block."""
+
+    gather: torch.Tensor  # raster_index: tile order from raster order
+    scatter: torch.Tensor  # tile_index: raster order from tile order
+    valid: torch.Tensor  # the real tokens in tile order
+
+
+def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
+    """NABLA's block means [B, H, nb, D] (float32) of tile-ordered x [B, S, H, D]: `pool_blocks` on the heads-first
+    view, so that in a compiled block they reduce in the kernels that write x."""
+    return pool_blocks(x.transpose(1, 2), block_size, valid)[0]
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -267,16 +308,20 @@ class NablaWanAttnProcessor:
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
         if self._parallel_config is None:
-            gather = self.state.tile_gather
-            if gather is not None:
+            tiles, config, means = self.state.tile_indices, self.state.config, None
+            if tiles is not None:
                 # Tile order here, inside the compiled block: the gather fuses with the rotary embedding,
                 # so raster copies of q, k, v never take memory next to the tiled ones.
-                query, key, value = (gather_tiles(x, gather, dim=1) for x in (query, key, value))
-            tiled = gather is not None
+                query, key, value = (gather_tiles(x, tiles.gather, dim=1) for x in (query, key, value))
+                if config.uses_nabla:
+                    means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
+            tiled = tiles is not None
             if torch.is_grad_enabled():  # the op has no backward: a graph break instead
-                out = self.state.attend(query, key, value, tiled)
+                out = self.state.attend(query, key, value, tiled, means)
             else:
-                out = wan_self_attention(query, key, value, self.state.key, hidden_states.shape[1], tiled)
+                out = wan_self_attention(query, key, value, *(means or (None, None)), self.state.key, tiled)
+            if tiled:  # back to raster order here, after the op: q, k, v are freed by then
+                out = out.index_select(1, tiles.scatter)
         else:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
