@@ -34,6 +34,7 @@ def _block_mask_tensors(
     min_density: float | None,
     max_density: float | None,
     merge: int,
+    widths: tuple[int, int],
 ) -> tuple[torch.Tensor, ...]:
     """Block mask and its FlexAttention indices, in one function so that CUDA compiles it into few kernels.
 
@@ -50,7 +51,7 @@ def _block_mask_tensors(
         if q.is_cuda and nabla_block_indices is not None:
             # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
             low, high = density_bounds(nb, min_density, max_density)
-            return nabla_block_indices(logits, empty_cols, threshold, low, high, partial_cols, sta, merge)
+            return nabla_block_indices(logits, empty_cols, threshold, low, high, partial_cols, sta, merge, widths)
         keep = nabla_keep(logits, empty_cols, threshold, min_density, max_density)
     else:
         keep = torch.full((B, H, nb, nb), mode == "full", dtype=torch.bool, device=q.device)
@@ -95,7 +96,23 @@ def _mask_inputs(q: torch.Tensor, layout: TileLayout, config: SparsityConfig) ->
     empty_cols, partial_cols = _empty_cols(padded_valid, config.block_size), _partial_cols(padded_valid, config.block_size)
     sta = _sta_blocks(layout, config, q.device) if config.uses_sta else None
     return (valid, empty_cols, partial_cols, sta, config.mode, config.threshold, config.block_size,
-            config.min_density, config.max_density, config.query_merge)
+            config.min_density, config.max_density, config.query_merge, _index_widths(layout, config))
+
+
+@lru_cache(maxsize=32)
+def _index_widths(layout: TileLayout, config: SparsityConfig) -> tuple[int, int]:
+    """The most key blocks holding padding, and the most full ones, that a kernel query block can attend: the
+    widths of its FlexAttention index rows (FlashAttention-4 and the Triton kernel read only the first `count`
+    of a row; at 14B 720p with 64-token blocks, full-width rows would take 0.5 GB)."""
+    valid = F.pad(layout.valid, (0, -len(layout.valid) % config.block_size), value=False).view(-1, config.block_size)
+    nb, partial = valid.shape[0], int((~valid.all(-1)).sum())
+    most = nb
+    if config.uses_nabla and config.max_density is not None:  # at most `high` NABLA blocks a row, plus STA's
+        high = density_bounds(nb, config.min_density, config.max_density)[1]
+        sta = int(_sta_blocks_cpu(layout, config.sta_window, config.sta_shift_at_border, config.block_size)
+                  .sum(-1).max()) if config.uses_sta else 0
+        most = config.query_merge * (high + sta)
+    return max(1, min(partial, most)), max(1, min(nb - partial, most))
 
 
 def build_block_mask(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, config: SparsityConfig) -> torch.Tensor:
@@ -256,7 +273,8 @@ def kernel_density(block_mask: BlockMask) -> torch.Tensor:
     batch: the mask density, or more where kernel query blocks attend the union of several mask rows
     (`query_block_size`)."""
     visited = block_mask.kv_num_blocks + block_mask.full_kv_num_blocks
-    return visited.float().mean(dim=(0, 2)) / block_mask.kv_indices.shape[-1]
+    key_blocks = -(-block_mask.seq_lengths[1] // block_mask.BLOCK_SIZE[1])  # index rows may be narrower
+    return visited.float().mean(dim=(0, 2)) / key_blocks
 
 
 def too_dense(block_mask: BlockMask, limit: float) -> bool:

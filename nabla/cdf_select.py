@@ -90,14 +90,15 @@ def _cdf_keep_kernel(
 
 
 @triton.jit
-def _store_compacted(selected, offs, inside, counts_ptr, indices_ptr, row, n):
-    """Row `row` of (count, indices): the selected columns ascending, then the others ascending (every
-    slot written, so the output needs no zero fill; FlexAttention reads only the first `count`)."""
+def _store_compacted(selected, offs, inside, counts_ptr, indices_ptr, row, width):
+    """Row `row` of (count, indices [width]): the selected columns ascending, then the others ascending up to
+    `width` (every slot written, so the output needs no zero fill; FlexAttention reads only the first
+    `count`, which never exceeds `width`)."""
     sel = selected.to(tl.int32)
     running = tl.cumsum(sel, axis=0)  # selected columns up to and including this one
     count = tl.sum(sel, axis=0)
     slot = tl.where(selected, running - 1, count + offs - running)
-    tl.store(indices_ptr + row * n + slot, offs, mask=inside)
+    tl.store(indices_ptr + row * width + slot, offs, mask=inside & (slot < width))
     tl.store(counts_ptr + row, count)
 
 
@@ -118,7 +119,7 @@ def _nabla_row(logits_ptr, sta_ptr, keep_ptr, row, n, offs, inside, empty, thres
 def _nabla_indices_kernel(
     logits_ptr, empty_ptr, sta_ptr, partial_ptr, keep_ptr,
     partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
-    n, n_q, threshold, low, high,
+    n, n_q, threshold, low, high, partial_width, full_width,
     BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
     MERGE: tl.constexpr,
 ):
@@ -136,8 +137,8 @@ def _nabla_indices_kernel(
         other = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs, inside, empty, threshold, low, high,
                            ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
         keep = keep | other  # both rows attend the union
-    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, q_row, n)
-    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, q_row, n)
+    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
+    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, q_row, full_width)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
@@ -165,6 +166,7 @@ def nabla_block_indices(
     partial: torch.Tensor,
     sta: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
     merge: int = 1,
+    widths: Optional[list[int]] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NABLA's block mask and its FlexAttention indices from the pooled logits, in one kernel.
 
@@ -173,21 +175,25 @@ def nabla_block_indices(
     or None (kept as well). Returns keep [B, H, nb, nb] bool and, per kernel query block (`merge`
     consecutive mask rows, 1 or 2, which attend the union of their key blocks), the count and indices
     of the kept key blocks that hold padding, then of the full ones (int32; indices beyond the count
-    hold the other blocks).
+    hold the other blocks). `widths`: the (partial, full) index columns to keep, each at least the most
+    blocks such a row can hold (FlexAttention reads only the first `count`); nb each by default.
     """
     if merge not in (1, 2):
         raise ValueError(f"nabla_block_indices: merge={merge!r}; allowed: 1 or 2")
     logits = logits.contiguous()
     n = logits.shape[-1]
     n_q = -(-n // merge)
+    widths = list(widths) if widths is not None else [n, n]
+    if len(widths) != 2 or not all(1 <= w <= n for w in widths):
+        raise ValueError(f"nabla_block_indices: widths={widths!r}; allowed: two ints in [1, {n}]")
     keep = torch.empty_like(logits, dtype=torch.bool)
     rows = (*logits.shape[:-2], n_q)
     outputs = [keep]
-    for _ in range(2):
-        outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty((*rows, n), dtype=torch.int32)]
+    for width in widths:
+        outputs += [logits.new_empty(rows, dtype=torch.int32), logits.new_empty((*rows, width), dtype=torch.int32)]
     torch.library.wrap_triton(_nabla_indices_kernel)[(logits.numel() // n // n * n_q,)](
         logits, empty, sta if sta is not None else empty, partial, *outputs, n, n_q, _threshold(threshold), low,
-        high, HAS_STA=sta is not None, MERGE=merge, **_meta(n, low, high),
+        high, *widths, HAS_STA=sta is not None, MERGE=merge, **_meta(n, low, high),
     )
     return tuple(outputs)
 

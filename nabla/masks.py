@@ -81,7 +81,8 @@ def pooled_logits(
 
 def means_logits(q_means: torch.Tensor, k_means: torch.Tensor) -> torch.Tensor:
     """mean_q @ mean_k^T / sqrt(D) [B, H, nb, nb] from the block means [B, H, nb, D] of `pool_blocks`."""
-    return (q_means @ k_means.transpose(-1, -2)) / math.sqrt(q_means.shape[-1])
+    # scaled before the product: no pass over the nb x nb logits after it
+    return (q_means / math.sqrt(q_means.shape[-1])) @ k_means.transpose(-1, -2)
 
 
 def density_bounds(nb: int, min_density: float | None, max_density: float | None) -> tuple[int, int]:

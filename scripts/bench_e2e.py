@@ -287,7 +287,7 @@ def main() -> None:
             row["mask_ms"] = bench_ms(lambda cfg=cfg, m=means: make_block_mask(q, k, layout, cfg, compiled, means=m),
                                       device, 200, cpu_iters=3)
             if pool is not None:  # what the means would cost in kernels of their own (q and k read again)
-                row["pool_ms"] = bench_ms(lambda bs=cfg.block_size: (pool(q, bs), pool(k, bs)), device, 200)
+                row["pool_ms"] = bench_ms(lambda bs=cfg.block_size: (pool(q, bs), pool(k, bs)), device, 200, 1)
     calls = 2 * len(transformer.blocks)  # CFG passes x layers
     unpatch(transformer)
 

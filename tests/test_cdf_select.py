@@ -53,7 +53,7 @@ def test_triton_kernel_matches_sorting():
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
 CHECK_INDICES = r"""
 import torch
-from nabla.attention import _padded_valid, _partial_cols, _sta_blocks, kernel_block_indices
+from nabla.attention import _index_widths, _padded_valid, _partial_cols, _sta_blocks, kernel_block_indices
 from nabla.cdf_select import nabla_block_indices
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
@@ -93,6 +93,14 @@ for grid in ((1, 17, 20), (3, 10, 13), (1, 16, 16)):  # 9, 12 and 4 tiles
                 assert torch.equal(idx.sort(-1).values, torch.arange(nb, dtype=torch.int32).expand_as(idx)), "not a permutation"
             if merge == 1:
                 assert int(indices[0].sum() + indices[2].sum()) == int(keep.sum())
+            # index rows only as wide as a row's count can get: the full rows cut short
+            widths = _index_widths(layout, config.replace(query_block_size=bs * merge))
+            narrow = nabla_block_indices(logits, empty, config.threshold, low, high, partial, sta, merge, widths)
+            assert torch.equal(narrow[0], keep) and [t.shape[-1] for t in narrow[2::2]] == list(widths)
+            for count, full, narrow_count, cut, width in zip(indices[::2], indices[1::2], narrow[1::2], narrow[2::2],
+                                                             widths):
+                assert torch.equal(narrow_count, count) and torch.equal(cut, full[..., :width])
+            assert all(int(c.max()) <= w for c, w in zip(indices[::2], widths)), (grid, config, widths)
             checked += 1
 print("checked", checked)
 """
@@ -128,7 +136,7 @@ def test_kernels_compile_for_hopper():
     pointers = {"logits_ptr": "*fp32", "probs_ptr": "*fp32"} | dict.fromkeys(
         ("empty_ptr", "sta_ptr", "partial_ptr", "keep_ptr"), "*i1") | dict.fromkeys(
         ("partial_counts_ptr", "partial_indices_ptr", "full_counts_ptr", "full_indices_ptr"), "*i32")
-    scalars = {"n": "i32", "n_q": "i32", "threshold": "fp32", "low": "i32", "high": "i32"}
+    scalars = dict.fromkeys(("n", "n_q", "low", "high", "partial_width", "full_width"), "i32") | {"threshold": "fp32"}
     compiled = 0
     for kernel in (_cdf_keep_kernel, _nabla_indices_kernel):
         flags = [name for name in ("CAP_HIGH", "RAISE_LOW", "HAS_STA") if name in kernel.arg_names]

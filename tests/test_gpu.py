@@ -13,7 +13,7 @@ from nabla.attention import (
 from nabla.backend import flash_unavailable_reason, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
-from nabla.masks import cdf_keep_sorted, density_bounds, pooled_logits
+from nabla.masks import cdf_keep_sorted, density_bounds, pool_blocks, pooled_logits
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Wan2.1 1.3B 480p and 14B 720p token grids, 81 frames
@@ -101,9 +101,12 @@ def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode, query_bloc
     q, k, _ = qkv(heads, layout)
     config = SparsityConfig(mode=mode, threshold=0.4, block_size=64, sta_window=(3, 3, 3), max_density=0.2,
                             query_block_size=query_block)
-    valid, partial, sta, *_ = _mask_inputs(q, layout, config)
-    keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(
-        q, k, *_mask_inputs(q, layout, config))
+    valid, _, partial, sta, *_ = inputs = _mask_inputs(q, layout, config)
+    keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(q, k, False, *inputs)
+    # as the patched block runs it: from the block means of q and k
+    means = [pool_blocks(x, 64, valid)[0] for x in (q, k)]
+    keep_from_means = _compiled_block_mask_tensors()(*means, True, *inputs)[0]
+    assert (keep != keep_from_means).float().mean().item() < 1e-5
     logits, empty = pooled_logits(q, k, 64, valid)
     probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
     ref = cdf_keep_sorted(probs, 0.4, *density_bounds(probs.shape[-1], None, 0.2))
