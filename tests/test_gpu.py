@@ -103,10 +103,16 @@ def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode, query_bloc
                             query_block_size=query_block)
     valid, _, partial, sta, *_ = inputs = _mask_inputs(q, layout, config)
     keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(q, k, False, *inputs)
-    # as the patched block runs it: from the block means of q and k
+    # as the patched block runs it: from the block means of q and k, index rows as wide as FLASH needs
     means = [pool_blocks(x, 64, valid)[0] for x in (q, k)]
-    keep_from_means = _compiled_block_mask_tensors()(*means, True, *inputs)[0]
+    keep_from_means, *compact = _compiled_block_mask_tensors()(*means, True, *_mask_inputs(q, layout, config, True))
     assert (keep != keep_from_means).float().mean().item() < 1e-5
+    if torch.equal(keep, keep_from_means):
+        for count, idx, narrow_count, narrow_idx in ((partial_counts, partial_idx, *compact[:2]),
+                                                     (full_counts, full_idx, *compact[2:])):
+            width = narrow_idx.shape[-1]
+            assert torch.equal(narrow_count, count) and int(count.max()) <= width < idx.shape[-1]
+            assert torch.equal(narrow_idx, idx[..., :width])
     logits, empty = pooled_logits(q, k, 64, valid)
     probs = logits.masked_fill(empty, float("-inf")).softmax(-1)
     ref = cdf_keep_sorted(probs, 0.4, *density_bounds(probs.shape[-1], None, 0.2))
