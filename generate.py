@@ -289,8 +289,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{sparsity.query_block_size}-row kernel query blocks attend the union of their {sparsity.block_size}-token "
               f"mask rows: the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
     if patch and patch.state.dense_fallbacks:
-        print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: their masks were denser than "
-              f"dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention is faster")
+        merged = " (the union of the mask rows that a kernel query block merges)" if sparsity.query_merge > 1 else ""
+        print(f"{len(patch.state.dense_fallbacks)} sparse attention calls ran dense: the kernel would have computed more "
+              f"blocks{merged} than dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense attention "
+              "is faster, or the layer's mask was that dense within the last steps")
     if args.compare:
         print(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, transformer "
               f"blocks {blocks}) in {full_seconds:.2f} s")

@@ -23,96 +23,126 @@ import triton.language as tl
 ONE_BITS = 0x3F800000  # bit pattern of 1.0f: no probability lies above it
 
 
+# A row of n entries is held in two chunks of powers of two, A (the largest below n) and B (the rest, rounded
+# up): n = 1260 takes 1024 + 256 lanes instead of 2048. The kernels are bound by the lanes' arithmetic (31-step
+# bisections of row-wide sums), so lanes past the row would cost as much as entries.
+
+
 @triton.jit
-def _smallest_bits_with_mass_at_most(p, bits, threshold, lo, ONE: tl.constexpr):
+def _sum(a, b):
+    return tl.sum(a, axis=0) + tl.sum(b, axis=0)
+
+
+@triton.jit
+def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, ONE: tl.constexpr):
     hi = ONE  # S(>hi) = 0 <= threshold always holds: the answer lies in [lo, hi]
     for _ in range(31):
         mid = lo + (hi - lo) // 2
-        ok = tl.sum(tl.where(bits > mid, p, 0.0), axis=0) <= threshold
+        ok = _sum(tl.where(bits_a > mid, pa, 0.0), tl.where(bits_b > mid, pb, 0.0)) <= threshold
         hi = tl.where(ok, mid, hi)
         lo = tl.where(ok, lo, mid + 1)
     return hi
 
 
 @triton.jit
-def _largest_bits_with_count_at_least(bits, k, ONE: tl.constexpr):
+def _largest_bits_with_count_at_least(bits_a, bits_b, k, ONE: tl.constexpr):
     lo, hi = 0, ONE + 1  # count(>= 0) = n >= k; count(>= ONE + 1) = 0 < k
     for _ in range(31):
         mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((bits >= mid).to(tl.int32), axis=0) >= k
+        ok = _sum((bits_a >= mid).to(tl.int32), (bits_b >= mid).to(tl.int32)) >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return lo
 
 
 @triton.jit
-def _row_keep(p, inside, threshold, low, high, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr):
-    """The kept lanes of one row of probabilities `p` (0 past the row)."""
-    bits = tl.where(inside, p.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
+def _row_keep(pa, pb, inside_a, inside_b, threshold, low, high,
+              ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr):
+    """The kept lanes of one row of probabilities in chunks `pa`, `pb` (0 past the row)."""
+    bits_a = tl.where(inside_a, pa.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
+    bits_b = tl.where(inside_b, pb.to(tl.int32, bitcast=True), -1)
     # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of 31 row-wide
     # sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
     # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
     bound = tl.full((), -1, tl.int32)  # the count that a binding density bound sets, else -1
     if CAP_HIGH:
-        cut = _largest_bits_with_count_at_least(bits, high, ONE)  # at most ~high kept
+        cut = _largest_bits_with_count_at_least(bits_a, bits_b, high, ONE)  # at most ~high kept
         bound = bound * 0 + high
-        if tl.sum(tl.where(bits > cut, p, 0.0), axis=0) > threshold:
-            cut = _smallest_bits_with_mass_at_most(p, bits, threshold, cut + 1, ONE)
+        if _sum(tl.where(bits_a > cut, pa, 0.0), tl.where(bits_b > cut, pb, 0.0)) > threshold:
+            cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, cut + 1, ONE)
             bound = bound * 0 - 1
     else:
-        cut = _smallest_bits_with_mass_at_most(p, bits, threshold, tl.full((), 0, tl.int32), ONE)
+        cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, tl.full((), 0, tl.int32), ONE)
     # (the mass search always keeps the largest entry, so low <= 1 holds by itself)
     if RAISE_LOW:  # noqa: SIM102 (a constexpr branch: compiled out, not a runtime test)
-        if tl.sum((bits >= cut).to(tl.int32), axis=0) < low:
-            cut = _largest_bits_with_count_at_least(bits, low, ONE)  # at least low kept
+        if _sum((bits_a >= cut).to(tl.int32), (bits_b >= cut).to(tl.int32)) < low:
+            cut = _largest_bits_with_count_at_least(bits_a, bits_b, low, ONE)  # at least low kept
             bound = bound * 0 + low
-    keep = bits >= cut
+    keep_a, keep_b = bits_a >= cut, bits_b >= cut
     if CAP_HIGH or RAISE_LOW:
         # A bound keeps exactly its count, as sorting does: of the entries tied at the cut (probabilities that
         # underflow to 0 in a peaked row, say), only the first ones, so that a tie cannot keep the whole row.
-        tied = bits == cut
-        room = bound - tl.sum((bits > cut).to(tl.int32), axis=0)
-        keep = tl.where(bound >= 0, (bits > cut) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room)), keep)
-    return keep
+        tied_a, tied_b = (bits_a == cut).to(tl.int32), (bits_b == cut).to(tl.int32)
+        room = bound - _sum((bits_a > cut).to(tl.int32), (bits_b > cut).to(tl.int32))
+        first_a = (tied_a != 0) & (tl.cumsum(tied_a, axis=0) <= room)
+        first_b = (tied_b != 0) & (tl.cumsum(tied_b, axis=0) + tl.sum(tied_a, axis=0) <= room)
+        keep_a = tl.where(bound >= 0, (bits_a > cut) | first_a, keep_a)
+        keep_b = tl.where(bound >= 0, (bits_b > cut) | first_b, keep_b)
+    return keep_a, keep_b
 
 
 @triton.jit
 def _cdf_keep_kernel(
     probs_ptr, keep_ptr, n, threshold, low, high,
-    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr,
+    RAISE_LOW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    p = tl.load(probs_ptr + row * n + offs, mask=inside, other=0.0)
-    keep = _row_keep(p, inside, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW)
-    tl.store(keep_ptr + row * n + offs, keep, mask=inside)
+    offs_a, offs_b = tl.arange(0, BLOCK_A), BLOCK_A + tl.arange(0, BLOCK_B)
+    inside_a, inside_b = offs_a < n, offs_b < n
+    pa = tl.load(probs_ptr + row * n + offs_a, mask=inside_a, other=0.0)
+    pb = tl.load(probs_ptr + row * n + offs_b, mask=inside_b, other=0.0)
+    keep_a, keep_b = _row_keep(pa, pb, inside_a, inside_b, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW)
+    tl.store(keep_ptr + row * n + offs_a, keep_a, mask=inside_a)
+    tl.store(keep_ptr + row * n + offs_b, keep_b, mask=inside_b)
 
 
 @triton.jit
-def _store_compacted(selected, offs, inside, counts_ptr, indices_ptr, row, width):
+def _store_compacted(sel_a, sel_b, offs_a, offs_b, inside_a, inside_b, counts_ptr, indices_ptr, row, width):
     """Row `row` of (count, indices [width]): the selected columns ascending, then the others ascending up to
     `width` (every slot written, so the output needs no zero fill; FlexAttention reads only the first
     `count`, which never exceeds `width`)."""
-    sel = selected.to(tl.int32)
-    running = tl.cumsum(sel, axis=0)  # selected columns up to and including this one
-    count = tl.sum(sel, axis=0)
-    slot = tl.where(selected, running - 1, count + offs - running)
-    tl.store(indices_ptr + row * width + slot, offs, mask=inside & (slot < width))
+    sel_a, sel_b = sel_a.to(tl.int32), sel_b.to(tl.int32)
+    count_a = tl.sum(sel_a, axis=0)
+    count = count_a + tl.sum(sel_b, axis=0)
+    running_a = tl.cumsum(sel_a, axis=0)  # selected columns up to and including this one
+    running_b = tl.cumsum(sel_b, axis=0) + count_a
+    slot_a = tl.where(sel_a != 0, running_a - 1, count + offs_a - running_a)
+    slot_b = tl.where(sel_b != 0, running_b - 1, count + offs_b - running_b)
+    tl.store(indices_ptr + row * width + slot_a, offs_a, mask=inside_a & (slot_a < width))
+    tl.store(indices_ptr + row * width + slot_b, offs_b, mask=inside_b & (slot_b < width))
     tl.store(counts_ptr + row, count)
 
 
 @triton.jit
-def _nabla_row(logits_ptr, sta_ptr, keep_ptr, row, n, offs, inside, empty, threshold, low, high,
+def _nabla_row(logits_ptr, sta_ptr, keep_ptr, row, n, offs_a, offs_b, inside_a, inside_b, empty_a, empty_b,
+               threshold, low, high,
                ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr):
     """One row of the block mask from its pooled logits (softmax, cut, STA union), stored and returned."""
-    x = tl.load(logits_ptr + row * n + offs, mask=inside & ~empty, other=float("-inf"))
-    e = tl.exp(x - tl.max(x, axis=0))
-    keep = _row_keep(e / tl.sum(e, axis=0), inside, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW) & inside
+    xa = tl.load(logits_ptr + row * n + offs_a, mask=inside_a & ~empty_a, other=float("-inf"))
+    xb = tl.load(logits_ptr + row * n + offs_b, mask=inside_b & ~empty_b, other=float("-inf"))
+    top = tl.maximum(tl.max(xa, axis=0), tl.max(xb, axis=0))
+    ea, eb = tl.exp(xa - top), tl.exp(xb - top)
+    total = _sum(ea, eb)
+    keep_a, keep_b = _row_keep(ea / total, eb / total, inside_a, inside_b, threshold, low, high, ONE, CAP_HIGH,
+                               RAISE_LOW)
+    keep_a, keep_b = keep_a & inside_a, keep_b & inside_b
     if HAS_STA:
-        keep = keep | (tl.load(sta_ptr + (row % n) * n + offs, mask=inside, other=0) != 0)
-    tl.store(keep_ptr + row * n + offs, keep, mask=inside)
-    return keep
+        keep_a = keep_a | (tl.load(sta_ptr + (row % n) * n + offs_a, mask=inside_a, other=0) != 0)
+        keep_b = keep_b | (tl.load(sta_ptr + (row % n) * n + offs_b, mask=inside_b, other=0) != 0)
+    tl.store(keep_ptr + row * n + offs_a, keep_a, mask=inside_a)
+    tl.store(keep_ptr + row * n + offs_b, keep_b, mask=inside_b)
+    return keep_a, keep_b
 
 
 @triton.jit
@@ -120,25 +150,31 @@ def _nabla_indices_kernel(
     logits_ptr, empty_ptr, sta_ptr, partial_ptr, keep_ptr,
     partial_counts_ptr, partial_indices_ptr, full_counts_ptr, full_indices_ptr,
     n, n_q, threshold, low, high, partial_width, full_width,
-    BLOCK: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr, RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr,
-    MERGE: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ONE: tl.constexpr, CAP_HIGH: tl.constexpr,
+    RAISE_LOW: tl.constexpr, HAS_STA: tl.constexpr, MERGE: tl.constexpr,
 ):
     q_row = tl.program_id(0).to(tl.int64)  # a kernel query block: MERGE consecutive rows of the mask
     first = (q_row // n_q) * n + (q_row % n_q) * MERGE
-    offs = tl.arange(0, BLOCK)
-    inside = offs < n
-    empty = tl.load(empty_ptr + offs, mask=inside, other=1) != 0  # key blocks without a real token
-    keep = _nabla_row(logits_ptr, sta_ptr, keep_ptr, first, n, offs, inside, empty, threshold, low, high,
-                      ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
-    partial = tl.load(partial_ptr + offs, mask=inside, other=0) != 0  # key blocks holding padding
+    offs_a, offs_b = tl.arange(0, BLOCK_A), BLOCK_A + tl.arange(0, BLOCK_B)
+    inside_a, inside_b = offs_a < n, offs_b < n
+    # key blocks without a real token
+    empty_a = tl.load(empty_ptr + offs_a, mask=inside_a, other=1) != 0
+    empty_b = tl.load(empty_ptr + offs_b, mask=inside_b, other=1) != 0
+    keep_a, keep_b = _nabla_row(logits_ptr, sta_ptr, keep_ptr, first, n, offs_a, offs_b, inside_a, inside_b,
+                                empty_a, empty_b, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
+    # key blocks holding padding
+    partial_a = tl.load(partial_ptr + offs_a, mask=inside_a, other=0) != 0
+    partial_b = tl.load(partial_ptr + offs_b, mask=inside_b, other=0) != 0
     if MERGE == 2:
         # the second row; an odd last kernel block repeats the first (its rows past the end hold padding)
         second = tl.minimum(first + 1, (q_row // n_q) * n + n - 1)
-        other = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs, inside, empty, threshold, low, high,
-                           ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
-        keep = keep | other  # both rows attend the union
-    _store_compacted(keep & partial, offs, inside, partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
-    _store_compacted(keep & ~partial, offs, inside, full_counts_ptr, full_indices_ptr, q_row, full_width)
+        other_a, other_b = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs_a, offs_b, inside_a, inside_b,
+                                      empty_a, empty_b, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
+        keep_a, keep_b = keep_a | other_a, keep_b | other_b  # both rows attend the union
+    _store_compacted(keep_a & partial_a, keep_b & partial_b, offs_a, offs_b, inside_a, inside_b,
+                     partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
+    _store_compacted(keep_a & ~partial_a, keep_b & ~partial_b, offs_a, offs_b, inside_a, inside_b,
+                     full_counts_ptr, full_indices_ptr, q_row, full_width)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
@@ -203,9 +239,16 @@ def _threshold(threshold: float) -> float:
     return float("inf") if threshold >= 1.0 else float(threshold)
 
 
+def row_chunks(n: int) -> tuple[int, int]:
+    """The two power-of-two chunks that hold a row of n entries: the largest power of two below n, and the
+    rest rounded up to one (1260 -> 1024 + 256; 1024 -> 512 + 512)."""
+    first = 1 << max(0, (n - 1).bit_length() - 1)
+    return first, triton.next_power_of_2(max(1, n - first))
+
+
 def _meta(n: int, low: int, high: int) -> dict:
-    block = triton.next_power_of_2(n)
+    block_a, block_b = row_chunks(n)
     # The bisections are chains of row-wide sums: fewer warps per row mean fewer cross-warp syncs per sum and
     # more rows in flight. Fastest on the H100 at both Wan shapes: one warp up to 1024 entries, two at 2048.
-    return {"BLOCK": block, "ONE": ONE_BITS, "CAP_HIGH": high < n, "RAISE_LOW": low > 1,
-            "num_warps": max(1, block // 1024)}
+    return {"BLOCK_A": block_a, "BLOCK_B": block_b, "ONE": ONE_BITS, "CAP_HIGH": high < n, "RAISE_LOW": low > 1,
+            "num_warps": max(1, triton.next_power_of_2(n) // 1024)}
