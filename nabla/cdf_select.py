@@ -1,7 +1,8 @@
 """NABLA's CDF binarization as one Triton kernel: a row of the pooled map in registers, no sort.
 
 For probabilities p >= 0 the int32 bit patterns order like the floats, so thresholds can be found
-by bisection over bit patterns, exactly, in 31 steps a row. With S(>b) the mass of the entries
+by bisection over bit patterns, exactly, in at most 31 steps a row (log2 of the range of the row's
+bit patterns). With S(>b) the mass of the entries
 above bit pattern b (non-increasing in b), an entry x is kept iff S(>x) <= threshold (the mass of
 the larger entries does not yet reach the threshold) iff bits(x) >= b*, the smallest b with
 S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
@@ -34,9 +35,10 @@ def _sum(a, b):
 
 
 @triton.jit
-def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, ONE: tl.constexpr):
-    hi = ONE  # S(>hi) = 0 <= threshold always holds: the answer lies in [lo, hi]
-    for _ in range(31):
+def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, hi):
+    # hi: the row's largest bit pattern, S(>hi) = 0 <= threshold: the answer lies in [lo, hi]. The search takes
+    # log2(hi - lo) steps: fewer than 31 where the row's entries span a narrow range.
+    while lo < hi:
         mid = lo + (hi - lo) // 2
         ok = _sum(tl.where(bits_a > mid, pa, 0.0), tl.where(bits_b > mid, pb, 0.0)) <= threshold
         hi = tl.where(ok, mid, hi)
@@ -45,9 +47,9 @@ def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, ONE:
 
 
 @triton.jit
-def _largest_bits_with_count_at_least(bits_a, bits_b, k, ONE: tl.constexpr):
-    lo, hi = 0, ONE + 1  # count(>= 0) = n >= k; count(>= ONE + 1) = 0 < k
-    for _ in range(31):
+def _largest_bits_with_count_at_least(bits_a, bits_b, k, lo, hi):
+    # lo, hi: the row's smallest and largest bit patterns; count(>= lo) = n >= k, count(>= hi + 1) = 0 < k
+    while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         ok = _sum((bits_a >= mid).to(tl.int32), (bits_b >= mid).to(tl.int32)) >= k
         lo = tl.where(ok, mid, lo)
@@ -61,22 +63,25 @@ def _row_keep(pa, pb, inside_a, inside_b, threshold, low, high,
     """The kept lanes of one row of probabilities in chunks `pa`, `pb` (0 past the row)."""
     bits_a = tl.where(inside_a, pa.to(tl.int32, bitcast=True), -1)  # lanes past the row: below every entry
     bits_b = tl.where(inside_b, pb.to(tl.int32, bitcast=True), -1)
+    top = tl.maximum(tl.max(bits_a, axis=0), tl.max(bits_b, axis=0))
+    bottom = tl.minimum(tl.min(tl.where(inside_a, bits_a, ONE), axis=0),
+                        tl.min(tl.where(inside_b, bits_b, ONE), axis=0))
     # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of 31 row-wide
     # sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
     # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
     bound = tl.full((), -1, tl.int32)  # the count that a binding density bound sets, else -1
     if CAP_HIGH:
-        cut = _largest_bits_with_count_at_least(bits_a, bits_b, high, ONE)  # at most ~high kept
+        cut = _largest_bits_with_count_at_least(bits_a, bits_b, high, bottom, top)  # at most ~high kept
         bound = bound * 0 + high
         if _sum(tl.where(bits_a > cut, pa, 0.0), tl.where(bits_b > cut, pb, 0.0)) > threshold:
-            cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, cut + 1, ONE)
+            cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, cut + 1, top)
             bound = bound * 0 - 1
     else:
-        cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, tl.full((), 0, tl.int32), ONE)
+        cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, bottom, top)
     # (the mass search always keeps the largest entry, so low <= 1 holds by itself)
     if RAISE_LOW:  # noqa: SIM102 (a constexpr branch: compiled out, not a runtime test)
         if _sum((bits_a >= cut).to(tl.int32), (bits_b >= cut).to(tl.int32)) < low:
-            cut = _largest_bits_with_count_at_least(bits_a, bits_b, low, ONE)  # at least low kept
+            cut = _largest_bits_with_count_at_least(bits_a, bits_b, low, bottom, top)  # at least low kept
             bound = bound * 0 + low
     keep_a, keep_b = bits_a >= cut, bits_b >= cut
     if CAP_HIGH or RAISE_LOW:
