@@ -105,8 +105,8 @@ def _index_widths(layout: TileLayout, config: SparsityConfig) -> tuple[int, int]
     widths of its FlexAttention index rows for FlashAttention-4, which reads only the first `count` of a row
     (torch's Triton kernel needs rows of every key block). At 14B 720p with 64-token blocks and a 10% cap
     they take 0.06 GB instead of 0.5."""
-    valid = F.pad(layout.valid, (0, -len(layout.valid) % config.block_size), value=False).view(-1, config.block_size)
-    nb, partial = valid.shape[0], int((~valid.all(-1)).sum())
+    partial_cols = _partial_cols(_padded_valid(layout, config.block_size, torch.device("cpu")), config.block_size)
+    nb, partial = len(partial_cols), int(partial_cols.sum())
     most = nb
     if config.uses_nabla and config.max_density is not None:  # at most `high` NABLA blocks a row, plus STA's
         high = density_bounds(nb, config.min_density, config.max_density)[1]

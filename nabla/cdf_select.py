@@ -2,10 +2,9 @@
 
 For probabilities p >= 0 the int32 bit patterns order like the floats, so thresholds can be found
 by bisection over bit patterns, exactly, in at most 31 steps a row (log2 of the range of the row's
-bit patterns). With S(>b) the mass of the entries
-above bit pattern b (non-increasing in b), an entry x is kept iff S(>x) <= threshold (the mass of
-the larger entries does not yet reach the threshold) iff bits(x) >= b*, the smallest b with
-S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
+bit patterns). With S(>b) the mass of the entries above bit pattern b (non-increasing in b), an
+entry x is kept iff S(>x) <= threshold (the mass of the larger entries does not yet reach the
+threshold) iff bits(x) >= b*, the smallest b with S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
 `low`-th largest entries. Same result as sorting, except at exact ties.
 
 `nabla_block_indices` runs the whole block mask in that one kernel: the softmax of the pooled logits,
@@ -66,8 +65,8 @@ def _row_keep(pa, pb, inside_a, inside_b, threshold, low, high,
     top = tl.maximum(tl.max(bits_a, axis=0), tl.max(bits_b, axis=0))
     bottom = tl.minimum(tl.min(tl.where(inside_a, bits_a, ONE), axis=0),
                         tl.min(tl.where(inside_b, bits_b, ONE), axis=0))
-    # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of 31 row-wide
-    # sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
+    # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of up to 31
+    # row-wide sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
     # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
     bound = tl.full((), -1, tl.int32)  # the count that a binding density bound sets, else -1
     if CAP_HIGH:
