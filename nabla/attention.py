@@ -132,7 +132,7 @@ def make_block_mask(
     """FlexAttention BlockMask for `config` and the boolean block mask it came from.
 
     `means`: the block means of q and k [B, H, nb, D] (`pool_blocks`) where the caller has them (a compiled
-    caller computes them in the kernels that write q and k), else they are pooled here from q, k [B, H, S, D].
+    caller computes them in the graph that writes q and k), else they are pooled here from q, k [B, H, S, D].
     """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
     compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device) == "flash"

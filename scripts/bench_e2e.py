@@ -16,7 +16,7 @@ masks fails the run. Random weights do not give trained attention maps, so the N
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
 (captured from layer 0 in one more step after the timed runs, so the copies never count in peak
 memory), times calls per step, over the step time. As in the patched block, the mask build starts
-from the block means of q and k, which the compiled block takes in the kernels that write q and k
+from the block means of q and k, which the compiled block takes in the graph that writes q and k
 (their standalone cost is printed beside, and is in the step time). The table is printed last.
 
 A cache row computes only some of its steps: the table shows the steps that ran all their blocks

@@ -4,7 +4,7 @@
     python scripts/bench_mask.py --smoke            # a tiny shape on the CPU: checks the script, times nothing real
 
 The mask build starts from the block means of q and k (`make_block_mask(..., means=...)`), which the compiled
-block takes in the kernels that write q and k; the sparse call is that plus `flex_attention` on the mask. Each is
+block takes in the graph that writes q and k; the sparse call is that plus `flex_attention` on the mask. Each is
 timed two ways: "wall", `triton.testing.do_bench` per call; and "GPU", ten calls queued behind some 40 ms of
 matmuls, so that the CPU launches them all before the GPU reaches them (launch overhead hidden, as in a busy
 pipeline). Inputs: random q, k at a 10% cap (threshold 0.7, `max_density` 0.1, bench_e2e's setting), and

@@ -6,9 +6,9 @@ No model code is forked; hooks and an attention processor do the work:
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
   processor that computes q, k, v like diffusers' WanAttnProcessor, puts them in tile order (padded
   to whole tiles) and takes NABLA's block means of q and k in the same compiled graph as the rotary
-  embedding (fused gathers and reductions: the raster copies are never written, q and k not read
-  again for the means), runs NABLA/STA block-sparse attention and puts the output back in raster
-  order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
+  embedding (fused gathers: the raster copies are never written; the means reduce in that graph,
+  where inductor can fuse them with the writes of q and k), runs NABLA/STA block-sparse attention
+  and puts the output back in raster order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
   not a graph break, so the block's activations are freed as in the stock compiled block. Every
   other op of the model runs on the raster-order tokens, unpadded, exactly as in stock diffusers,
   and dense steps are the stock computation, bit for bit.
@@ -259,7 +259,7 @@ class TileIndices(NamedTuple):
 
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
     """NABLA's block means [B, H, nb, D] (float32) of tile-ordered x [B, S, H, D]: `pool_blocks` on the heads-first
-    view, so that in a compiled block they reduce in the kernels that write x."""
+    view, so that in a compiled block they reduce in the graph that writes x."""
     return pool_blocks(x.transpose(1, 2), block_size, valid)[0]
 
 
