@@ -5,9 +5,9 @@
 
 The mask build starts from the block means of q and k (`make_block_mask(..., means=...)`), which the compiled
 block takes in the graph that writes q and k; the sparse call is that plus `flex_attention` on the mask. Each is
-timed two ways: "wall", `triton.testing.do_bench` per call; and "GPU", ten calls queued behind some 40 ms of
-matmuls, so that the CPU launches them all before the GPU reaches them (launch overhead hidden, as in a busy
-pipeline). Inputs: random q, k at a 10% cap (threshold 0.7, `max_density` 0.1, bench_e2e's setting), and
+timed two ways: "wall", bench_attention.py's `bench_ms` (`triton.testing.do_bench`) per call; and "GPU", ten
+calls queued behind some 40 ms of matmuls, so that the CPU launches them all before the GPU reaches them
+(launch overhead hidden, as in a busy pipeline). Inputs: random q, k at a 10% cap (threshold 0.7, `max_density` 0.1, bench_e2e's setting), and
 bench_attention.py's locally coherent q, k at a fixed 10% (min = max density; peaked rows, every bisection runs).
 The last column is the block means in kernels of their own, what they would cost outside the block.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,26 +26,16 @@ from nabla import SparsityConfig, TileLayout
 from nabla.attention import attend_block_mask, make_block_mask
 from nabla.backend import resolve_backend
 from nabla.masks import pool_blocks
-from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, local_part
+from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, local_part
 
 #: (block_size, query_block_size): 128-token blocks, 64-token blocks, 64-token rows in 128-row kernel blocks
 BLOCKINGS = ((128, None), (64, None), (64, 128))
 
 
-def wall_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench  # triton ships with CUDA torch only
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float:
     """Milliseconds per call with the launches hidden: the calls wait in the queue behind ~40 ms of matmuls."""
     if device.type != "cuda":
-        return wall_ms(fn, device)
+        return bench_ms(fn, device, 100, cpu_iters=1)
     busy = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     fn()
     torch.cuda.synchronize(device)
@@ -95,12 +84,12 @@ def bench_shape(name: str, shape: Shape, inputs: str, device: torch.device, back
         def own_kernels(block_size=block_size):
             return [pool(t, block_size, valid) for t in (q, k)]
 
-        mask_wall, call_wall = wall_ms(mask, device), wall_ms(call, device)
+        mask_wall, call_wall = (bench_ms(fn, device, 100, cpu_iters=1) for fn in (mask, call))
         mask_gpu, call_gpu = gpu_ms(mask, device), gpu_ms(call, device)
         blocking = str(block_size) if query_block_size is None else f"{block_size} in {query_block_size}"
         rows.append(f"| {name} | {inputs} | {blocking} | {mask_wall:.3f} / {mask_gpu:.3f} | {call_wall:.2f} / "
                     f"{call_gpu:.2f} | {mask_wall / call_wall:.1%} / {mask_gpu / call_gpu:.1%} "
-                    f"| {wall_ms(own_kernels, device):.3f} |")
+                    f"| {bench_ms(own_kernels, device, 100, cpu_iters=1):.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
 

@@ -8,10 +8,10 @@ No model code is forked; hooks and an attention processor do the work:
   to whole tiles) and takes NABLA's block means of q and k in the same compiled graph as the rotary
   embedding (fused gathers: the raster copies are never written; the means reduce in that graph,
   where inductor can fuse them with the writes of q and k), runs NABLA/STA block-sparse attention
-  and puts the output back in raster order. Attention is one custom op inside the compiled block (`nabla::wan_self_attention`),
-  not a graph break, so the block's activations are freed as in the stock compiled block. Every
-  other op of the model runs on the raster-order tokens, unpadded, exactly as in stock diffusers,
-  and dense steps are the stock computation, bit for bit.
+  and puts the output back in raster order. Attention is one custom op inside the compiled block
+  (`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the
+  stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded,
+  exactly as in stock diffusers, and dense steps are the stock computation, bit for bit.
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
   order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
