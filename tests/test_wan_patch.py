@@ -8,7 +8,14 @@ from nabla import SparsityConfig
 from nabla.attention import attended_mask, build_block_mask
 from nabla.layout import gather_tiles
 from wan.loading import load_pipeline
-from wan.patch import FALLBACK_STEPS, NablaWanAttnProcessor, _apply_rotary, patch_transformer, unpatch
+from wan.patch import (
+    FALLBACK_STEPS,
+    NablaWanAttnProcessor,
+    _apply_rotary,
+    _apply_rotary_pairwise,
+    patch_transformer,
+    unpatch,
+)
 from wan.run import generate
 from wan.settings import GenerationSettings
 
@@ -62,6 +69,14 @@ def test_sta_modes_are_sparse(pipe, full_video, config):
     assert abs(frames - full_video).max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pairwise_rotary_is_diffusers_rotary_bit_for_bit(dtype, gen):
+    x = torch.randn(1, 50, 3, 16, generator=gen).to(dtype)
+    cos, sin = torch.randn(2, 1, 50, 1, 16, generator=gen)
+    assert torch.equal(_apply_rotary_pairwise(x, cos, sin), _apply_rotary(x, cos, sin))
+    assert not torch.equal(_apply_rotary_pairwise(x, cos, sin), _apply_rotary(x, cos, -sin))
+
+
 @pytest.mark.parametrize("config", [SparsityConfig(mode="nabla", threshold=0.4),
                                     SparsityConfig(mode="nabla+sta", threshold=0.2, sta_window=(1, 1, 1), block_size=128),
                                     SparsityConfig(mode="nabla", threshold=0.3, query_block_size=128)],
@@ -104,9 +119,10 @@ def test_dense_steps(pipe, full_video, monkeypatch):
     assert state.densities == [] and gathered == [] and (frames == full_video).all()
     _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
     assert {s for s, _, _ in state.densities} == {2}
-    # only attention sees tile order: q, k, v of each layer, in the last step's two CFG passes; the token
-    # stream itself stays in raster order, unpadded
-    assert gathered == [torch.Size([1, 240, 2, 12])] * (3 * 2 * 2)
+    # only attention sees tile order: q, k, v of each layer (projected, before the norm) and the rotary
+    # tables, in the last step's two CFG passes; the token stream itself stays in raster order, unpadded
+    per_call = [torch.Size([1, 240, 24])] * 3 + [torch.Size([1, 240, 1, 12])] * 2
+    assert gathered == per_call * (2 * 2)
 
 
 def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video):

@@ -4,11 +4,12 @@ No model code is forked; hooks and an attention processor do the work:
 - a forward pre-hook on the transformer reads the latent shape (-> TileLayout) and the timestep
   (-> denoising step index);
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
-  processor that computes q, k, v like diffusers' WanAttnProcessor, puts them in tile order (padded
-  to whole tiles) and takes NABLA's block means of q and k in the same compiled graph as the rotary
-  embedding (fused gathers: the raster copies are never written; the means reduce in that graph,
-  where inductor can fuse them with the writes of q and k), runs NABLA/STA block-sparse attention
-  and puts the output back in raster order. Attention is one custom op inside the compiled block
+  processor that computes q, k, v like diffusers' WanAttnProcessor, but gathers the projected rows
+  into tile order (padded to whole tiles) before the norm and the rotary embedding, so that in the
+  compiled block one kernel reads the raster rows and writes q, k and v in tile order (on the 14B at
+  720p the H100 profile showed it replacing the norm + rope kernel and three gathers); it takes NABLA's
+  block means of q and k in the same graph, runs NABLA/STA block-sparse attention and puts the output
+  back in raster order. Attention is one custom op inside the compiled block
   (`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the
   stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded,
   exactly as in stock diffusers, and dense steps are the stock computation, bit for bit.
@@ -270,6 +271,18 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def _apply_rotary_pairwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`_apply_rotary` without its stack, the same values: (x1 c - x2 s, x2 c + x1 s) as x c + swap(x) (-s, s).
+
+    On rows gathered into tile order, inductor writes the two halves of a stack to memory and stacks them in
+    another kernel (two more passes over q and k); flip and broadcasts fuse into the kernel that writes q, k.
+    """
+    pairs = x.unflatten(-1, (-1, 2))
+    cos = cos[..., 0::2].unsqueeze(-1)
+    sin = sin[..., 1::2].unsqueeze(-1) * torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
+    return (pairs * cos + pairs.flip(-1) * sin).flatten(-2).type_as(x)
+
+
 class NablaWanAttnProcessor:
     """Self-attention processor for WanAttention: diffusers' projections, NABLA attention.
 
@@ -303,32 +316,36 @@ class NablaWanAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("NablaWanAttnProcessor is for self-attention without a mask (attn1)")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        tiles = self.state.tile_indices if self._parallel_config is None else None
+        if tiles is not None:
+            # Tile order from here, inside the compiled block: gathered before the norm and the rotary embedding
+            # (per-token ops), whose kernel then reads raster rows and writes tile order; no raster copy of q or k
+            # is written, and v is gathered in one copy.
+            query, key, value = (gather_tiles(x, tiles.gather, dim=1) for x in (query, key, value))
+            if rotary_emb is not None:
+                rotary_emb = tuple(gather_tiles(r, tiles.gather, dim=1) for r in rotary_emb)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
         if rotary_emb is not None:
-            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-        if self._parallel_config is None:
-            tiles, config, means = self.state.tile_indices, self.state.config, None
-            if tiles is not None:
-                # Tile order here, inside the compiled block: the gather fuses with the rotary embedding,
-                # so raster copies of q, k, v never take memory next to the tiled ones.
-                query, key, value = (gather_tiles(x, tiles.gather, dim=1) for x in (query, key, value))
-                if config.uses_nabla:
-                    means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
-            tiled = tiles is not None
-            if torch.is_grad_enabled():  # the op has no backward: a graph break instead
-                out = self.state.attend(query, key, value, tiled, means)
-            else:
-                out = wan_self_attention(query, key, value, *(means or (None, None)), self.state.key, tiled)
-            if tiled:  # back to raster order here, after the op: q, k, v are freed by then
-                out = out.index_select(1, tiles.scatter)
-        else:
+            rotary = _apply_rotary if tiles is None else _apply_rotary_pairwise  # dense steps: diffusers' own ops
+            query, key = rotary(query, *rotary_emb), rotary(key, *rotary_emb)
+        if self._parallel_config is not None:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
                 raise ValueError("NABLA runs under Ulysses context parallelism only (ring_degree 1, even split)")
             out = self._ulysses(query, key, value)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+            return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+        config, means = self.state.config, None
+        if tiles is not None and config.uses_nabla:
+            means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
+        tiled = tiles is not None
+        if torch.is_grad_enabled():  # the op has no backward: a graph break instead
+            out = self.state.attend(query, key, value, tiled, means)
+        else:
+            out = wan_self_attention(query, key, value, *(means or (None, None)), self.state.key, tiled)
+        if tiled:  # back to raster order (padding dropped) before the output projection, whose input it writes
+            out = out.index_select(1, tiles.scatter)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
 
 @dataclasses.dataclass
