@@ -146,3 +146,38 @@ def test_merged_query_blocks_match_masked_reference(backend, shape):
     ref = masked_reference(q, k, v, attended_mask(stats["mask"], 2), layout, 64, rows)
     diff = (out[:, :, rows].double() - ref).abs().max().item()
     assert diff <= 2e-2, f"{stats['backend']}: max abs diff {diff:.2e} against the masked float64 reference"
+
+
+@cuda
+@pytest.mark.parametrize("block_size", [128, 64])
+def test_compiled_patched_blocks_match_eager_blocks(block_size):
+    """The patched transformer with compiled blocks (the processor's gathers, rotary and block means in inductor's
+    kernels) against the same blocks run eagerly, float32 so that both keep the same blocks; a padded grid."""
+    from diffusers import WanTransformer3DModel
+
+    from wan.api import BLOCK_COMPILE_OPTIONS
+    from wan.patch import patch_transformer, unpatch
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).eval()
+        latents = torch.randn(1, 16, 3, 90, 64)  # token grid (3, 45, 32): padded to (3, 48, 32)
+        text, timestep = torch.randn(1, 16, 64), torch.tensor([500.0])
+    config = SparsityConfig(mode="nabla", threshold=0.7, block_size=block_size, max_density=0.3, backend="triton",
+                            dense_above=1.0)
+    handle = patch_transformer(transformer, config)
+    try:
+        with torch.inference_mode():
+            eager = transformer(latents, timestep, text, return_dict=False)[0]
+            eager_density = handle.state.mean_density()
+            handle.state.reset()
+            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+            compiled = transformer(latents, timestep, text, return_dict=False)[0]
+    finally:
+        unpatch(transformer)
+    assert 0.05 < handle.state.mean_density() == pytest.approx(eager_density) < 0.5
+    assert len(handle.state.densities) == 2 and not handle.state.dense_fallbacks
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
