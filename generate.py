@@ -109,7 +109,7 @@ def resolve(args: argparse.Namespace) -> tuple[SparsityConfig, GenerationSetting
     if sparsity.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
         from nabla.backend import resolve_backend
 
-        resolve_backend(sparsity.backend, run_device(args))
+        resolve_backend(sparsity.backend, run_device(args), DTYPES.get(args.dtype))
     if args.ulysses > 1 or args.cfg_parallel:
         if args.compare or args.cpu_offload:
             raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if warmup:
         # untimed: compile the sparse kernels, and with dense_steps (or where layers can fall back to dense, which
         # keeps steps on which all of them do in raster order) the raster-order dense graph too
-        falls_back = dense_above(sparsity, resolve_backend(sparsity.backend, device)) < 1.0
+        falls_back = dense_above(sparsity, resolve_backend(sparsity.backend, device, pipe.transformer.dtype)) < 1.0
         dense_first = bool(patch) and sparsity.is_sparse and (sparsity.dense_steps > 0 or falls_back)
         if patch:
             patch.state.config = sparsity.replace(dense_steps=int(dense_first))

@@ -135,7 +135,7 @@ def make_block_mask(
     caller computes them in the graph that writes q and k), else they are pooled here from q, k [B, H, S, D].
     """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
-    compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device) == "flash"
+    compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device, q.dtype) == "flash"
     keep, *indices = build(*(means or (q, k)), means is not None, *_mask_inputs(q, layout, config, compact))
     return _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled), keep
 
@@ -264,7 +264,7 @@ def attend_block_mask(
     """
     if not compiled:
         return _eager_flex(q, k, v, block_mask=block_mask)
-    options = kernel_options(backend, block_mask.BLOCK_SIZE, q.device) if q.is_cuda else None
+    options = kernel_options(backend, block_mask.BLOCK_SIZE, q.device, q.dtype) if q.is_cuda else None
     limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     with torch._dynamo.config.patch(recompile_limit=limit):
         return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
@@ -309,7 +309,7 @@ def sparse_attention(
     if q.shape[-2] != layout.padded_length:
         raise ValueError(f"sparse_attention: sequence length {q.shape[-2]} != padded length {layout.padded_length} of {layout}")
     compiled = q.is_cuda if compiled is None else compiled
-    backend = resolve_backend(config.backend, q.device) if compiled else "eager"
+    backend = resolve_backend(config.backend, q.device, q.dtype) if compiled else "eager"
     block_mask, keep = make_block_mask(q, k, layout, config, compiled)
     ran_dense = too_dense(block_mask, dense_above(config, backend))
     out = dense_attention(q, k, v, layout) if ran_dense else attend_block_mask(q, k, v, block_mask, compiled, backend)

@@ -39,35 +39,42 @@ def flash_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The kernel that runs on `device`: "flash", "triton", or "eager" off CUDA (exact, slow, for tests).
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The kernel that runs on `device` for q, k, v of `dtype` (None: 16-bit): "flash", "triton", or "eager" off
+    CUDA (exact, slow, for tests).
 
     "auto" takes flash where it can run; an explicit "flash" that cannot is a one-line ValueError.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    reason = flash_unavailable_reason(device)
+    if reason is None and dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        reason = f"FlashAttention-4 takes bfloat16 or float16, not {str(dtype).removeprefix('torch.')}"
     if backend == "flash":
-        reason = flash_unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"config: backend 'flash' cannot run here: {reason}; use backend: auto or triton")
         return "flash"
     if device.type != "cuda":
         return "eager"
-    if backend == "auto" and flash_unavailable_reason(device) is None:
-        return "flash"
-    return "triton"
+    return "flash" if backend == "auto" and reason is None else "triton"
 
 
-def kernel_options(backend: str, block_size: tuple[int, int], device: torch.device) -> dict | None:
-    """flex_attention's kernel_options for `backend` and the BlockMask's (query, key) tokens per block."""
+def kernel_options(
+    backend: str, block_size: tuple[int, int], device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> dict | None:
+    """flex_attention's kernel_options for `backend`, the BlockMask's (query, key) tokens per block and q's dtype."""
     if backend == "eager":
         return None
     if backend == "flash":
         return {"BACKEND": "FLASH"}
+    q_block, kv_block = block_size
+    if dtype.itemsize > 2:
+        # float32 tiles of 128 x 128 in three stages ask for 320 KB of shared memory (the H100 has 227 KB): 64 x 64
+        # tiles divide both block sizes
+        return {"BACKEND": "TRITON", "BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4}
     # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). On the H100, TMA
     # loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
-    q_block, kv_block = block_size
     options: dict = {"BACKEND": "TRITON", "BLOCK_M": q_block, "BLOCK_N": kv_block}
     if torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True

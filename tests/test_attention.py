@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nabla.backend
 from nabla.attention import (
     attended_mask,
     build_block_mask,
@@ -12,7 +13,7 @@ from nabla.attention import (
     sparse_attention,
     to_flex_block_mask,
 )
-from nabla.backend import DENSE_ABOVE, dense_above, resolve_backend
+from nabla.backend import DENSE_ABOVE, dense_above, kernel_options, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 
@@ -94,6 +95,18 @@ def test_backend_resolution_on_the_cpu():
     with pytest.raises(ValueError, match="backend 'flash' cannot run here: it needs a CUDA GPU, not cpu") as err:
         resolve_backend("flash", "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_float32_takes_triton_with_tiles_that_fit(monkeypatch):
+    monkeypatch.setattr(nabla.backend, "flash_unavailable_reason", lambda device: None)  # as on an H100 with FA4
+    assert resolve_backend("auto", "cuda:0", torch.bfloat16) == resolve_backend("auto", "cuda:0") == "flash"
+    assert resolve_backend("auto", "cuda:0", torch.float32) == "triton"
+    with pytest.raises(ValueError, match="backend 'flash' cannot run here: FlashAttention-4 takes bfloat16 or "
+                       "float16, not float32; use backend: auto or triton"):
+        resolve_backend("flash", "cuda:0", torch.float32)
+    # float32 128 x 128 tiles in three stages need more shared memory than an H100 has
+    options = kernel_options("triton", (128, 128), torch.device("cuda", 0), torch.float32)
+    assert options["BLOCK_M"] == options["BLOCK_N"] == 64 and options["num_stages"] == 2
 
 
 def test_mask_changes_the_output(gen):

@@ -200,7 +200,7 @@ class NablaState:
         too dense to win, `dense()` runs instead, timed like a sparse call -> (its output, True)."""
         compiled = q.is_cuda
         if self.backend is None:
-            self.backend = resolve_backend(self.config.backend, q.device) if compiled else "eager"
+            self.backend = resolve_backend(self.config.backend, q.device, q.dtype) if compiled else "eager"
         # in two timed halves: mask build, then flex_attention on it
         timer = self.recorder.timer(q.device) if self.recorder is not None else None
         block_mask, keep = make_block_mask(q, k, self.layout, self.config, compiled=compiled, means=means)
