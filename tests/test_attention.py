@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 import nabla.backend
 from nabla.attention import (
+    _padding_mask_mod,
+    _padding_pattern,
     attended_mask,
     build_block_mask,
     dense_attention,
@@ -152,15 +154,34 @@ def test_block_mask_indices_match_the_boolean_mask(gen):
     assert torch.equal(full_dense, keep & ~partial)
 
 
-def test_compiled_block_sparse_path(gen):
-    """The kernel path used on GPUs (block indices + padding-only mask_mod), compiled on the CPU."""
-    layout = TileLayout(2, 10, 13)
+@pytest.mark.parametrize("grid", [(2, 10, 13), (2, 10, 16), (2, 16, 13)], ids=["lookup", "rows-cut", "columns-cut"])
+def test_compiled_block_sparse_path(grid, gen):
+    """The kernel path used on GPUs (block indices + padding-only mask_mod), compiled on the CPU: with the
+    mask_mod that looks `valid` up and with the two arithmetic ones."""
+    layout = TileLayout(*grid)
     _, (q, k, v) = tiled_qkv(layout, 2, 16, gen, batch=1)
     config = SparsityConfig(mode="nabla+sta", threshold=0.4, sta_window=(1, 1, 1))
     out, stats = sparse_attention(q, k, v, layout, config, compiled=True, return_stats=True)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["mask"], layout, 64))
     torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
     assert stats["density"].max() < 1
+
+
+@pytest.mark.parametrize("grid", [(21, 45, 80), (21, 30, 52), (2, 10, 16), (2, 16, 13), (3, 8, 8), (1, 9, 20)])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_padding_mask_mod_is_valid_on_partial_key_blocks(grid, block_size):
+    """The mask_mod runs only on key blocks that hold padding; there it must be exactly `valid` (arithmetic form
+    or lookup), at the Wan shapes (720p: rows cut; 480p: rows and columns cut) and others."""
+    layout = TileLayout(*grid)
+    valid = F.pad(layout.valid, (0, -layout.padded_length % block_size), value=False).view(-1, block_size)
+    partial = ~valid.all(-1)
+    kv_idx = torch.arange(valid.numel()).view(-1, block_size)[partial]
+    mask_mod = _padding_mask_mod(layout, block_size, torch.device("cpu"))
+    zero = torch.zeros((), dtype=torch.long)
+    assert torch.equal(mask_mod(zero, zero, zero, kv_idx), valid[partial])
+    arithmetic = {((21, 45, 80), 64), ((21, 45, 80), 128), ((2, 10, 16), 64), ((2, 10, 16), 128), ((2, 16, 13), 64),
+                  ((3, 8, 8), 128)}  # (3, 8, 8) in 128-token blocks: the last block's second half is past the end
+    assert (_padding_pattern(layout, block_size) != (0, 0)) == ((grid, block_size) in arithmetic)
 
 
 def test_compiled_path_past_dynamos_recompile_limit(gen):

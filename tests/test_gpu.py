@@ -61,9 +61,11 @@ def masked_reference(q, k, v, keep, layout, block_size, rows):
 @cuda
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 @pytest.mark.parametrize("block_size", [128, 64])
-def test_compiled_kernel_matches_masked_reference(backend, block_size):
-    """The compiled CUDA path against a float64 token-level reference, on a padded grid, every real query."""
-    layout = TileLayout(3, 20, 28)
+@pytest.mark.parametrize("grid", [(3, 20, 28), (3, 20, 32)], ids=["padding-lookup", "padding-arithmetic"])
+def test_compiled_kernel_matches_masked_reference(backend, block_size, grid):
+    """The compiled CUDA path against a float64 token-level reference, on padded grids (the padding mask_mod
+    looking `valid` up, and its arithmetic form), every real query."""
+    layout = TileLayout(*grid)
     q, k, v = qkv(4, layout)
     config = SparsityConfig(mode="nabla", threshold=0.5, block_size=block_size, backend=backend, dense_above=1.0)
     out, stats = sparse_attention(q, k, v, layout, config, return_stats=True)
