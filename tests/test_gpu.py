@@ -183,3 +183,33 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
     assert 0.05 < eager_density < 0.5 and handle.state.mean_density() == pytest.approx(eager_density)
     assert len(handle.state.densities) == 2 and not handle.state.dense_fallbacks
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("shape", WAN_SHAPES, ids=list(WAN_SHAPES))
+@pytest.mark.parametrize("block_size", [128, 64])
+def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
+    """wan/tiled_qk.py against the processor's torch ops (gather, RMSNorm across heads, rotary, pool_blocks), bf16."""
+    from nabla.layout import gather_tiles
+    from wan.patch import _apply_rotary_pairwise, block_means
+    from wan.tiled_qk import tiled_qk
+
+    heads, *grid = WAN_SHAPES[shape]
+    layout = TileLayout(*grid)
+    L, dim = layout.length, 128
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        x = (torch.randn(1, L, heads * dim) * 2 + 0.3).bfloat16()
+        norm = torch.nn.RMSNorm(heads * dim, eps=1e-6).bfloat16()
+        norm.weight.data = torch.randn(heads * dim).bfloat16()
+        rotary = tuple(layout.tile(torch.randn(1, L, 1, dim), dim=1) for _ in range(2))
+    gather = layout.on("cuda", "raster_index")
+    with torch.inference_mode():
+        out, means = tiled_qk(x, norm, rotary, gather, heads, block_size, True)
+        ref = _apply_rotary_pairwise(norm(gather_tiles(x, gather, dim=1)).unflatten(2, (heads, -1)), *rotary)
+        ref_means = block_means(ref, block_size, layout.on("cuda", "valid"))
+    err = (out.float() - ref.float()).abs()
+    # float32 sums in another order: a bf16 rounding apart, rarely
+    assert (err <= 2.0 ** -7 * (ref.float().abs() + ref.float().abs().amax(-1, keepdim=True))).all(), float(err.max())
+    assert (err > 0).float().mean() < 0.01, float((err > 0).float().mean())
+    torch.testing.assert_close(means, ref_means, atol=1e-3, rtol=1e-3)

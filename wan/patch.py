@@ -4,12 +4,11 @@ No model code is forked; hooks and an attention processor do the work:
 - a forward pre-hook on the transformer reads the latent shape (-> TileLayout) and the timestep
   (-> denoising step index);
 - each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a
-  processor that computes q, k, v like diffusers' WanAttnProcessor, but gathers the projected rows
-  into tile order (padded to whole tiles) before the norm and the rotary embedding, so that in the
-  compiled block one kernel reads the raster rows and writes q, k and v in tile order (on the 14B at
-  720p the H100 profile showed it replacing the norm + rope kernel and three gathers); it takes NABLA's
-  block means of q and k in the same graph, runs NABLA/STA block-sparse attention and puts the output
-  back in raster order. Attention is one custom op inside the compiled block
+  processor that computes q, k, v like diffusers' WanAttnProcessor, but writes them in tile order
+  (padded to whole tiles): on CUDA q and k by Triton kernels that read the projected raster rows,
+  normalise, rotate, write tile order and take NABLA's block means in one pass (wan/tiled_qk.py),
+  elsewhere by gathering the rows before the norm and the rotary embedding; it runs NABLA/STA
+  block-sparse attention and puts the output back in raster order. Attention is one custom op inside the compiled block
   (`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the
   stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded,
   exactly as in stock diffusers, and dense steps are the stock computation, bit for bit.
@@ -38,6 +37,11 @@ from nabla.attention import attend_block_mask, kernel_density, make_block_mask, 
 from nabla.backend import dense_above, resolve_backend
 from nabla.layout import gather_tiles
 from nabla.masks import pool_blocks
+
+try:  # the CUDA kernels for q and k; CPU-only installs may lack Triton
+    from wan.tiled_qk import fused_applies, tiled_qk
+except ImportError:
+    fused_applies = tiled_qk = None
 
 #: steps for which a layer that fell back to dense attention stays dense without building a mask; doubled at
 #: each further fallback in a row (a mask too dense at 4 checks in a row is checked again 60 steps later)
@@ -322,6 +326,12 @@ class NablaWanAttnProcessor:
             query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
         )
 
+    @staticmethod
+    def _fused(attn: Any, query: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        # the kernels have no backward
+        return (fused_applies is not None and not query.requires_grad
+                and all(fused_applies(query, norm, rotary_emb) for norm in (attn.norm_q, attn.norm_k)))
+
     def __call__(
         self,
         attn: Any,
@@ -334,31 +344,41 @@ class NablaWanAttnProcessor:
             raise ValueError("NablaWanAttnProcessor is for self-attention without a mask (attn1)")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         tiles = self.state.tile_indices if self._parallel_config is None else None
-        if tiles is not None:
-            # Tile order from here, inside the compiled block: q and k are gathered before the norm and the rotary
-            # embedding (per-token ops; the patched rope.forward gave its tables in tile order), so that their
-            # kernels read raster rows and write tile order (no raster copy of q or k is written). q, k and v read
-            # no input in common (k has its own index and tables, v its own index): inductor fuses kernels that
-            # share an input, and one kernel writing q, k and v in tile order holds all three projections and
-            # all three tiled copies at once (+0.9 GiB at 14B 720p, +0.1 GiB for q and k together); apart, each
-            # projection is freed as its tiled copy is written, and NABLA's peak stays under dense attention's.
-            query, key = gather_tiles(query, tiles.gather, dim=1), gather_tiles(key, tiles.gather_keys, dim=1)
-            value = value.index_select(1, tiles.gather_values)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None and tiles is None:  # dense steps: diffusers' own ops
-            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-        elif rotary_emb is not None:
-            query, key = _apply_rotary_pairwise(query, *rotary_emb), _apply_rotary_pairwise(key, *self.state.key_rotary)
+        config, means = self.state.config, None
+        with_means = tiles is not None and config.uses_nabla
+        if tiles is not None and self._fused(attn, query, rotary_emb):
+            # On CUDA, q and k each by two Triton kernels that also take the block means (wan/tiled_qk.py)
+            query, query_means = tiled_qk(query, attn.norm_q, rotary_emb, tiles.gather, attn.heads, config.block_size,
+                                          with_means)
+            key, key_means = tiled_qk(key, attn.norm_k, rotary_emb, tiles.gather, attn.heads, config.block_size,
+                                      with_means)
+            value = value.index_select(1, tiles.gather_values).unflatten(2, (attn.heads, -1))
+            means = (query_means, key_means) if with_means else None
+        else:
+            if tiles is not None:
+                # Tile order from here: q and k are gathered before the norm and the rotary embedding (per-token
+                # ops; the patched rope.forward gave its tables in tile order), so that in a compiled block their
+                # kernels read raster rows and write tile order. q, k and v read no input in common (k has its own
+                # index and tables, v its own index): inductor fuses kernels that share an input, and one kernel
+                # writing q, k and v in tile order holds all three projections and all three tiled copies at once
+                # (+0.9 GiB at 14B 720p); apart, each projection is freed as its tiled copy is written.
+                query, key = gather_tiles(query, tiles.gather, dim=1), gather_tiles(key, tiles.gather_keys, dim=1)
+                value = value.index_select(1, tiles.gather_values)
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            if rotary_emb is not None and tiles is None:  # dense steps: diffusers' own ops
+                query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+            elif rotary_emb is not None:
+                query = _apply_rotary_pairwise(query, *rotary_emb)
+                key = _apply_rotary_pairwise(key, *self.state.key_rotary)
+            if with_means:
+                means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
         if self._parallel_config is not None:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
                 raise ValueError("NABLA runs under Ulysses context parallelism only (ring_degree 1, even split)")
             out = self._ulysses(query, key, value)
             return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
-        config, means = self.state.config, None
-        if tiles is not None and config.uses_nabla:
-            means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
         tiled = tiles is not None
         if torch.is_grad_enabled():  # the op has no backward: a graph break instead
             out = self.state.attend(query, key, value, tiled, means)

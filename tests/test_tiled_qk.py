@@ -1,0 +1,134 @@
+"""The Triton kernels that write Wan's q and k in tile order with their block means, by Triton's interpreter on the
+CPU, against the processor's torch path (gather, RMSNorm, rotary, pool_blocks)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Run in a child process: TRITON_INTERPRET must be set before Triton is imported, and only there.
+CHECK = r"""
+import torch
+from nabla.layout import TileLayout, gather_tiles
+from wan.patch import _apply_rotary_pairwise, block_means
+from wan.tiled_qk import _tiled_qk
+torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+checked = 0
+for grid, heads, dim, block_size, dtype, affine, eps in (
+    ((3, 10, 13), 2, 16, 64, torch.float32, True, 1e-6),  # padded rows and columns, S not a multiple of 128
+    ((3, 10, 13), 2, 16, 128, torch.bfloat16, True, 1e-6),
+    ((2, 16, 16), 3, 12, 64, torch.bfloat16, False, None),  # no padding; head dim not a power of two
+    ((1, 9, 20), 1, 32, 128, torch.float16, True, 1e-5),
+):
+    layout = TileLayout(*grid)
+    L, S, C = layout.length, layout.padded_length, heads * dim
+    x = (torch.randn(2, L, C) * 3 + 0.5).to(dtype)
+    norm = torch.nn.RMSNorm(C, eps=eps, elementwise_affine=affine).to(dtype)
+    if affine:
+        norm.weight.data = torch.randn(C).to(dtype)
+    cos, sin = (layout.tile(torch.randn(1, L, 1, dim), dim=1) for _ in range(2))
+    gather = layout.raster_index
+    out, means = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather,
+                           eps if eps is not None else torch.finfo(torch.float32).eps, heads, block_size, True)
+    ref = _apply_rotary_pairwise(norm(gather_tiles(x, gather, dim=1)).unflatten(2, (heads, -1)), cos, sin)
+    ref_means = block_means(out, block_size, layout.valid)  # the means of what it wrote (compared to ref below)
+    assert out.shape == ref.shape and out.dtype == dtype and means.shape == ref_means.shape, (grid, out.shape, means.shape)
+    # at most a rounding or two of the output dtype apart (float32 sums in another order; the interpreter rounds
+    # float32 to bfloat16 toward zero, the GPU to nearest: tests/test_gpu.py holds the GPU to tighter bounds)
+    rtol = {torch.float32: 1e-5, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
+    err = (out.float() - ref.float()).abs()
+    assert (err <= rtol * (ref.float().abs() + ref.float().abs().amax(-1, keepdim=True))).all(), (grid, dtype, float(err.max()))
+    if dtype == torch.float16:  # mostly the same rounding
+        assert (err > 0).float().mean() < 0.05, (grid, dtype, float((err > 0).float().mean()))
+    assert not out[:, ~layout.valid].any(), grid
+    assert torch.allclose(means, ref_means, rtol=1e-5, atol=1e-6), (grid, dtype, float((means - ref_means).abs().max()))
+    no_means = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather, 1e-6, heads, block_size, False)[1]
+    assert no_means.numel() == 0
+    checked += 1
+print("checked", checked)
+"""
+
+
+def test_tiled_qk_kernel_matches_the_torch_path():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked 4" in result.stdout
+
+
+def test_tiled_qk_kernels_compile_for_hopper():
+    """What the interpreter runs must also compile to Triton IR (the interpreter accepts code the compiler refuses)."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    from wan.tiled_qk import _rms_kernel, _tiled_qk_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
+    options = backend.parse_options({})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32",
+             "sin_ptr": "*fp32", "means_ptr": "*fp32", "gather_ptr": "*i64", "eps": "fp32"}
+    compiled = 0
+    for kernel, variants in (
+        (_rms_kernel, [{"BLOCK_C": 1024}]),
+        (_tiled_qk_kernel, [{"H": 40, "D": 128, "D_P2": 128, "BLOCK": block, "SUB": 32, "HAS_WEIGHT": weight,
+                             "HAS_MEANS": means} for block in (64, 128) for weight in (False, True)
+                            for means in (False, True)]),
+    ):
+        for constants in variants:
+            signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+            source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constants.items()})
+            source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            compiled += 1
+    assert compiled == 1 + 8
+
+
+# The processor with the kernels (forced on the CPU) against its torch path: same video, same masks.
+CHECK_PROCESSOR = r"""
+import sys, torch
+import wan.patch, wan.tiled_qk
+from nabla import SparsityConfig
+from wan.loading import load_pipeline
+from wan.patch import patch_transformer, unpatch
+from wan.run import generate
+from wan.settings import GenerationSettings
+
+settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=9, steps=2, guidance_scale=4.0)
+pipe = load_pipeline(sys.argv[1], device="cpu")
+calls = []
+
+def on_cpu(x, norm, rotary):
+    calls.append(x.shape)
+    return rotary is not None and isinstance(norm, torch.nn.RMSNorm)
+
+results = []
+for fused in (False, True):
+    if fused:
+        wan.patch.fused_applies = wan.tiled_qk.fused_applies = on_cpu
+    handle = patch_transformer(pipe.transformer, SparsityConfig(mode="nabla", threshold=0.5))
+    frames, _ = generate(pipe, settings)
+    results.append((frames, torch.stack([d for _, _, d in handle.state.densities])))
+    unpatch(pipe.transformer)
+(ref, ref_density), (out, density) = results
+assert calls, "the kernels did not run"
+assert torch.equal(density, ref_density) and float(density.mean()) < 0.9, (density, ref_density)
+err = abs(out - ref).max()
+assert err < 1e-4, err
+print("fused", len(calls), "max diff", err)
+"""
+
+
+def test_processor_with_the_kernels_matches_its_torch_path(tiny_model):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", CHECK_PROCESSOR, str(tiny_model)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused" in result.stdout
