@@ -212,4 +212,5 @@ def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
     # float32 sums in another order: a bf16 rounding apart, rarely
     assert (err <= 2.0 ** -7 * (ref.float().abs() + ref.float().abs().amax(-1, keepdim=True))).all(), float(err.max())
     assert (err > 0).float().mean() < 0.01, float((err > 0).float().mean())
-    torch.testing.assert_close(means, ref_means, atol=1e-3, rtol=1e-3)
+    # a bf16 rounding (up to 0.125 at these magnitudes) in one of 64 or 128 tokens moves a mean by up to 2e-3
+    torch.testing.assert_close(means, ref_means, atol=4e-3, rtol=1e-3)

@@ -91,6 +91,11 @@ def test_keep_fp32_modules_in_bf16(tiny_model, original):
     loaded = load_transformer(single, str(tiny_model), torch.bfloat16)
     assert loaded.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert loaded.blocks[0].scale_shift_table.dtype == torch.float32 and loaded.blocks[0].norm2.weight.dtype == torch.float32
+    # the rotary tables as from_pretrained has them: float32, not bf16 values cast back
+    stock = load_pipeline(str(tiny_model), device="cpu", dtype=torch.bfloat16).transformer
+    assert stock.rope.freqs_cos.dtype == torch.float32
+    for name in ("freqs_cos", "freqs_sin"):
+        assert torch.equal(getattr(loaded.rope, name), getattr(stock.rope, name)), name
 
 
 def test_generate_with_original_transformer_matches(tiny_model, original, tmp_path, raw_frames):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import HFValidationError
 from safetensors.torch import load_file
@@ -52,7 +53,7 @@ def check_transformer_path(path: str | Path) -> Path:
 
 
 def keep_fp32_modules(model: WanTransformer3DModel) -> WanTransformer3DModel:
-    """Put the modules diffusers keeps in float32 (norms, modulation, time embedding) back in float32.
+    """Put the modules diffusers keeps in float32 (norms, modulation, time embedding, rotary tables) back in float32.
 
     `from_pretrained` does this; `from_single_file` and plain construction cast everything to one dtype.
     """
@@ -60,6 +61,10 @@ def keep_fp32_modules(model: WanTransformer3DModel) -> WanTransformer3DModel:
     for name, param in model.named_parameters():
         if keep & set(name.split(".")):
             param.data = param.data.float()
+    if model.rope.freqs_cos.dtype != torch.float32:  # buffers, cast down with the model: computed again, exactly
+        config = model.config
+        model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len).to(
+            model.rope.freqs_cos.device)
     return model
 
 
