@@ -11,7 +11,6 @@ from wan.loading import load_pipeline
 from wan.patch import (
     FALLBACK_STEPS,
     NablaWanAttnProcessor,
-    _apply_rotary,
     _apply_rotary_pairwise,
     patch_transformer,
     unpatch,
@@ -67,6 +66,13 @@ def test_sta_modes_are_sparse(pipe, full_video, config):
     frames, state = run_patched(pipe, config)
     assert state.mean_density() < 1.0
     assert abs(frames - full_video).max() > 1e-4
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # diffusers' WanAttnProcessor rotary (interleaved pairs, float32 when cos is float32), as a reference
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,8 @@ No model code is forked; hooks and an attention processor do the work:
   block-sparse attention and puts the output back in raster order. Attention is one custom op inside the compiled block
   (`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the
   stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded,
-  exactly as in stock diffusers, and dense steps are the stock computation, bit for bit.
+  exactly as in stock diffusers, and dense steps are the stock computation (the rotary embedding without its
+  stack: the same values, bit for bit, on the CPU).
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
   order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
@@ -285,18 +286,13 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.
     return pool_blocks(x.transpose(1, 2), block_size, valid)[0]
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Same arithmetic as diffusers' WanAttnProcessor (interleaved pairs, float32 when cos is float32).
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
-
-
 def _apply_rotary_pairwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`_apply_rotary` without its stack, the same values: (x1 c - x2 s, x2 c + x1 s) as x c + swap(x) (-s, s).
+    """diffusers' Wan rotary embedding without its stack, the same values: (x1 c - x2 s, x2 c + x1 s) as
+    x c + swap(x) (-s, s), in float32 where cos is float32 (as from_pretrained loads the tables).
 
-    On rows gathered into tile order, inductor writes the two halves of a stack to memory and stacks them in
-    another kernel (two more passes over q and k); flip and broadcasts fuse into the kernel that writes q, k.
+    Inductor writes the two halves of a stack to memory and stacks them in another kernel (two more passes over
+    q and k, and with float32 tables 0.7 GiB more at 14B 720p); flip and broadcasts fuse into the kernel that
+    writes q, k.
     """
     pairs = x.unflatten(-1, (-1, 2))
     cos = cos[..., 0::2].unsqueeze(-1)
@@ -366,11 +362,9 @@ class NablaWanAttnProcessor:
                 value = value.index_select(1, tiles.gather_values)
             query, key = attn.norm_q(query), attn.norm_k(key)
             query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            if rotary_emb is not None and tiles is None:  # dense steps: diffusers' own ops
-                query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-            elif rotary_emb is not None:
+            if rotary_emb is not None:  # diffusers' arithmetic, without the stack that inductor writes out
                 query = _apply_rotary_pairwise(query, *rotary_emb)
-                key = _apply_rotary_pairwise(key, *self.state.key_rotary)
+                key = _apply_rotary_pairwise(key, *(rotary_emb if tiles is None else self.state.key_rotary))
             if with_means:
                 means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
         if self._parallel_config is not None:
