@@ -12,7 +12,7 @@ No model code is forked; hooks and an attention processor do the work:
   (`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the
   stock compiled block. Every other op of the model runs on the raster-order tokens, unpadded,
   exactly as in stock diffusers, and dense steps are the stock computation (the rotary embedding without its
-  stack: the same values, bit for bit, on the CPU).
+  stack: the same values, bit for bit, on the CPU; on CUDA the q, k kernels, the same arithmetic).
 - Only for sequence parallelism over a sequence that the degree does not divide (`pad_dense`), a
   pre-hook on blocks[0] and a wrapper of rope.forward put the whole token stream in padded tile
   order, and a post-hook on proj_out undoes it, so that the stream splits evenly.
@@ -342,13 +342,17 @@ class NablaWanAttnProcessor:
         tiles = self.state.tile_indices if self._parallel_config is None else None
         config, means = self.state.config, None
         with_means = tiles is not None and config.uses_nabla
-        if tiles is not None and self._fused(attn, query, rotary_emb):
-            # On CUDA, q and k each by two Triton kernels that also take the block means (wan/tiled_qk.py)
-            query, query_means = tiled_qk(query, attn.norm_q, rotary_emb, tiles.gather, attn.heads, config.block_size,
+        # On CUDA, q and k each by two Triton kernels that also take the block means (wan/tiled_qk.py); on the dense
+        # steps of a sparse run too, in raster order (mode "full" stays diffusers' computation, bit for bit)
+        if (self._parallel_config is None and (tiles is not None or config.is_sparse)
+                and self._fused(attn, query, rotary_emb)):
+            rows = tiles.gather if tiles is not None else torch.arange(query.shape[1], device=query.device)
+            query, query_means = tiled_qk(query, attn.norm_q, rotary_emb, rows, attn.heads, config.block_size,
                                           with_means)
-            key, key_means = tiled_qk(key, attn.norm_k, rotary_emb, tiles.gather, attn.heads, config.block_size,
-                                      with_means)
-            value = value.index_select(1, tiles.gather_values).unflatten(2, (attn.heads, -1))
+            key, key_means = tiled_qk(key, attn.norm_k, rotary_emb, rows, attn.heads, config.block_size, with_means)
+            if tiles is not None:
+                value = value.index_select(1, tiles.gather_values)
+            value = value.unflatten(2, (attn.heads, -1))
             means = (query_means, key_means) if with_means else None
         else:
             if tiles is not None:
