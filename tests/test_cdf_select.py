@@ -1,11 +1,7 @@
 """The CUDA Triton kernel for NABLA's CDF binarization, run by Triton's interpreter on the CPU."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.triton_helpers import make_hopper_ir, run_interpreted
 
-# Run in a child process: TRITON_INTERPRET must be set before Triton is imported, and only there.
 CHECK = r"""
 import math, torch
 from nabla.cdf_select import cdf_keep
@@ -43,11 +39,7 @@ print("checked", checked)
 
 
 def test_triton_kernel_matches_sorting():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 54" in result.stdout
+    assert "checked 54" in run_interpreted(CHECK)
 
 
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
@@ -104,12 +96,7 @@ print("checked", checked)
 
 
 def test_fused_mask_kernel_matches_the_torch_path():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", CHECK_INDICES], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 27" in result.stdout
+    assert "checked 27" in run_interpreted(CHECK_INDICES)
 
 
 def test_kernels_compile_for_hopper():
@@ -117,19 +104,8 @@ def test_kernels_compile_for_hopper():
     for every branch the constexprs select (the interpreter accepts code that the compiler refuses)."""
     import itertools
 
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-
     from nabla.cdf_select import ONE_BITS, _cdf_keep_kernel, _nabla_indices_kernel
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
-    options = backend.parse_options({})
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
     pointers = {"logits_ptr": "*fp32", "probs_ptr": "*fp32"} | dict.fromkeys(
         ("empty_ptr", "sta_ptr", "partial_ptr", "keep_ptr"), "*i1") | dict.fromkeys(
         ("partial_counts_ptr", "partial_indices_ptr", "full_counts_ptr", "full_indices_ptr"), "*i32")
@@ -142,10 +118,6 @@ def test_kernels_compile_for_hopper():
                 constants = {"BLOCK_A": 1024, "BLOCK_B": 256, "ONE": ONE_BITS, **dict(zip(flags, values))}
                 if merge is not None:
                     constants["MERGE"] = merge
-                signature = {name: "constexpr" if name in constants else (pointers | scalars)[name]
-                             for name in kernel.arg_names}
-                source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constants.items()})
-                source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
-                               context)
+                make_hopper_ir(kernel, constants, pointers | scalars)
                 compiled += 1
     assert compiled == 4 + 8 * 2

@@ -1,12 +1,8 @@
 """The Triton kernels that write Wan's q and k in tile order with their block means, by Triton's interpreter on the
 CPU, against the processor's torch path (gather, RMSNorm, rotary, pool_blocks)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.triton_helpers import make_hopper_ir, run_interpreted
 
-# Run in a child process: TRITON_INTERPRET must be set before Triton is imported, and only there.
 CHECK = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
@@ -50,29 +46,13 @@ print("checked", checked)
 
 
 def test_tiled_qk_kernel_matches_the_torch_path():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checked 4" in result.stdout
+    assert "checked 4" in run_interpreted(CHECK)
 
 
 def test_tiled_qk_kernels_compile_for_hopper():
     """What the interpreter runs must also compile to Triton IR (the interpreter accepts code the compiler refuses)."""
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-
     from wan.tiled_qk import _rms_kernel, _tiled_qk_kernel
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
-    options = backend.parse_options({})
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32",
              "sin_ptr": "*fp32", "means_ptr": "*fp32", "gather_ptr": "*i64", "eps": "fp32"}
     compiled = 0
@@ -83,9 +63,7 @@ def test_tiled_qk_kernels_compile_for_hopper():
                             for means in (False, True)]),
     ):
         for constants in variants:
-            signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
-            source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constants.items()})
-            source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            make_hopper_ir(kernel, constants, types)
             compiled += 1
     assert compiled == 1 + 8
 
@@ -127,9 +105,4 @@ print("fused", len(calls), "max diff", err)
 
 
 def test_processor_with_the_kernels_matches_its_torch_path(tiny_model):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", CHECK_PROCESSOR, str(tiny_model)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "fused" in result.stdout
+    assert "fused" in run_interpreted(CHECK_PROCESSOR, str(tiny_model))
