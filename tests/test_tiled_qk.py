@@ -1,6 +1,9 @@
 """The Triton kernels that write Wan's q and k in tile order with their block means, by Triton's interpreter on the
 CPU, against the processor's torch path (gather, RMSNorm, rotary, pool_blocks)."""
 
+import pytest
+import torch
+
 from tests.triton_helpers import make_hopper_ir, run_interpreted
 
 CHECK = r"""
@@ -106,3 +109,13 @@ print("fused", len(calls), "max diff", err)
 
 def test_processor_with_the_kernels_matches_its_torch_path(tiny_model):
     assert "fused" in run_interpreted(CHECK_PROCESSOR, str(tiny_model))
+
+
+def test_tiled_qk_refuses_what_it_does_not_compute():
+    from wan.tiled_qk import tiled_qk
+
+    x, rotary = torch.randn(1, 4, 32), (torch.ones(1, 4, 1, 16),) * 2
+    with pytest.raises(ValueError, match=r"x torch.float32 on cpu, norm RMSNorm .*needs x on CUDA"):
+        tiled_qk(x, torch.nn.RMSNorm(32), rotary, torch.arange(4), 2, 64, False)
+    with pytest.raises(ValueError, match=r"norm LayerNorm"):
+        tiled_qk(x, torch.nn.LayerNorm(32), rotary, torch.arange(4), 2, 64, False)

@@ -128,8 +128,11 @@ def tiled_qk(
     per slot, L for padding: zeros) -> [B, S, H, D]; with `with_means`, NABLA's block means [B, H, nb, D]
     (float32, over the real tokens of each `block_size` block, as `nabla.masks.pool_blocks`), else None."""
     if not fused_applies(x, norm, rotary):
-        raise ValueError("tiled_qk: needs CUDA x in bf16/fp16/fp32, a torch.nn.RMSNorm in x's dtype and float32 "
-                         "rotary tables (see fused_applies)")
+        weight = getattr(getattr(norm, "weight", None), "dtype", None)
+        tables = None if rotary is None else [t.dtype for t in rotary]
+        raise ValueError(f"tiled_qk: x {x.dtype} on {x.device}, norm {type(norm).__name__} (weight {weight}), rotary "
+                         f"tables {tables}: needs x on CUDA in bf16/fp16/fp32, a torch.nn.RMSNorm in x's dtype and "
+                         "float32 tables")
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # torch's default: its compute dtype
     cos, sin = (t.reshape(gather.numel(), -1) for t in rotary)
     out, means = _tiled_qk(x, norm.weight, cos, sin, gather, eps, heads, block_size, with_means)
