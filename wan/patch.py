@@ -291,8 +291,7 @@ def _apply_rotary_pairwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     x c + swap(x) (-s, s), in float32 where cos is float32 (as from_pretrained loads the tables).
 
     Inductor writes the two halves of a stack to memory and stacks them in another kernel (two more passes over
-    q and k, and with float32 tables 0.7 GiB more at 14B 720p); flip and broadcasts fuse into the kernel that
-    writes q, k.
+    q and k); flip and broadcasts fuse into the kernel that writes q, k.
     """
     pairs = x.unflatten(-1, (-1, 2))
     cos = cos[..., 0::2].unsqueeze(-1)
