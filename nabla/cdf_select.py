@@ -2,7 +2,7 @@
 
 For probabilities p >= 0 the int32 bit patterns order like the floats, so thresholds can be found
 by bisection over bit patterns, exactly, in at most 31 steps a row (log2 of the range of the row's
-bit patterns). With S(>b) the mass of the entries above bit pattern b (non-increasing in b), an
+bit patterns), fewer where a test lands on the answer or a peaked row's answer is checked first. With S(>b) the mass of the entries above bit pattern b (non-increasing in b), an
 entry x is kept iff S(>x) <= threshold (the mass of the larger entries does not yet reach the
 threshold) iff bits(x) >= b*, the smallest b with S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
 `low`-th largest entries. Same result as sorting, except at exact ties.
@@ -24,8 +24,11 @@ ONE_BITS = 0x3F800000  # bit pattern of 1.0f: no probability lies above it
 
 
 # A row of n entries is held in two chunks of powers of two, A (the largest below n) and B (the rest, rounded
-# up): n = 1260 takes 1024 + 256 lanes instead of 2048. The kernels are bound by the lanes' arithmetic (31-step
-# bisections of row-wide sums), so lanes past the row would cost as much as entries.
+# up): n = 1260 takes 1024 + 256 lanes instead of 2048; lanes past the row would cost as much as entries.
+# Measured on the H200 (BENCHMARKS.md), a row's fixed work (softmax, scans, stores) costs about as much as its
+# bisections: the kernels below take one scan per chunk for both index lists and scan for ties only where a row
+# has them; the count search stops once a test lands on exactly k entries (~10 steps instead of ~21 on random
+# rows), and both searches check a peaked row's answer first (1 step instead of 29).
 
 
 @triton.jit
@@ -34,9 +37,15 @@ def _sum(a, b):
 
 
 @triton.jit
+def _min2(a, b):
+    return tl.minimum(tl.min(a, axis=0), tl.min(b, axis=0))
+
+
+@triton.jit
 def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, hi):
-    # hi: the row's largest bit pattern, S(>hi) = 0 <= threshold: the answer lies in [lo, hi]. The search takes
-    # log2(hi - lo) steps: fewer than 31 where the row's entries span a narrow range.
+    # The answer lies in [lo, hi] and S(>hi) <= threshold. Where the entries at hi alone hold more than the
+    # threshold (a peaked row's largest entry), hi is the answer.
+    lo = tl.where(_sum(tl.where(bits_a >= hi, pa, 0.0), tl.where(bits_b >= hi, pb, 0.0)) > threshold, hi, lo)
     while lo < hi:
         mid = lo + (hi - lo) // 2
         ok = _sum(tl.where(bits_a > mid, pa, 0.0), tl.where(bits_b > mid, pb, 0.0)) <= threshold
@@ -47,13 +56,18 @@ def _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, hi):
 
 @triton.jit
 def _largest_bits_with_count_at_least(bits_a, bits_b, k, lo, hi):
-    # lo, hi: the row's smallest and largest bit patterns; count(>= lo) = n >= k, count(>= hi + 1) = 0 < k
+    # lo, hi: count(>= lo) >= k > count(>= hi + 1), lo an entry. The answer is the k-th largest entry; it is lo
+    # where fewer than k lie above lo (a peaked row whose small entries all underflow to 0).
+    above_lo = _sum((bits_a > lo).to(tl.int32), (bits_b > lo).to(tl.int32))
+    hi = tl.where(above_lo < k, lo, hi)
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
-        ok = _sum((bits_a >= mid).to(tl.int32), (bits_b >= mid).to(tl.int32)) >= k
+        count = _sum((bits_a >= mid).to(tl.int32), (bits_b >= mid).to(tl.int32))
+        ok = count >= k
         lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    return lo
+        # exactly k at or above mid: the answer is the least of them (taken below)
+        hi = tl.where(ok, tl.where(count == k, mid, hi), mid - 1)
+    return _min2(tl.where(bits_a >= lo, bits_a, 0x7FFFFFFF), tl.where(bits_b >= lo, bits_b, 0x7FFFFFFF))
 
 
 @triton.jit
@@ -65,33 +79,35 @@ def _row_keep(pa, pb, inside_a, inside_b, threshold, low, high,
     top = tl.maximum(tl.max(bits_a, axis=0), tl.max(bits_b, axis=0))
     bottom = tl.minimum(tl.min(tl.where(inside_a, bits_a, ONE), axis=0),
                         tl.min(tl.where(inside_b, bits_b, ONE), axis=0))
-    # The cut is max(mass cut, cap cut), then min(that, floor cut). Each bisection is a chain of up to 31
-    # row-wide sums, so search only where a bound binds: under a cap, the cap's cut first (it binds where caps are set)
-    # and the mass search only above it, where it keeps fewer (S(>cut) > threshold means the mass cut is higher).
+    # The cut is the mass cut clamped to [cap cut, floor cut]: the count bounds are searched first and the mass
+    # cut only between them, and only where it does not lie beyond one of them (then that bound is the cut).
     bound = tl.full((), -1, tl.int32)  # the count that a binding density bound sets, else -1
+    lo, hi = bottom, top
     if CAP_HIGH:
-        cut = _largest_bits_with_count_at_least(bits_a, bits_b, high, bottom, top)  # at most ~high kept
-        bound = bound * 0 + high
-        if _sum(tl.where(bits_a > cut, pa, 0.0), tl.where(bits_b > cut, pb, 0.0)) > threshold:
-            cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, cut + 1, top)
-            bound = bound * 0 - 1
-    else:
-        cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, bottom, top)
-    # (the mass search always keeps the largest entry, so low <= 1 holds by itself)
-    if RAISE_LOW:  # noqa: SIM102 (a constexpr branch: compiled out, not a runtime test)
-        if _sum((bits_a >= cut).to(tl.int32), (bits_b >= cut).to(tl.int32)) < low:
-            cut = _largest_bits_with_count_at_least(bits_a, bits_b, low, bottom, top)  # at least low kept
-            bound = bound * 0 + low
+        lo = _largest_bits_with_count_at_least(bits_a, bits_b, high, bottom, top)  # keeps ~high
+    if RAISE_LOW:
+        hi = _largest_bits_with_count_at_least(bits_a, bits_b, low, lo, top)  # keeps ~low (count(>= lo) >= low)
+    if CAP_HIGH:
+        at_cap = _sum(tl.where(bits_a > lo, pa, 0.0), tl.where(bits_b > lo, pb, 0.0)) <= threshold
+        bound = tl.where(at_cap, high, bound)
+        hi = tl.where(at_cap, lo, hi)
+        lo = tl.where(at_cap, lo, lo + 1)
+    if RAISE_LOW:
+        at_floor = _sum(tl.where(bits_a > hi, pa, 0.0), tl.where(bits_b > hi, pb, 0.0)) > threshold
+        bound = tl.where(at_floor, low, bound)
+        lo = tl.where(at_floor, hi, lo)
+    # (the mass search always keeps the largest entry, so low <= 1 needs no floor)
+    cut = _smallest_bits_with_mass_at_most(pa, pb, bits_a, bits_b, threshold, lo, hi)
     keep_a, keep_b = bits_a >= cut, bits_b >= cut
-    if CAP_HIGH or RAISE_LOW:
+    if CAP_HIGH or RAISE_LOW:  # noqa: SIM102 (a constexpr branch, compiled out; the inner one runs per row)
         # A bound keeps exactly its count, as sorting does: of the entries tied at the cut (probabilities that
         # underflow to 0 in a peaked row, say), only the first ones, so that a tie cannot keep the whole row.
-        tied_a, tied_b = (bits_a == cut).to(tl.int32), (bits_b == cut).to(tl.int32)
-        room = bound - _sum((bits_a > cut).to(tl.int32), (bits_b > cut).to(tl.int32))
-        first_a = (tied_a != 0) & (tl.cumsum(tied_a, axis=0) <= room)
-        first_b = (tied_b != 0) & (tl.cumsum(tied_b, axis=0) + tl.sum(tied_a, axis=0) <= room)
-        keep_a = tl.where(bound >= 0, (bits_a > cut) | first_a, keep_a)
-        keep_b = tl.where(bound >= 0, (bits_b > cut) | first_b, keep_b)
+        # Only rows with such ties need the scans.
+        if (bound >= 0) & (_sum(keep_a.to(tl.int32), keep_b.to(tl.int32)) != bound):
+            tied_a, tied_b = (bits_a == cut).to(tl.int32), (bits_b == cut).to(tl.int32)
+            room = bound - _sum((bits_a > cut).to(tl.int32), (bits_b > cut).to(tl.int32))
+            keep_a = (bits_a > cut) | ((tied_a != 0) & (tl.cumsum(tied_a, axis=0) <= room))
+            keep_b = (bits_b > cut) | ((tied_b != 0) & (tl.cumsum(tied_b, axis=0) + tl.sum(tied_a, axis=0) <= room))
     return keep_a, keep_b
 
 
@@ -112,17 +128,12 @@ def _cdf_keep_kernel(
 
 
 @triton.jit
-def _store_compacted(sel_a, sel_b, offs_a, offs_b, inside_a, inside_b, counts_ptr, indices_ptr, row, width):
-    """Row `row` of (count, indices [width]): the selected columns ascending, then the others ascending up to
-    `width` (every slot written, so the output needs no zero fill; FlexAttention reads only the first
-    `count`, which never exceeds `width`)."""
-    sel_a, sel_b = sel_a.to(tl.int32), sel_b.to(tl.int32)
-    count_a = tl.sum(sel_a, axis=0)
-    count = count_a + tl.sum(sel_b, axis=0)
-    running_a = tl.cumsum(sel_a, axis=0)  # selected columns up to and including this one
-    running_b = tl.cumsum(sel_b, axis=0) + count_a
-    slot_a = tl.where(sel_a != 0, running_a - 1, count + offs_a - running_a)
-    slot_b = tl.where(sel_b != 0, running_b - 1, count + offs_b - running_b)
+def _store_list(sel_a, sel_b, running_a, running_b, count, offs_a, offs_b, inside_a, inside_b, counts_ptr,
+                indices_ptr, row, width):
+    """Row `row` of (count, indices [width]) from the running count of selected columns (inclusive): the selected
+    columns ascending, then the others ascending up to `width`."""
+    slot_a = tl.where(sel_a, running_a - 1, count + offs_a - running_a)
+    slot_b = tl.where(sel_b, running_b - 1, count + offs_b - running_b)
     tl.store(indices_ptr + row * width + slot_a, offs_a, mask=inside_a & (slot_a < width))
     tl.store(indices_ptr + row * width + slot_b, offs_b, mask=inside_b & (slot_b < width))
     tl.store(counts_ptr + row, count)
@@ -175,10 +186,17 @@ def _nabla_indices_kernel(
         other_a, other_b = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs_a, offs_b, inside_a, inside_b,
                                       empty_a, empty_b, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
         keep_a, keep_b = keep_a | other_a, keep_b | other_b  # both rows attend the union
-    _store_compacted(keep_a & partial_a, keep_b & partial_b, offs_a, offs_b, inside_a, inside_b,
-                     partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
-    _store_compacted(keep_a & ~partial_a, keep_b & ~partial_b, offs_a, offs_b, inside_a, inside_b,
-                     full_counts_ptr, full_indices_ptr, q_row, full_width)
+    # one scan a chunk for both lists: the partial selection in the low 16 bits, the full one in the high (n < 2^16)
+    packed_a = (keep_a & partial_a).to(tl.int32) + ((keep_a & ~partial_a).to(tl.int32) << 16)
+    packed_b = (keep_b & partial_b).to(tl.int32) + ((keep_b & ~partial_b).to(tl.int32) << 16)
+    total_a = tl.sum(packed_a, axis=0)
+    running_a = tl.cumsum(packed_a, axis=0)
+    running_b = tl.cumsum(packed_b, axis=0) + total_a
+    total = total_a + tl.sum(packed_b, axis=0)
+    _store_list(keep_a & partial_a, keep_b & partial_b, running_a & 0xFFFF, running_b & 0xFFFF, total & 0xFFFF,
+                offs_a, offs_b, inside_a, inside_b, partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
+    _store_list(keep_a & ~partial_a, keep_b & ~partial_b, running_a >> 16, running_b >> 16, total >> 16,
+                offs_a, offs_b, inside_a, inside_b, full_counts_ptr, full_indices_ptr, q_row, full_width)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
@@ -222,6 +240,8 @@ def nabla_block_indices(
         raise ValueError(f"nabla_block_indices: merge={merge!r}; allowed: 1 or 2")
     logits = logits.contiguous()
     n = logits.shape[-1]
+    if n >= 1 << 16:  # the kernel counts both index lists in the two halves of an int32
+        raise ValueError(f"nabla_block_indices: {n} key blocks; allowed: fewer than 65536")
     n_q = -(-n // merge)
     widths = list(widths) if widths is not None else [n, n]
     if len(widths) != 2 or not all(1 <= w <= n for w in widths):

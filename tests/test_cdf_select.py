@@ -121,3 +121,16 @@ def test_kernels_compile_for_hopper():
                 make_hopper_ir(kernel, constants, pointers | scalars)
                 compiled += 1
     assert compiled == 4 + 8 * 2
+
+
+def test_fused_mask_kernel_refuses_rows_its_counts_cannot_hold():
+    """Both index lists are counted in the halves of one int32: 2^16 key blocks a row must be refused, not wrapped."""
+    import pytest
+    import torch
+
+    from nabla.cdf_select import nabla_block_indices
+
+    n = 1 << 16
+    logits, cols = torch.zeros(1, 1, 1, n), torch.zeros(n, dtype=torch.bool)
+    with pytest.raises(ValueError, match="65536 key blocks; allowed: fewer than 65536"):
+        nabla_block_indices(logits, cols, 0.5, 1, n, cols, None)
