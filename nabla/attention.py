@@ -136,7 +136,8 @@ def make_block_mask(
     """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
     compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device, q.dtype) == "flash"
-    keep, *indices = build(*(means or (q, k)), means is not None, *_mask_inputs(q, layout, config, compact))
+    with _enough_recompiles():
+        keep, *indices = build(*(means or (q, k)), means is not None, *_mask_inputs(q, layout, config, compact))
     return _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled), keep
 
 
@@ -269,10 +270,15 @@ def _eager_flex(*args, **kwargs) -> torch.Tensor:
         return flex_attention(*args, **kwargs)
 
 
-#: compiled flex_attention graphs allowed per process (one per sequence length, heads, block size, backend
-#: and padding layout), above dynamo's default of 8: past its limit dynamo would run flex_attention eagerly,
-#: where only the padding mask_mod applies and the block mask is ignored (dense attention, S x S in memory).
-FLEX_RECOMPILE_LIMIT = 64
+#: compiled graphs allowed per process for flex_attention and for the mask build (one per sequence length, heads,
+#: block size, backend, padding layout, and for the mask build per threshold and density bounds), above dynamo's
+#: default of 8: past its limit dynamo would run flex_attention eagerly, where only the padding mask_mod applies and
+#: the block mask is ignored (dense attention, S x S in memory), and the mask build eagerly (several times slower).
+RECOMPILE_LIMIT = 64
+
+
+def _enough_recompiles():
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
 
 
 @cache
@@ -293,8 +299,7 @@ def attend_block_mask(
     if not compiled:
         return _eager_flex(q, k, v, block_mask=block_mask)
     options = kernel_options(backend, block_mask.BLOCK_SIZE, q.device, q.dtype) if q.is_cuda else None
-    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    with _enough_recompiles():
         return _compiled_flex()(q, k, v, block_mask=block_mask, kernel_options=options)
 
 

@@ -12,6 +12,7 @@ from nabla.attention import (
     build_block_mask,
     dense_attention,
     kernel_block_indices,
+    make_block_mask,
     sparse_attention,
     to_flex_block_mask,
 )
@@ -196,6 +197,20 @@ def test_compiled_path_past_dynamos_recompile_limit(gen):
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(stats["mask"], layout, 64))
         torch.testing.assert_close(out[:, :, layout.valid], ref[:, :, layout.valid], atol=2e-5, rtol=1e-4)
         assert stats["density"].max() < 1
+
+
+def test_compiled_mask_build_past_dynamos_recompile_limit(gen):
+    """Each threshold compiles the mask build again (dynamo specialises on it); past dynamo's recompile limit it
+    would run eagerly, several times slower: a benchmark of several configs in one process, or a user's session."""
+    from torch._dynamo.utils import counters
+
+    layout = TileLayout(1, 10, 13)
+    _, (q, k, _) = tiled_qkv(layout, 2, 16, gen, batch=1)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for threshold in (0.31, 0.52, 0.73):  # thresholds no other test compiles
+            graphs = counters["stats"]["unique_graphs"]
+            make_block_mask(q, k, layout, SparsityConfig(mode="nabla", threshold=threshold), compiled=True)
+            assert counters["stats"]["unique_graphs"] == graphs + 1, threshold
 
 
 def test_union_contains_both_masks(gen):
