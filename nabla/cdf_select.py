@@ -2,10 +2,11 @@
 
 For probabilities p >= 0 the int32 bit patterns order like the floats, so thresholds can be found
 by bisection over bit patterns, exactly, in at most 31 steps a row (log2 of the range of the row's
-bit patterns), fewer where a test lands on the answer or a peaked row's answer is checked first. With S(>b) the mass of the entries above bit pattern b (non-increasing in b), an
-entry x is kept iff S(>x) <= threshold (the mass of the larger entries does not yet reach the
-threshold) iff bits(x) >= b*, the smallest b with S(>b) <= threshold. The density bounds clamp b* between the bit patterns of the `high`-th and the
-`low`-th largest entries. Same result as sorting, except at exact ties.
+bit patterns), fewer where a test lands on the answer or a peaked row's answer is checked first.
+With S(>b) the mass of the entries above bit pattern b (non-increasing in b), an entry x is kept iff
+S(>x) <= threshold (the mass of the larger entries does not yet reach the threshold) iff
+bits(x) >= b*, the smallest b with S(>b) <= threshold. The density bounds clamp b* between the bit
+patterns of the `high`-th and the `low`-th largest entries. Same result as sorting, except at exact ties.
 
 `nabla_block_indices` runs the whole block mask in that one kernel: the softmax of the pooled logits,
 the cut, the union with STA, and the per-row (count, ascending indices) of the kept key blocks that
@@ -273,6 +274,7 @@ def row_chunks(n: int) -> tuple[int, int]:
 def _meta(n: int, low: int, high: int) -> dict:
     block_a, block_b = row_chunks(n)
     # The bisections are chains of row-wide sums: fewer warps per row mean fewer cross-warp syncs per sum and
-    # more rows in flight. Fastest on the H100 at both Wan shapes: one warp up to 1024 entries, two at 2048.
+    # more rows in flight. Fastest on the H100 and the H200 at both Wan shapes: one warp up to 1024 entries, two
+    # at 2048.
     return {"BLOCK_A": block_a, "BLOCK_B": block_b, "ONE": ONE_BITS, "CAP_HIGH": high < n, "RAISE_LOW": low > 1,
             "num_warps": max(1, triton.next_power_of_2(n) // 1024)}
