@@ -187,17 +187,18 @@ def _nabla_indices_kernel(
         other_a, other_b = _nabla_row(logits_ptr, sta_ptr, keep_ptr, second, n, offs_a, offs_b, inside_a, inside_b,
                                       empty_a, empty_b, threshold, low, high, ONE, CAP_HIGH, RAISE_LOW, HAS_STA)
         keep_a, keep_b = keep_a | other_a, keep_b | other_b  # both rows attend the union
+    part_a, part_b, full_a, full_b = keep_a & partial_a, keep_b & partial_b, keep_a & ~partial_a, keep_b & ~partial_b
     # one scan a chunk for both lists: the partial selection in the low 16 bits, the full one in the high (n < 2^16)
-    packed_a = (keep_a & partial_a).to(tl.int32) + ((keep_a & ~partial_a).to(tl.int32) << 16)
-    packed_b = (keep_b & partial_b).to(tl.int32) + ((keep_b & ~partial_b).to(tl.int32) << 16)
+    packed_a = part_a.to(tl.int32) + (full_a.to(tl.int32) << 16)
+    packed_b = part_b.to(tl.int32) + (full_b.to(tl.int32) << 16)
     total_a = tl.sum(packed_a, axis=0)
     running_a = tl.cumsum(packed_a, axis=0)
     running_b = tl.cumsum(packed_b, axis=0) + total_a
     total = total_a + tl.sum(packed_b, axis=0)
-    _store_list(keep_a & partial_a, keep_b & partial_b, running_a & 0xFFFF, running_b & 0xFFFF, total & 0xFFFF,
-                offs_a, offs_b, inside_a, inside_b, partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
-    _store_list(keep_a & ~partial_a, keep_b & ~partial_b, running_a >> 16, running_b >> 16, total >> 16,
-                offs_a, offs_b, inside_a, inside_b, full_counts_ptr, full_indices_ptr, q_row, full_width)
+    _store_list(part_a, part_b, running_a & 0xFFFF, running_b & 0xFFFF, total & 0xFFFF, offs_a, offs_b, inside_a,
+                inside_b, partial_counts_ptr, partial_indices_ptr, q_row, partial_width)
+    _store_list(full_a, full_b, running_a >> 16, running_b >> 16, total >> 16, offs_a, offs_b, inside_a, inside_b,
+                full_counts_ptr, full_indices_ptr, q_row, full_width)
 
 
 @torch.library.triton_op("nabla::cdf_keep", mutates_args=())
