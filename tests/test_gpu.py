@@ -13,7 +13,8 @@ from nabla.attention import (
 from nabla.backend import flash_unavailable_reason, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
-from nabla.masks import cdf_keep_sorted, density_bounds, pool_blocks, pooled_logits
+from nabla.logits_kernel import means_logits_tf32x3
+from nabla.masks import cdf_keep_sorted, density_bounds, means_logits, pool_blocks, pooled_logits
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Wan2.1 1.3B 480p and 14B 720p token grids, 81 frames
@@ -90,6 +91,21 @@ def test_nabla_at_the_14b_shape_matches_masked_reference(block_size):
     ref = masked_reference(q, k, v, stats["mask"], layout, block_size, rows)
     diff = (out[:, :, rows].double() - ref).abs().max().item()
     assert diff <= 2e-2, f"{stats['backend']}: max abs diff {diff:.2e} against the masked float64 reference"
+
+
+@cuda
+@pytest.mark.parametrize("shape", WAN_SHAPES, ids=list(WAN_SHAPES))
+@pytest.mark.parametrize("block_size", [128, 64])
+def test_pooled_logits_kernel_is_as_accurate_as_float32(shape, block_size):
+    """The tensor-core (3xTF32) pooled logits against float64: no further off than cuBLAS's float32 matmul."""
+    heads, *grid = WAN_SHAPES[shape]
+    layout = TileLayout(*grid)
+    q, k, _ = qkv(heads, layout)
+    means = [pool_blocks(x, block_size, layout.valid_on("cuda"))[0] for x in (q, k)]
+    ref = means_logits(*(m.double() for m in means))
+    fp32_error = (means_logits(*means).double() - ref).abs().max().item()
+    error = (means_logits_tf32x3(*means).double() - ref).abs().max().item()
+    assert error <= 4 * fp32_error + 1e-7 * ref.abs().max().item(), (error, fp32_error)
 
 
 @cuda
