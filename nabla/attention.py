@@ -16,9 +16,9 @@ from nabla.masks import coarsen_block_mask, density_bounds, means_logits, nabla_
 
 try:  # the CUDA fast path; CPU-only installs may lack Triton
     from nabla.cdf_select import nabla_block_indices
-    from nabla.logits_kernel import means_logits_tf32x3
+    from nabla.logits_kernel import means_logits_tf32x3, supports_head_dim
 except ImportError:
-    nabla_block_indices = means_logits_tf32x3 = None
+    nabla_block_indices = None
 
 
 def _block_mask_tensors(
@@ -49,7 +49,7 @@ def _block_mask_tensors(
         if not pooled:
             q, k = (pool_blocks(x, block_size, valid)[0] for x in (q, k))
         if q.is_cuda and nabla_block_indices is not None:
-            logits = means_logits_tf32x3(q, k)
+            logits = means_logits_tf32x3(q, k) if supports_head_dim(q.shape[-1]) else means_logits(q, k)
             # one kernel from the pooled logits to FlexAttention's indices: no pass over the mask after it
             low, high = density_bounds(nb, min_density, max_density)
             return nabla_block_indices(logits, empty_cols, threshold, low, high, partial_cols, sta, merge, widths)

@@ -33,6 +33,11 @@ def _means_logits_kernel(q_ptr, k_ptr, out_ptr, n, scale, D: tl.constexpr, BLOCK
              mask=(rows[:, None] < n) & (cols[None, :] < n))
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel runs this head dim: a power of two from 16 to 256 (others take the torch matmul)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 @torch.library.triton_op("nabla::means_logits", mutates_args=())
 def means_logits_tf32x3(q_means: torch.Tensor, k_means: torch.Tensor) -> torch.Tensor:
     """mean_q @ mean_k^T / sqrt(D) [B, H, nb, nb] float32 from float32 block means [B, H, nb, D] (CUDA; D a power
@@ -40,7 +45,7 @@ def means_logits_tf32x3(q_means: torch.Tensor, k_means: torch.Tensor) -> torch.T
     *batch, n, D = q_means.shape
     if q_means.dtype != torch.float32 or k_means.dtype != torch.float32:
         raise ValueError(f"means_logits_tf32x3: block means of {q_means.dtype} and {k_means.dtype}; allowed: float32")
-    if D < 16 or D > 256 or D & (D - 1):
+    if not supports_head_dim(D):
         raise ValueError(f"means_logits_tf32x3: head dim {D}; allowed: a power of two from 16 to 256")
     q_means, k_means = q_means.contiguous(), k_means.contiguous()
     out = q_means.new_empty((*batch, n, n))

@@ -7,6 +7,7 @@ from nabla.attention import (
     _compiled_block_mask_tensors,
     _mask_inputs,
     attended_mask,
+    build_block_mask,
     kernel_block_indices,
     sparse_attention,
 )
@@ -106,6 +107,17 @@ def test_pooled_logits_kernel_is_as_accurate_as_float32(shape, block_size):
     fp32_error = (means_logits(*means).double() - ref).abs().max().item()
     error = (means_logits_tf32x3(*means).double() - ref).abs().max().item()
     assert error <= 4 * fp32_error + 1e-7 * ref.abs().max().item(), (error, fp32_error)
+
+
+@cuda
+def test_mask_build_takes_head_dims_the_logits_kernel_does_not():
+    """Head dim 96 (not a power of two) takes the torch matmul on CUDA: the same mask as the CPU path."""
+    layout = TileLayout(3, 16, 24)
+    q, k = (torch.randn(2, 3, layout.padded_length, 96, device="cuda") for _ in range(2))
+    config = SparsityConfig(mode="nabla", threshold=0.7)
+    on_cuda, on_cpu = build_block_mask(q, k, layout, config), build_block_mask(q.cpu(), k.cpu(), layout, config)
+    assert 0 < on_cpu.float().mean() < 1
+    assert (on_cuda.cpu() != on_cpu).float().mean() < 1e-3  # only near-ties at the cut may differ
 
 
 @cuda

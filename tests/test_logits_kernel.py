@@ -46,3 +46,9 @@ def test_kernel_refuses_what_it_cannot_run(shape, dtype, message):
     x = torch.zeros(shape, dtype=getattr(torch, dtype))
     with pytest.raises(ValueError, match=message):
         means_logits_tf32x3(x, x)
+
+
+def test_supported_head_dims_are_the_ones_the_op_accepts():
+    from nabla.logits_kernel import supports_head_dim
+
+    assert [d for d in range(1, 513) if supports_head_dim(d)] == [16, 32, 64, 128, 256]
