@@ -98,3 +98,24 @@ def dense_above(config: SparsityConfig, backend: str) -> float:
     if config.mode == "nabla" and config.max_density is not None and config.max_density * config.query_merge <= limit:
         return 1.0
     return float(limit)
+
+
+#: compiled graphs allowed per process for flex_attention and for the mask build (one per sequence length, heads,
+#: block size, backend, padding layout, and for the mask build per threshold and density bounds), above dynamo's
+#: default of 8: past its limit dynamo would run flex_attention eagerly, where only the padding mask_mod applies and
+#: the block mask is ignored (dense attention, S x S in memory), and the mask build eagerly (several times slower).
+RECOMPILE_LIMIT = 64
+
+
+def enough_recompiles():
+    """A context in which dynamo may compile up to RECOMPILE_LIMIT graphs of one function."""
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
+
+
+def check_trainable(config: SparsityConfig, device: torch.device | str) -> None:
+    """One-line ValueError where flex_attention's backward cannot run `config` on `device`: on CUDA both kernels'
+    backward take 128-token key blocks only (FLASH on Hopper asks for them; Triton finds no tile for 64); the CPU
+    backward (SDPA under the token-level mask) takes either."""
+    if torch.device(device).type == "cuda" and config.is_sparse and config.block_size != 128:
+        raise ValueError(f"config: block_size {config.block_size} cannot train on CUDA (flex_attention's backward "
+                         "takes 128-token key blocks on FLASH and Triton); use block_size: 128 for training")

@@ -39,8 +39,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
 
-from nabla.attention import attended_mask, make_block_mask, sparse_attention
+from nabla.attention import sparse_attention
 from nabla.backend import flash_unavailable_reason
+from nabla.block_mask import attended_mask, make_block_mask
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks

@@ -44,17 +44,20 @@ import yaml
 from diffusers import WanPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import wan.processor
 from nabla import SparsityConfig
-from nabla.attention import attend_block_mask, make_block_mask
+from nabla.attention import attend_block_mask
 from nabla.backend import resolve_backend
+from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
 from scripts.make_random_model import build_random_pipeline
 from scripts.make_tiny_model import build_tiny_pipeline
 from wan.api import BLOCK_COMPILE_OPTIONS
 from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
-from wan.patch import NablaState, patch_transformer, unpatch
+from wan.patch import patch_transformer, unpatch
 from wan.precision import apply_precision, check_precision
+from wan.state import NablaState
 from wan.stats import step_report
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
@@ -97,7 +100,7 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if state is not None:
-        state.passes.clear()
+        state.records.passes.clear()
     torch._dynamo.config.error_on_recompile = True
     try:
         steps = run_steps(pipe, args, args.video_steps if cached else args.steps)
@@ -105,7 +108,7 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
     layers = len(pipe.transformer.blocks)
-    computed = len(step_report(state.passes, layers)["computed_steps"]) if state is not None else len(steps)
+    computed = len(step_report(state.records.passes, layers)["computed_steps"]) if state is not None else len(steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     video = sum(steps) if cached else step * args.video_steps
     row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
@@ -119,18 +122,18 @@ def capture_qkv(transformer, pipe, args) -> dict:
     """Layer 0's tile-ordered q, k, v from one more NABLA step, for per-call timing; captured after the
     timed runs so the copies never count in their peak memory."""
     captured: dict = {}
-    original = NablaState.attend_tiled
+    original = wan.processor.attend
 
-    def attend_tiled(self, q, k, v, layer, *args):
-        if layer == 0 and "q" not in captured:
-            captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=self.layout)
-        return original(self, q, k, v, layer, *args)
+    def attend(q, k, v, layout, *rest, **options):
+        if "q" not in captured:  # the first call of the step is layer 0's
+            captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=layout)
+        return original(q, k, v, layout, *rest, **options)
 
-    NablaState.attend_tiled = attend_tiled
+    wan.processor.attend = attend
     try:
         run_steps(pipe, args, 1)
     finally:
-        NablaState.attend_tiled = original
+        wan.processor.attend = original
     return captured
 
 
@@ -227,7 +230,7 @@ def main() -> None:
     for backend in backends:
         for blocking in args.block_sizes:
             cfg = nabla_config(args, backend, blocking)
-            patch.state.config, patch.state.backend = cfg, None
+            patch.set_config(cfg)
             patch.state.reset()
             name = f"NABLA {backend}, block {blocking}, compiled"
             try:
@@ -246,7 +249,7 @@ def main() -> None:
 
     # The levers on the first backend and block size. The cache goes on last, over the compiled and patched
     # blocks, as in generate.py; FP8 replaces the weights in place, so its rows come last.
-    patch.state.config, patch.state.backend = base, None
+    patch.set_config(base)
     if cache is not None and "cache" in args.levers:
         enable_cache(transformer, cache)
         rows.append(lever(f"NABLA + cache ({describe_cache(cache)})", cached=True))
@@ -265,7 +268,7 @@ def main() -> None:
                 disable_cache(transformer)
 
     # Per-call attention times on layer 0's own q, k, v.
-    patch.state.config, patch.state.backend = base, None
+    patch.set_config(base)
     captured = capture_qkv(transformer, pipe, args)
     q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
     real = layout.untile(torch.arange(layout.padded_length, device=q.device), dim=0)

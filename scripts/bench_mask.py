@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig, TileLayout
-from nabla.attention import attend_block_mask, make_block_mask
+from nabla.attention import attend_block_mask
 from nabla.backend import resolve_backend
+from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, local_part
 

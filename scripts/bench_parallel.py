@@ -44,7 +44,7 @@ def main() -> None:
     rows: list[tuple[str, str, float]] = []
 
     def timed(layout: str, name: str, config: SparsityConfig, ranks: list[int]) -> None:
-        patch.state.config = config
+        patch.set_config(config)
         if rank in ranks:
             run_steps(pipe, args, 1)
             steps = run_steps(pipe, args, args.steps)

@@ -36,7 +36,7 @@ def test_enable_then_disable_on_the_users_pipeline(user_pipe, stock):
     assert isinstance(handle, NablaPatch) and handle.transformer is user_pipe.transformer
     sparse = sample(user_pipe)
     # 2 steps x 2 CFG passes x 2 layers went through NABLA, with blocks left out
-    assert len(handle.state.densities) == 8 and handle.state.mean_density() < 1
+    assert len(handle.state.records.densities) == 8 and handle.state.mean_density() < 1
     assert np.abs(sparse - stock).max() > 1e-3
     disable_nabla(user_pipe)
     assert np.array_equal(sample(user_pipe), stock)  # bit for bit the stock model again

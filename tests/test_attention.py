@@ -5,18 +5,17 @@ import torch
 import torch.nn.functional as F
 
 import nabla.backend
-from nabla.attention import (
+from nabla.attention import dense_attention, sparse_attention
+from nabla.backend import DENSE_ABOVE, dense_above, kernel_options, resolve_backend
+from nabla.block_mask import (
     _padding_mask_mod,
     _padding_pattern,
     attended_mask,
     build_block_mask,
-    dense_attention,
     kernel_block_indices,
     make_block_mask,
-    sparse_attention,
     to_flex_block_mask,
 )
-from nabla.backend import DENSE_ABOVE, dense_above, kernel_options, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 

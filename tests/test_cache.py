@@ -84,8 +84,8 @@ def latents(pipe, patch) -> torch.Tensor:
 def with_cache(pipe, patch, section):
     enable_cache(pipe.transformer, cache_config(section))
     try:
-        return latents(pipe, patch), step_report(patch.state.passes, len(pipe.transformer.blocks)), \
-            len(patch.state.densities)
+        return latents(pipe, patch), step_report(patch.state.records.passes, len(pipe.transformer.blocks)), \
+            len(patch.state.records.densities)
     finally:
         disable_cache(pipe.transformer)
 
@@ -94,7 +94,7 @@ def test_default_taylorseer_skips_steps_and_builds_no_mask_there(patched):
     pipe, patch, plain = patched
     assert torch.equal(latents(pipe, patch), plain)
     full_calls = STEPS * len(pipe.transformer.blocks) * 2  # steps x layers x CFG passes
-    assert len(patch.state.densities) == full_calls
+    assert len(patch.state.records.densities) == full_calls
     cached, report, calls = with_cache(pipe, patch, {"type": "taylorseer", "cache_interval": 3,
                                                      "disable_cache_before_step": 2})
     # steps 0, 1 warm up; then one computed step every 3: 3, 6

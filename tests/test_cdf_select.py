@@ -45,7 +45,7 @@ def test_triton_kernel_matches_sorting():
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
 CHECK_INDICES = r"""
 import torch
-from nabla.attention import _index_widths, _padded_valid, _partial_cols, _sta_blocks, kernel_block_indices
+from nabla.block_mask import _index_widths, _padded_valid, _partial_cols, _sta_blocks, kernel_block_indices
 from nabla.cdf_select import nabla_block_indices
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nabla import SparsityConfig, TileLayout, sparse_attention
-from nabla.attention import build_block_mask
+from nabla.block_mask import build_block_mask
 from scripts.make_tiny_model import build_tiny_pipeline
 from wan.patch import patch_transformer
 
@@ -55,7 +55,7 @@ def test_compiled_blocks_run_every_step_without_recompiling(recompile_guard):
     torch._dynamo.config.error_on_recompile = True
     patch.state.reset()
     compiled = latents(3)  # 3 steps x 2 CFG passes x 2 layers, each with its own mask
-    assert len(patch.state.densities) == 12 and patch.state.mean_density() < 1
+    assert len(patch.state.records.densities) == 12 and patch.state.mean_density() < 1
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
@@ -79,4 +79,4 @@ def test_patched_block_compiles_into_one_graph(config):
     pipe.transformer.blocks[1].compile(fullgraph=True)  # blocks[0] carries the patch's pass-counting hook
     compiled = latents()
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
-    assert [calls for _, calls in patch.state.passes] == [2] * 4  # 2 steps x 2 CFG passes, both layers counted
+    assert [calls for _, calls in patch.state.records.passes] == [2] * 4  # 2 steps x 2 CFG passes, both layers counted

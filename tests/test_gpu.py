@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from nabla.attention import (
+from nabla.attention import sparse_attention
+from nabla.backend import flash_unavailable_reason, resolve_backend
+from nabla.block_mask import (
     _compiled_block_mask_tensors,
-    _mask_inputs,
     attended_mask,
     build_block_mask,
     kernel_block_indices,
-    sparse_attention,
+    mask_inputs,
 )
-from nabla.backend import flash_unavailable_reason, resolve_backend
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 from nabla.logits_kernel import means_logits_tf32x3
@@ -131,11 +131,11 @@ def test_fused_mask_kernel_matches_sorting_at_wan_shapes(shape, mode, query_bloc
     q, k, _ = qkv(heads, layout)
     config = SparsityConfig(mode=mode, threshold=0.4, block_size=64, sta_window=(3, 3, 3), max_density=0.2,
                             query_block_size=query_block)
-    valid, _, partial, sta, *_ = inputs = _mask_inputs(q, layout, config)
-    keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(q, k, False, *inputs)
+    valid, _, partial, sta, *_ = inputs = mask_inputs(layout, config, q.device)
+    keep, partial_counts, partial_idx, full_counts, full_idx = _compiled_block_mask_tensors()(q, k, False, inputs)
     # as the patched block runs it: from the block means of q and k, index rows as wide as FLASH needs
     means = [pool_blocks(x, 64, valid)[0] for x in (q, k)]
-    keep_from_means, *compact = _compiled_block_mask_tensors()(*means, True, *_mask_inputs(q, layout, config, True))
+    keep_from_means, *compact = _compiled_block_mask_tensors()(*means, True, mask_inputs(layout, config, q.device, True))
     assert (keep != keep_from_means).float().mean().item() < 1e-5
     if torch.equal(keep, keep_from_means):
         for count, idx, narrow_count, narrow_idx in ((partial_counts, partial_idx, *compact[:2]),
@@ -209,7 +209,7 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
     finally:
         unpatch(transformer)
     assert 0.05 < eager_density < 0.5 and handle.state.mean_density() == pytest.approx(eager_density)
-    assert len(handle.state.densities) == 2 and not handle.state.dense_fallbacks
+    assert len(handle.state.records.densities) == 2 and not handle.state.records.dense_fallbacks
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
 
 
@@ -219,7 +219,7 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
 def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
     """wan/tiled_qk.py against the processor's torch ops (gather, RMSNorm across heads, rotary, pool_blocks), bf16."""
     from nabla.layout import gather_tiles
-    from wan.patch import _apply_rotary_pairwise, block_means
+    from wan.processor import _apply_rotary_pairwise, block_means
     from wan.tiled_qk import tiled_qk
 
     heads, *grid = WAN_SHAPES[shape]

@@ -9,7 +9,7 @@ from tests.triton_helpers import make_hopper_ir, run_interpreted
 CHECK = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
-from wan.patch import _apply_rotary_pairwise, block_means
+from wan.processor import _apply_rotary_pairwise, block_means
 from wan.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
@@ -74,7 +74,7 @@ def test_tiled_qk_kernels_compile_for_hopper():
 # The processor with the kernels (forced on the CPU) against its torch path: same video, same masks.
 CHECK_PROCESSOR = r"""
 import sys, torch
-import wan.patch, wan.tiled_qk
+import wan.processor, wan.tiled_qk
 from nabla import SparsityConfig
 from wan.loading import load_pipeline
 from wan.patch import patch_transformer, unpatch
@@ -92,11 +92,11 @@ def on_cpu(x, norm, rotary):
 results = []
 for fused in (False, True):
     if fused:
-        wan.patch.fused_applies = wan.tiled_qk.fused_applies = on_cpu
+        wan.processor.fused_applies = wan.tiled_qk.fused_applies = on_cpu
     # step 0 dense (raster order through the kernels), steps 1 and 2 sparse (tile order)
     handle = patch_transformer(pipe.transformer, SparsityConfig(mode="nabla", threshold=0.5, dense_steps=1))
     frames, _ = generate(pipe, settings)
-    results.append((frames, torch.stack([d for _, _, d in handle.state.densities])))
+    results.append((frames, torch.stack([d for _, _, d in handle.state.records.densities])))
     unpatch(pipe.transformer)
 (ref, ref_density), (out, density) = results
 assert len(calls) == 4 * 2 * 2 * 3, len(calls)  # (checks for q, k; q, k run) x 2 layers x 2 CFG passes x 3 steps

@@ -3,18 +3,14 @@
 import pytest
 import torch
 
-import wan.patch
+import wan.processor
 from nabla import SparsityConfig
-from nabla.attention import attended_mask, build_block_mask
+from nabla.block_mask import attended_mask, build_block_mask
 from nabla.layout import gather_tiles
+from wan.fallback import FALLBACK_STEPS
 from wan.loading import load_pipeline
-from wan.patch import (
-    FALLBACK_STEPS,
-    NablaWanAttnProcessor,
-    _apply_rotary_pairwise,
-    patch_transformer,
-    unpatch,
-)
+from wan.patch import patch_transformer, unpatch
+from wan.processor import NablaWanAttnProcessor, _apply_rotary_pairwise
 from wan.run import generate
 from wan.settings import GenerationSettings
 
@@ -47,7 +43,7 @@ def test_threshold_one_reproduces_full_attention(pipe, full_video):
     assert frames.shape == (9, 128, 160, 3)
     assert abs(state.mean_density() - 1.0) < 1e-6
     # steps x layers attention calls, CFG passes included: 3 steps, 2 passes, 2 layers
-    assert len(state.densities) == 3 * 2 * 2 and {s for s, _, _ in state.densities} == {0, 1, 2}
+    assert len(state.records.densities) == 3 * 2 * 2 and {s for s, _, _ in state.records.densities} == {0, 1, 2}
     assert abs(frames - full_video).max() < 1e-4
 
 
@@ -98,7 +94,6 @@ def test_processor_matches_stock_attention_under_the_token_mask(pipe, config, ge
     try:
         state = handle.state
         state.start_forward(latents, tuple(transformer.config.patch_size), torch.tensor([700.0]))
-        state.passes.append([state.step, 0])
         with torch.no_grad():
             out = attn(hidden, rotary_emb=transformer.rope(latents))  # tiled tables: the patched rope.forward's
             rotary = type(transformer.rope).forward(transformer.rope, latents)
@@ -114,17 +109,17 @@ def test_processor_matches_stock_attention_under_the_token_mask(pipe, config, ge
     finally:
         unpatch(transformer)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
-    assert len(state.densities) == 1 and not state.dense_fallbacks
+    assert len(state.records.densities) == 1 and not state.records.dense_fallbacks
 
 
 def test_dense_steps(pipe, full_video, monkeypatch):
     gathered = []
-    monkeypatch.setattr(wan.patch, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
+    monkeypatch.setattr(wan.processor, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
     frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
     # dense steps stay in raster order, unpadded: the stock computation, bit for bit, and nothing tiled
-    assert state.densities == [] and gathered == [] and (frames == full_video).all()
+    assert state.records.densities == [] and gathered == [] and (frames == full_video).all()
     _, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=2))
-    assert {s for s, _, _ in state.densities} == {2}
+    assert {s for s, _, _ in state.records.densities} == {2}
     # only attention sees tile order: q, k of each layer (projected, before the norm), in the last step's two CFG
     # passes (v and the rotary tables are tiled otherwise); the token stream stays in raster order, unpadded
     assert gathered == [torch.Size([1, 240, 24])] * (2 * 2 * 2)
@@ -145,9 +140,9 @@ def test_layers_too_dense_to_win_run_dense_and_skip_their_masks(pipe, full_video
     state = handle.state
     # step 0 builds each layer's mask (first CFG pass) and falls back; the layer then skips its mask for
     # FALLBACK_STEPS steps; step 4 builds it again, falls back again and skips twice as long: step 12 next
-    assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.densities}) == [
+    assert FALLBACK_STEPS == 4 and sorted({(s, layer) for s, layer, _ in state.records.densities}) == [
         (0, 0), (0, 1), (4, 0), (4, 1), (12, 0), (12, 1)]
-    assert len(state.dense_fallbacks) == 13 * 2 * 2  # every call ran dense
+    assert len(state.records.dense_fallbacks) == 13 * 2 * 2  # every call ran dense
     # q, k, v go to tile order only where a mask is built; the other steps keep the raster graph
     assert sorted({step for step, tiled in tiled_steps if tiled}) == [0, 4, 12]
     full, _ = generate(pipe, settings.__class__(**{**vars(settings), "steps": 13}))

@@ -1,6 +1,6 @@
 """Per-call statistics of a sparse run (`generate.py --stats`): mask densities, mask and attention times, masks.
 
-`NablaState.attend` (wan/patch.py) asks the recorder held in `state.recorder` for a timer per sparse
+`wan.processor.self_attention` asks the recorder held in `state.recorder` for a timer per sparse
 attention call, marks the end of the mask build with `timer.split()` and hands the result to
 `record`. Nothing here synchronises the device during the run: on CUDA the times are
 torch.cuda.Event pairs and the densities stay on the device until `report()` (one synchronisation at
@@ -220,7 +220,7 @@ def run_report(recorder: StatsRecorder | None, config: Any, settings: Any, **ext
 def step_report(passes: list[list[int]], layers: int) -> dict:
     """Which denoising steps ran all their blocks, and which took some or all of them from a step cache.
 
-    `passes` is NablaState.passes: [step, self-attention calls] per transformer pass (CFG pass) that
+    `passes` is AttentionRecords.passes (wan/records.py): [step, self-attention calls] per transformer pass (CFG pass) that
     reached the blocks; a pass computed its blocks when it made `layers` calls.
     """
     per_step: dict[int, list[int]] = {}
