@@ -1,0 +1,177 @@
+"""Fine-tune Wan2.1 text-to-video (LoRA or full) on your own clips, with NABLA sparse attention or dense.
+
+    python finetune.py precompute --model MODEL --data clips/ --config configs/finetune-lora.yaml
+    python finetune.py train --model MODEL --data clips/ --config configs/finetune-lora.yaml --output runs/fox
+    torchrun --nproc_per_node=8 finetune.py train ...          # data parallel, FSDP2
+
+`--data` holds videos with a same-name .txt caption each (or a metadata.jsonl of file_name and text). The
+config's `sparsity:` section is generate.py's, `training:` is described in configs/finetune-lora.yaml.
+`train` encodes the clips the cache lacks first, so `precompute` is optional. Bad input is refused before
+any model loads, with one line on stderr and exit code 2. Exit codes: 0 done, 1 the loss turned NaN/Inf,
+2 bad input, 130 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from wan.clips import find_clips
+from wan.loading import ModelNotFoundError
+from wan.settings import DEFAULT_MODEL
+from wan.train_config import TrainingConfig, check_target_modules, load_finetune_config
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("precompute", "encode the clips into the latent cache"),
+                       ("train", "train (encoding the clips the cache lacks first)")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers Wan2.1 T2V folder "
+                         f"(default: {DEFAULT_MODEL})")
+        sub.add_argument("--data", type=Path, required=True, help="folder of videos with captions")
+        sub.add_argument("--config", type=Path, help="YAML with `sparsity:` and `training:` sections (default: dense "
+                         "LoRA with the defaults of configs/finetune-lora.yaml)")
+        sub.add_argument("--cache", type=Path, help="latent cache folder (default: DATA/.latent-cache)")
+        sub.add_argument("--device", help="torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
+        if name == "train":
+            sub.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, log.jsonl, the "
+                             "result (OUT/lora or OUT/transformer), validation videos")
+            sub.add_argument("--resume", action="store_true", help="continue the run in --output from its latest "
+                             "checkpoint (starts fresh if it has none)")
+            sub.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
+    return parser
+
+
+def _is_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
+
+
+def model_id(model: str) -> str:
+    """The model as the cache keys it: an absolute folder, or the hub id."""
+    return str(Path(model).expanduser().resolve()) if _is_local(model) else model
+
+
+def check_model(model: str, training: TrainingConfig) -> None:
+    """The model's configs load and the LoRA targets name its Linear layers: no weights are read."""
+    from wan.lora import transformer_linear_names
+
+    if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
+        raise ModelNotFoundError(f"model: {model} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        names = transformer_linear_names(model)
+    except OSError as err:
+        raise ModelNotFoundError(f"model: could not read the transformer config of {model!r} "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    if training.method == "lora":
+        check_target_modules(training.target_modules, names)
+
+
+def flow_shift(model: str, training: TrainingConfig) -> float:
+    from diffusers import UniPCMultistepScheduler
+
+    from wan.flow_matching import scheduler_shift
+
+    if training.flow_shift is not None:
+        return training.flow_shift
+    return scheduler_shift(UniPCMultistepScheduler.load_config(model, subfolder="scheduler"))
+
+
+def load_encoders(model: str, device: torch.device):
+    """The pipeline without its transformer: tokenizer, text encoder (bf16 on CUDA), VAE (float32), scheduler."""
+    from diffusers import WanPipeline
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = WanPipeline.from_pretrained(model, transformer=None, dtype={"vae": torch.float32, "default": dtype})
+    return pipe.to(device)
+
+
+def precompute_cache(args: argparse.Namespace, training: TrainingConfig, device: torch.device, show: bool):
+    """Encode the clips the cache lacks; print each skipped clip and the counts. Returns the usable entries."""
+    from tqdm import tqdm
+
+    from wan.latent_cache import precompute
+
+    cache = args.cache or args.data / ".latent-cache"
+    report = precompute(find_clips(args.data), cache, training, model_id(args.model),
+                        lambda: load_encoders(args.model, device),
+                        progress=lambda clips: tqdm(clips, desc="encoding clips", unit="clip", disable=not show))
+    if show:
+        for path, reason in report.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"latent cache {cache}: {len(report.entries)} clips usable ({report.encoded} encoded now, "
+              f"{len(report.entries) - report.encoded} reused), {len(report.skipped)} skipped")
+    if not report.entries:
+        raise ValueError(f"data: no usable clip in {args.data} ({len(report.skipped)} skipped)")
+    return report.entries
+
+
+def check_inputs(args: argparse.Namespace):
+    """Every setting, before any model loads: config, data folder, output folder, model config and LoRA targets."""
+    sparsity, training = load_finetune_config(args.config)
+    find_clips(args.data)
+    if args.command == "train":
+        from wan.run_folder import check_output
+
+        check_output(args.output, args.resume, args.overwrite)
+    check_model(args.model, training)
+    return sparsity, training
+
+
+def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
+    from wan.data_parallel import close, init_data_parallel
+    from wan.latent_cache import load_entries
+    from wan.run_folder import clear_run, write_run_file
+    from wan.trainer import Trainer
+    from wan.validation import Validator
+
+    parallel = init_data_parallel(args.device)
+    try:
+        if parallel.is_main:
+            entries = precompute_cache(args, training, parallel.device, show=True)
+            if args.overwrite:
+                clear_run(args.output)
+            write_run_file(args.output, {"model": model_id(args.model), "data": str(args.data.resolve()),
+                                         "sparsity": vars(sparsity), "training": training.to_dict()})
+        parallel.barrier()
+        if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
+            entries = precompute_cache(args, training, parallel.device, show=False)
+        validator = None
+        if training.validation.every:
+            validator = Validator(load_encoders(args.model, parallel.device), training, parallel.device,
+                                  torch.bfloat16 if parallel.device.type == "cuda" else torch.float32)
+        trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
+                          flow_shift(args.model, training), validator)
+        start = trainer.resume() if args.resume else 0
+        code = trainer.run(start)
+        if code == 0:
+            result = trainer.export()
+            if parallel.is_main:
+                print(f"wrote {result} (log: {args.output / 'log.jsonl'}; plot it with scripts/plot_training.py)")
+        return code
+    finally:
+        close(parallel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sparsity, training = check_inputs(args)
+        if args.command == "precompute":
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            precompute_cache(args, training, device, show=True)
+            return 0
+        return train(args, sparsity, training)
+    except ValueError as err:  # ModelNotFoundError included: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A folder of training clips: find the videos and their captions, and read one as the model's input.
+
+Captions come from a same-name `.txt` beside each video (musubi-tuner's and ai-toolkit's convention) or a
+`metadata.jsonl` with `file_name` and `text` per line (Hugging Face's video-folder convention); the
+`.txt` wins where both exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    path: Path
+    caption: str | None  # None: no caption found (the clip is skipped with that reason)
+
+
+class ClipError(ValueError):
+    """A clip that cannot be used (unreadable, too short, no caption): skipped, with this one-line reason."""
+
+
+def _metadata_captions(folder: Path) -> dict[str, str]:
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            captions[str(entry["file_name"])] = str(entry["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"data: {path} line {number} is not a JSON object with file_name and text") from None
+    return captions
+
+
+def find_clips(folder: str | Path) -> list[Clip]:
+    """The videos under `folder` (recursively, sorted) with their captions; one-line ValueError if there are none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"data: folder {folder} does not exist")
+    metadata = _metadata_captions(folder)
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not videos:
+        raise ValueError(f"data: folder {folder} holds no video (allowed: {', '.join(VIDEO_SUFFIXES)})")
+    clips = []
+    for video in videos:
+        txt = video.with_suffix(".txt")
+        caption = txt.read_text().strip() if txt.is_file() else metadata.get(video.relative_to(folder).as_posix())
+        clips.append(Clip(video, caption or None))
+    return clips
+
+
+def frame_indices(frames: int, fps: float, source_fps: float) -> list[int]:
+    """Source frame of each of `frames` frames at `fps`, from the start: the frame showing time i / fps."""
+    return [math.floor(i * source_fps / fps + 1e-6) for i in range(frames)]
+
+
+def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[F, 3, h, w] scaled (antialiased) so that it covers height x width, then the centre cut out."""
+    h, w = video.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return video[..., top:top + height, left:left + width]
+
+
+def read_clip(path: str | Path, height: int, width: int, frames: int, fps: int) -> torch.Tensor:
+    """`frames` consecutive frames at `fps` from the clip's start as [3, F, H, W] floats in [-1, 1] (the VAE's input).
+
+    ClipError if the file cannot be read or is shorter than frames / fps seconds.
+    """
+    try:
+        reader = imageio.get_reader(path, "ffmpeg")
+    except Exception as err:  # noqa: BLE001 - whatever the decoder says, the clip is unreadable
+        raise ClipError(f"unreadable ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})") from None
+    with reader:
+        source_fps = float(reader.get_meta_data().get("fps") or 0)
+        if source_fps <= 0:
+            raise ClipError("unreadable (no frame rate in the file)")
+        wanted = frame_indices(frames, fps, source_fps)
+        picked: dict[int, np.ndarray] = {}
+        seen = 0
+        try:
+            for index, frame in enumerate(reader):
+                seen = index + 1
+                if index in wanted:
+                    picked[index] = frame[..., :3]
+                if index >= wanted[-1]:
+                    break
+        except Exception as err:  # noqa: BLE001 - a corrupt stream ends the clip like any decoder error
+            raise ClipError(f"unreadable ({type(err).__name__})") from None
+    if wanted[-1] not in picked:
+        raise ClipError(f"too short: {seen} frames at {source_fps:g} fps; needs {frames} frames at {fps} fps")
+    video = torch.from_numpy(np.stack([picked[i] for i in wanted])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return resize_center_crop(video, height, width).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
