@@ -72,6 +72,8 @@ def attend(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if grad:
         check_trainable(config, q.device)
+    else:  # eager flex_attention refuses inputs that require grad on the CPU, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     with torch.no_grad():
         block_mask, keep = make_block_mask(q.detach(), k.detach(), layout, config, compiled,
                                            means=tuple(m.detach() for m in means) if means else None,
