@@ -22,10 +22,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
      ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
       "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
+    ([sys.executable, "scripts/bench_backward.py", "--smoke"],
+     "| shape | kernel | forward ms | forward + backward ms | vs dense SDPA | note |"),
     ([sys.executable, "scripts/bench_mask.py", "--smoke"],
      ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
       "| block means in kernels of their own ms |")),
-], ids=["attention", "e2e", "parallel", "mask"])
+], ids=["attention", "e2e", "parallel", "backward", "mask"])
 def test_benchmark_runs_to_its_table(command, header, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

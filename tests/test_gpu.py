@@ -242,3 +242,94 @@ def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
     assert (err > 0).float().mean() < 0.01, float((err > 0).float().mean())
     # a bf16 rounding (up to 0.125 at these magnitudes) in one of 64 or 128 tokens moves a mean by up to 2e-3
     torch.testing.assert_close(means, ref_means, atol=4e-3, rtol=1e-3)
+
+
+# --- training: flex_attention's backward ---
+
+def masked_grads(q, k, v, keep, layout, config, grad_out):
+    """float32 SDPA under the token-level mask of `keep`, and its gradients, over the real query rows."""
+    from nabla.block_mask import token_mask
+
+    qkv = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    real = layout.valid_on(q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *qkv, attn_mask=token_mask(keep, layout, config.block_size, config.query_merge))
+    return out[:, :, real], torch.autograd.grad(out[:, :, real], qkv, grad_out[:, :, real].float())
+
+
+def check_training_call(layout, config, heads=2):
+    from nabla.attention import attend
+
+    q, k, v = (x.requires_grad_() for x in qkv(heads, layout))
+    result = attend(q, k, v, layout, config)
+    assert not result.dense and float(result.density.mean()) < 0.6
+    real = layout.valid_on(q.device)
+    grad_out = torch.randn_like(result.out)
+    grads = torch.autograd.grad(result.out[:, :, real], (q, k, v), grad_out[:, :, real])
+    ref, ref_grads = masked_grads(q, k, v, result.mask, layout, config, grad_out)
+    scale = ref.abs().max()
+    assert (result.out[:, :, real].float() - ref).abs().max() < 2e-2 * scale
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert (grad.float() - ref_grad).abs().max() < 2e-2 * ref_grad.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["flash", "triton"])
+@pytest.mark.parametrize("shape", list(WAN_SHAPES))
+def test_gradients_match_float32_reference_at_wan_shapes(backend, shape):
+    """Both kernels' backward at the real sequence lengths (2 heads), 128-token blocks, padded grids."""
+    if backend == "flash" and flash_unavailable_reason(torch.device("cuda", 0)) is not None:
+        pytest.skip("FlashAttention-4 does not run here")
+    _, T, H, W = WAN_SHAPES[shape]
+    check_training_call(TileLayout(T, H, W), SparsityConfig(mode="nabla", threshold=0.7, block_size=128,
+                                                            max_density=0.1, backend=backend, dense_above=1.0))
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["nabla", "nabla+sta"])
+def test_flash_trains_on_a_grid_without_padding(mode):
+    """No padding, so no key block is partial: FLASH must still apply the block mask forward and backward (with a
+    trivial mask_mod torch 2.11's FLASH ignores it and computes dense attention)."""
+    if flash_unavailable_reason(torch.device("cuda", 0)) is not None:
+        pytest.skip("FlashAttention-4 does not run here")
+    layout = TileLayout(3, 32, 48)
+    assert not layout.has_padding
+    check_training_call(layout, SparsityConfig(mode=mode, threshold=0.3, block_size=128, sta_window=(1, 1, 1),
+                                               backend="flash", dense_above=1.0))
+
+
+@cuda
+def test_compiled_patched_blocks_train_without_recompiles():
+    """The patched transformer with compiled blocks under autograd: three Adam steps, no recompile after the first,
+    the loss falls, the masks are sparse."""
+    from diffusers import WanTransformer3DModel
+
+    from wan.api import disable_nabla, enable_nabla
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).to(torch.bfloat16).train()
+        latents, target = torch.randn(2, 1, 16, 3, 90, 64, dtype=torch.bfloat16)  # grid (3, 45, 32): padded
+        text, timestep = torch.randn(1, 16, 64, dtype=torch.bfloat16), torch.tensor([500.0])
+    transformer.enable_gradient_checkpointing()
+    handle = enable_nabla(transformer, SparsityConfig(mode="nabla", threshold=0.5, block_size=128, max_density=0.3),
+                          compile=True)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
+    losses = []
+    try:
+        for step in range(3):
+            torch._dynamo.config.error_on_recompile = step > 0
+            out = transformer(latents, timestep, text, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        disable_nabla(transformer)
+    assert losses[-1] < losses[0] and all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert 0.05 < handle.state.mean_density() < 0.5

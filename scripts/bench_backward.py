@@ -1,0 +1,153 @@
+"""Benchmark NABLA attention forward + backward (training) against dense SDPA forward + backward at Wan2.1 shapes.
+
+Each sparse row is one call of `nabla.attention.attend` on the padded tile-ordered q, k, v that require grad, mask
+build included, then `torch.autograd.grad` of its output; dense rows are SDPA on the real tokens in raster order.
+Sparse rows keep a fixed 10% of the blocks (NABLA with min = max density). Before timing, the gradients of each
+backend are checked against a float32 SDPA under the same token-level mask on 2 heads of the same sequence. The
+markdown table is printed last and, when $OUT is set, also written to $OUT/bench_backward.md.
+
+    python scripts/bench_backward.py                       # both shapes, 128- and 64-token blocks, on CUDA
+    python scripts/bench_backward.py --shapes 14B-720p --backends flash
+    python scripts/bench_backward.py --smoke               # tiny shape, few iterations (runs on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_backward.py` from anywhere
+
+from nabla.attention import attend
+from nabla.block_mask import token_mask
+from nabla.config import SparsityConfig
+from nabla.layout import TileLayout
+from scripts.bench_attention import (
+    HEAD_DIM,
+    SHAPES,
+    SMOKE_SHAPES,
+    Shape,
+    add_backends_option,
+    bench_ms,
+    chosen_backends,
+    fixed_density,
+    log,
+    warm_up,
+)
+
+DENSITY = 0.1
+TARGETS = {"14B-720p": 9.0, "1.3B-480p": 6.0}  # issue 24: FLASH, 128-token blocks, mask build included
+
+
+@dataclass
+class Row:
+    shape: str
+    kernel: str
+    forward_ms: float | None = None
+    total_ms: float | None = None  # forward (mask build included) + backward
+    speedup: float | None = None  # dense SDPA forward + backward / total
+    note: str = ""
+
+
+def grad_check(config: SparsityConfig, shape: Shape, device: torch.device) -> float:
+    """Max |grad - reference| / max |reference| over q, k, v: 2 heads, bf16 kernel vs float32 SDPA, same mask."""
+    layout = TileLayout(shape.T, shape.H, shape.W)
+    qkv = [layout.tile(torch.randn(1, 2, layout.length, HEAD_DIM, device=device), dim=2) for _ in range(3)]
+    low = [x.bfloat16().requires_grad_() for x in qkv]
+    result = attend(*low, layout, config)
+    real = layout.valid_on(device)
+    grad_out = torch.randn_like(qkv[0])
+    grads = torch.autograd.grad(result.out[:, :, real], low, grad_out[:, :, real].bfloat16())
+    high = [x.requires_grad_() for x in qkv]
+    mask = token_mask(result.mask, layout, config.block_size, config.query_merge)
+    ref = F.scaled_dot_product_attention(*high, attn_mask=mask)
+    refs = torch.autograd.grad(ref[:, :, real], high, grad_out[:, :, real])
+    return max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, refs))
+
+
+def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[str], rep_ms: int) -> list[Row]:
+    layout = TileLayout(shape.T, shape.H, shape.W)
+    log(f"{name}: {shape.heads} heads, {layout.length} tokens ({layout.padded_length} padded)")
+    raster = [torch.randn(1, shape.heads, layout.length, HEAD_DIM, device=device, dtype=torch.bfloat16,
+                          requires_grad=True) for _ in range(3)]
+    tiled = [layout.tile(x.detach(), dim=2).requires_grad_() for x in raster]
+    grad_raster, grad_tiled = torch.randn_like(raster[0]), torch.randn_like(tiled[0])
+
+    def timed(forward, inputs, grad_out) -> tuple[float, float]:
+        def both():
+            torch.autograd.grad(forward(), inputs, grad_out)
+
+        with torch.no_grad():
+            warm_up(forward, device)
+        warm_up(both, device)
+        with torch.no_grad():
+            fwd = bench_ms(forward, device, rep_ms, cpu_iters=2)
+        return fwd, bench_ms(both, device, rep_ms, cpu_iters=2)
+
+    dense = Row(name, "dense SDPA")
+    dense.forward_ms, dense.total_ms = timed(lambda: F.scaled_dot_product_attention(*raster), raster, grad_raster)
+    rows = [dense]
+    for backend in backends:
+        for block in (128, 64):
+            config = fixed_density(DENSITY, block, backend)
+            row = Row(name, f"{backend} NABLA {DENSITY:.0%}, block {block}")
+            try:
+                error = grad_check(config, Shape(2, shape.T, shape.H, shape.W), device)
+                row.forward_ms, row.total_ms = timed(lambda c=config: attend(*tiled, layout, c).out, tiled, grad_tiled)
+                row.speedup = dense.total_ms / row.total_ms
+                row.note = f"grads within {error:.1e} of float32 (relative to max)"
+            except (ValueError, RuntimeError) as failure:  # a refused block size, a kernel that cannot compile
+                row.note = str(failure).strip().splitlines()[0][:200]
+            log(f"{name}: {row.kernel}: {row.total_ms} ms; {row.note}")
+            rows.append(row)
+    return rows
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render(rows: list[Row], device_name: str) -> str:
+    setup = f"{device_name}, torch {torch.__version__}, bf16, head dim {HEAD_DIM}, batch 1"
+    lines = [f"## Attention forward + backward: {setup}", ""]
+    for row in rows:
+        target = TARGETS.get(row.shape)
+        if row.kernel.startswith("flash") and row.kernel.endswith("block 128") and target and row.speedup:
+            lines.append(f"- {row.shape}: {row.speedup:.2f}x (target >= {target}x: "
+                         f"{'PASS' if row.speedup >= target else 'FAIL'})")
+    lines += ["", "| shape | kernel | forward ms | forward + backward ms | vs dense SDPA | note |",
+              "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {r.shape} | {r.kernel} | {fmt(r.forward_ms, '.1f')} | {fmt(r.total_ms, '.1f')} | "
+              f"{fmt(r.speedup, '.2f')}{'x' if r.speedup else ''} | {r.note} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
+    add_backends_option(parser)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        parser.error("the real shapes need CUDA; use --smoke on CPU")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch.manual_seed(0)
+    backends = chosen_backends(args, device) if device.type == "cuda" else ["auto"]  # the CPU path
+    shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
+    rows = [row for name, shape in shapes.items() for row in bench_shape(name, shape, device, backends,
+                                                                         20 if args.smoke else 200)]
+    markdown = render(rows, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "bench_backward.md").write_text(markdown)
+    print("\n" + markdown, end="", flush=True)
+
+
+if __name__ == "__main__":
+    main()
