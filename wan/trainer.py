@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -196,7 +197,8 @@ class Trainer:
                 if not math.isfinite(entry["loss"]):
                     where = f"last good checkpoint: {last_saved[-1]}" if last_saved else "no checkpoint was saved yet"
                     bar.write(f"error: loss is {entry['loss']} at step {step + 1}; stopped before updating the "
-                              f"weights ({where}); lower training.learning_rate and --resume")
+                              f"weights ({where}); lower training.learning_rate and --resume",
+                              file=sys.stderr)
                     return EXIT_NAN
                 if main:
                     append_log(self.output, entry)
@@ -210,7 +212,7 @@ class Trainer:
                 if self.validator is not None and self.validator.due(done):
                     self.validate(done)
                 if stopping:
-                    bar.write(f"interrupted: checkpoint {last_saved[-1]} saved; continue with --resume")
+                    bar.write(f"interrupted: checkpoint {last_saved[-1]} saved; continue with --resume", file=sys.stderr)
                     return EXIT_INTERRUPTED
         return 0
 

@@ -1,0 +1,201 @@
+"""finetune.py on the CPU: the tiny model, a few 9-frame 32x32 clips written here, dense attention (mode full).
+
+The runs share one latent cache (module fixture) and one uninterrupted reference run, which the resume test
+and the two-process test compare against.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+
+import finetune
+import wan.run_folder
+import wan.trainer
+from wan.lora import load_lora
+from wan.run_folder import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = {"height": 32, "width": 32, "frames": 9, "fps": 8, "rank": 4, "alpha": 4, "learning_rate": 1e-2,
+            "steps": 6, "checkpoint_every": 2, "keep_last": 2, "batch_size": 2, "gradient_accumulation": 2,
+            "warmup_steps": 2, "lr_scheduler": "cosine", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def write_clip(path: Path, frames: int, seed: int, size=(40, 48)) -> None:
+    """A moving gradient (so that frames differ), 8 fps."""
+    y, x = np.mgrid[:size[0], :size[1]]
+    video = [np.stack([(x * 5 + t * 20 * (seed + 1)) % 256, (y * 6 + seed * 60) % 256, (x + y + t * 9) % 256], -1)
+             for t in range(frames)]
+    imageio.mimwrite(path, [v.astype(np.uint8) for v in video], fps=8, macro_block_size=8)
+
+
+def write_config(folder: Path, name: str = "cfg", sparsity: dict | None = None, **training) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps({"sparsity": sparsity or {"mode": "full"}, "training": {**TRAINING, **training}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Three usable clips (captions by .txt and by metadata.jsonl), one too short, one without a caption."""
+    folder = tmp_path_factory.mktemp("clips")
+    for i in range(3):
+        write_clip(folder / f"clip{i}.mp4", 12, i)
+    (folder / "clip0.txt").write_text("a cat plays piano")
+    (folder / "clip1.txt").write_text("a dog runs quickly")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "clip2.mp4", "text": "two birds fly slowly"}))
+    write_clip(folder / "short.mp4", 3, 0)
+    (folder / "short.txt").write_text("a red car")
+    write_clip(folder / "silent.mp4", 12, 1)
+    return folder
+
+
+def train_args(model, data, config, output, *extra):
+    return ["train", "--model", str(model), "--data", str(data), "--config", str(config), "--output", str(output),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, data, tmp_path_factory):
+    """An uninterrupted 6-step LoRA run (global batch 4: batch 2 x accumulation 2) and its log."""
+    folder = tmp_path_factory.mktemp("reference")
+    assert finetune.main(train_args(tiny_model, data, write_config(folder), folder / "run")) == 0
+    return folder / "run", read_log(folder / "run")
+
+
+def test_precompute_reuses_and_invalidates(tiny_model, data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ["precompute", "--model", str(tiny_model), "--data", str(data), "--config", str(write_config(tmp_path)),
+            "--cache", str(cache)]
+    assert finetune.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "3 clips usable (3 encoded now, 0 reused), 2 skipped" in out
+    assert f"skipped {data / 'short.mp4'}: too short: 3 frames at 8 fps; needs 9 frames at 8 fps" in err
+    assert f"skipped {data / 'silent.mp4'}: no caption" in err
+    entry = next(cache.glob("clip0-*.safetensors"))
+    from safetensors.torch import load_file
+    tensors = load_file(entry)
+    assert tensors["latents"].shape == (16, 3, 4, 4) and tensors["prompt_embeds"].shape == (512, 32)
+    assert finetune.main(args) == 0
+    assert "3 clips usable (0 encoded now, 3 reused), 2 skipped" in capsys.readouterr().out
+    copy = tmp_path / "data"  # a changed caption and a touched clip get new entries; the third is reused
+    copy.mkdir()
+    for name in ("clip0.mp4", "clip0.txt", "clip1.mp4", "clip1.txt", "clip2.mp4", "metadata.jsonl"):
+        (copy / name).write_bytes((data / name).read_bytes())
+        os.utime(copy / name, ns=((data / name).stat().st_atime_ns, (data / name).stat().st_mtime_ns))
+    args[4] = str(copy)
+    assert finetune.main(args) == 0 and "(3 encoded now" in capsys.readouterr().out  # another path: another key
+    (copy / "clip0.txt").write_text("a cat plays the drums")
+    os.utime(copy / "clip1.mp4", ns=(0, 10**18))
+    assert finetune.main(args) == 0
+    assert "3 clips usable (2 encoded now, 1 reused)" in capsys.readouterr().out
+    args[6] = str(write_config(tmp_path, "wide", width=48))  # another size: every entry again
+    assert finetune.main(args) == 0
+    assert "(3 encoded now, 0 reused)" in capsys.readouterr().out
+
+
+def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, tmp_path, monkeypatch, capsys):
+    run, expected = reference
+    assert [e["step"] for e in expected] == list(range(1, 7))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    config, output = write_config(tmp_path), tmp_path / "run"
+    append = wan.run_folder.append_log
+
+    def interrupt_at_3(folder, entry):  # Ctrl-C during step 3: the step ends, a checkpoint is saved
+        append(folder, entry)
+        if entry["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(wan.trainer, "append_log", interrupt_at_3)
+    assert finetune.main(train_args(tiny_model, data, config, output)) == wan.trainer.EXIT_INTERRUPTED
+    assert "interrupted: checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    monkeypatch.undo()
+    assert finetune.main(train_args(tiny_model, data, config, output)) == 2  # another run there: refused
+    assert "holds another run; pass --resume" in capsys.readouterr().err
+    assert finetune.main(train_args(tiny_model, data, config, output, "--resume")) == 0
+    resumed = read_log(output)
+    assert [e["step"] for e in resumed] == list(range(1, 7))
+    for got, want in zip(resumed, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["lr"] == pytest.approx(want["lr"])
+    subprocess.run([sys.executable, "scripts/plot_training.py", str(output)], cwd=ROOT, check=True)
+    assert (output / "loss.png").stat().st_size > 0
+
+
+def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
+    """torchrun, 2 gloo processes, FSDP2: batch 1 each (the same global batch of 4) gives the reference losses."""
+    config = write_config(tmp_path, batch_size=1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
+               *train_args(tiny_model, data, config, tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
+    got, want = read_log(tmp_path / "run"), reference[1]
+    assert [e["step"] for e in got] == list(range(1, 7))
+    np.testing.assert_allclose([e["loss"] for e in got], [e["loss"] for e in want], rtol=1e-4)
+
+
+def test_overfitting_one_clip_lowers_the_loss(tiny_model, data, tmp_path):
+    """Full fine-tuning (the tiny model's LoRA learns too slowly to show it in 30 steps); the result is a diffusers
+    transformer folder that generate.py --transformer loads, and validation videos are written on the way."""
+    from wan.loading import load_transformer
+
+    one = tmp_path / "one"
+    one.mkdir()
+    for name in ("clip0.mp4", "clip0.txt"):
+        (one / name).write_bytes((data / name).read_bytes())
+    config = write_config(tmp_path, method="full", steps=30, learning_rate=1e-2, batch_size=1,
+                          gradient_accumulation=1, warmup_steps=0, lr_scheduler="constant", checkpoint_every=30,
+                          validation={"prompts": ["a cat plays piano"], "every": 30, "steps": 2})
+    assert finetune.main(train_args(tiny_model, one, config, tmp_path / "run")) == 0
+    losses = [e["loss"] for e in read_log(tmp_path / "run")]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    tuned = load_transformer(tmp_path / "run" / "transformer", str(tiny_model), torch.float32)
+    base = load_transformer(tiny_model / "transformer", str(tiny_model), torch.float32)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+    assert imageio.mimread(tmp_path / "run" / "validation" / "step-00000030-0.mp4")[0].shape == (32, 32, 3)
+
+
+def test_saved_lora_loads_changes_the_video_and_scale_0_is_the_base(tiny_model, reference):
+    def video(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a cat plays piano", num_frames=9, height=32, width=32, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+
+    base = video(WanPipeline.from_pretrained(tiny_model))
+    lora = reference[0] / "lora"
+    pipe = WanPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(lora)  # anyone's diffusers code
+    tuned = video(pipe)
+    assert np.abs(tuned - base).max() > 1e-3  # float noise is 1e-6
+    for scale, want in ((0.0, base), (1.0, tuned)):
+        pipe = WanPipeline.from_pretrained(tiny_model)
+        load_lora(pipe, lora, scale)
+        np.testing.assert_allclose(video(pipe), want, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path, monkeypatch, capsys):
+    losses, calls = wan.trainer.sample_losses, []
+
+    def nan_at_step_3(transformer, batch):
+        calls.append(1)
+        loss = losses(transformer, batch)
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(wan.trainer, "sample_losses", nan_at_step_3)
+    config = write_config(tmp_path, batch_size=1, gradient_accumulation=1)
+    assert finetune.main(train_args(tiny_model, data, config, tmp_path / "run")) == wan.trainer.EXIT_NAN
+    err = capsys.readouterr().err
+    assert "error: loss is nan at step 3; stopped before updating the weights (last good checkpoint: " in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    assert len(read_log(tmp_path / "run")) == 2
