@@ -134,15 +134,26 @@ def _bad(key: str, value: Any, allowed: str) -> None:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning a missing file or bad YAML into a one-line ValueError."""
+    """Read a YAML mapping, turning a missing file, a binary file or bad YAML into a one-line ValueError."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config: {path} is not a text file (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start} is not UTF-8); a config is a YAML text file") from None
+    except yaml.reader.ReaderError as err:  # UTF-8, but with control characters such as NUL: binary data
+        raise ValueError(f"config: {path} is not a text file (character #x{err.character:04x} at offset "
+                         f"{err.position}); a config is a YAML text file") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark  # 0-based; editors count lines and columns from 1
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join((err.problem or type(err).__name__).split())
+        context = f" ({' '.join(err.context.split())})" if err.context else ""
+        raise ValueError(f"config: {path} is not valid YAML{where}: {problem}{context}") from None
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"config: {path} is not valid YAML: {first}") from None
+        raise ValueError(f"config: {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

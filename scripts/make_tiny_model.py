@@ -1,89 +1,12 @@
-"""Build a tiny, randomly initialised Wan2.1 text-to-video pipeline in diffusers layout (offline demo/tests).
+"""The tiny offline Wan2.1 pipeline, from a checkout: `python scripts/make_tiny_model.py OUT_DIR [--seed 0]`.
 
-    python scripts/make_tiny_model.py OUT_DIR [--seed 0]
-
-The weights are noise, so videos are noise too; the point is exercising the full pipeline
-(tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
+It lives in `wan.tiny` (installed as `nabla-wan make-tiny-model OUT_DIR`); this script and its names stay for
+the commands and imports that use `scripts.make_tiny_model`.
 """
 
-from __future__ import annotations
+from wan.tiny import build_tiny_pipeline, build_tokenizer, main, save_tiny_model
 
-import argparse
-import json
-from pathlib import Path
-
-import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
-
-TEXT_DIM = 32
-
-_SENTENCES = [
-    f"{who} {what} {where}"
-    for who in ("a cat", "a dog", "two birds", "an old man", "a red car", "a small robot")
-    for what in ("is playing piano", "runs quickly", "flies slowly", "jumps over a fence", "sleeps", "dances")
-    for where in ("in a sunny room", "on the beach at sunset", "over a frozen lake", "in the city at night")
-]
-
-
-def build_tokenizer() -> T5TokenizerFast:
-    """A T5-style Unigram tokenizer trained here (no hub): ids 0/1/2 are <pad>/</s>/<unk> as in T5."""
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()  # same "▁word" pieces the T5 tokenizer pipeline produces
-    trainer = trainers.UnigramTrainer(
-        vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(_SENTENCES, trainer)
-    trained = json.loads(tok.to_str())["model"]["vocab"]  # [[piece, log-prob]], the 3 specials first
-    # The trainer's float sums (hence the order of ties) vary run to run: round and sort for stable ids.
-    pieces = sorted(((p, round(s, 6)) for p, s in trained[3:]), key=lambda ps: (-ps[1], ps[0]))
-    vocab = [(p, s) for p, s in trained[:3]] + pieces
-    # extra_ids=0: no 100 <extra_id_*> sentinels, so the vocab (and the embedding table) stays tiny.
-    return T5TokenizerFast(vocab=vocab, extra_ids=0)
-
-
-def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
-    """A complete Wan2.1 T2V pipeline with tiny random weights; identical for identical seeds."""
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng():  # deterministic weights without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        )
-        # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-            text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=1024,
-        )
-        # 3 downsamples -> 8x spatial; two temporal ones -> 4x: 9 frames become 1 + 8 / 4 = 3 latent frames.
-        vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
-        transformer=transformer.eval(),
-    )
-
-
-def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    out = Path(out_dir)
-    build_tiny_pipeline(seed).save_pretrained(out)
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to (diffusers layout)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
-    args = parser.parse_args()
-    print(f"wrote a tiny Wan2.1 T2V pipeline to {save_tiny_model(args.out_dir, args.seed)}")
-
+__all__ = ["build_tiny_pipeline", "build_tokenizer", "main", "save_tiny_model"]
 
 if __name__ == "__main__":
     main()

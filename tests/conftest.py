@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import wan.video
-from scripts.make_tiny_model import save_tiny_model
+from wan.tiny import save_tiny_model
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 import pytest
 
 from nabla.config import SparsityConfig, load_config
+from wan.settings import CONFIG_DIR, find_config
 
 
 def write(tmp_path, text):
@@ -61,7 +62,12 @@ BAD = [
     ("sparsity: {query_block_size: true}", "'query_block_size': True"),
     ("sparsity: [1, 2]", "'sparsity' must be a mapping"),
     ("- a\n- b", "must hold a mapping at the top level"),
-    ("sparsity: {mode: [", "is not valid YAML"),
+    ("sparsity: {mode: [", ("c.yaml is not valid YAML at line 1, column 19: expected the node content, but found "
+                           "'<stream end>' \\(while parsing a flow node\\)")),
+    ("sparsity:\n  mode: nabla\n\tthreshold: 0.5", ("c.yaml is not valid YAML at line 3, column 1: found character "
+                                                   "'\\\\t' that cannot start any token")),
+    ("sparsity: {mode: nabla\x00}", ("c.yaml is not a text file \\(character #x0000 at offset 22\\); a config is a YAML "
+                                   "text file")),
 ]
 
 
@@ -75,3 +81,24 @@ def test_bad_config_gives_one_line_error(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_binary_file_is_named_as_not_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"sparsity: {}\n\x89PNG")
+    with pytest.raises(ValueError, match="^config: .*c.yaml is not a text file \\(byte 0x89 at offset 13 is not "
+                       "UTF-8\\); a config is a YAML text file$"):
+        load_config(path)
+
+
+def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
+    assert find_config("nabla-0.7-fast") == find_config("nabla-0.7-fast.yaml") == CONFIG_DIR / "nabla-0.7-fast.yaml"
+    assert load_config(find_config("nabla-0.7-fast")).max_density == 0.1
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nabla-0.7-fast").write_text("sparsity: {mode: sta}\n")  # a file of that name wins
+    assert find_config("nabla-0.7-fast") == tmp_path.joinpath("nabla-0.7-fast").relative_to(tmp_path)
+    with pytest.raises(ValueError, match="^config: 'nabla-9' is neither a file nor a shipped config; shipped: full, "
+                       "nabla-0.4, .*, sta-11-3-3$"):
+        find_config("nabla-9")
+    with pytest.raises(ValueError, match="^config: file not found: sub/nabla-0.7.yaml; or give a shipped config"):
+        find_config("sub/nabla-0.7.yaml")  # a path means that file, not the shipped one of its name

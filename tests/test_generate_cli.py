@@ -1,4 +1,4 @@
-"""generate.py end to end on the tiny checkpoint: videos, --compare, and the one-line errors."""
+"""generate.py end to end on the tiny checkpoint: videos, --compare, --prompts, and the one-line errors."""
 
 import json
 import os
@@ -54,6 +54,7 @@ def test_compare_writes_both_and_reports(tiny_model, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| full |" in printed and "| nabla, threshold 0.4, 64-token blocks, eager kernel |" in printed
+    assert "it is a GPU effect of the compiled FlexAttention kernels" in printed and "CPU path is for correctness" in printed
     assert "x |" in printed
     density = float(printed.strip().splitlines()[-1].split("|")[-2])
     assert 0 < density < 1
@@ -146,7 +147,19 @@ BAD_INPUTS = {
     "first-block-ulysses": (lambda t: ["--config", write_config(t, "cache: {type: first_block}"), "--ulysses", "2"],
                             "cache type first_block decides per rank on its shard of the sequence"),
     "compare-nothing": (lambda t: ["--compare"], "--compare needs something to compare with the stock model"),
+    "yaml-syntax": (lambda t: ["--config", write_config(t, "sparsity:\n  mode: nabla\n threshold: 0.5\n")],
+                    "bad.yaml is not valid YAML at line 3, column 2: expected <block end>, but found"),
+    "binary-config": (lambda t: ["--config", write_bytes(t, b"\x89PNG\r\n\x1a\n")],
+                      "bad.yaml is not a text file (byte 0x89 at offset 0 is not UTF-8)"),
+    "unknown-config-name": (lambda t: ["--config", "nabla-0.9"],
+                            "'nabla-0.9' is neither a file nor a shipped config; shipped: full, nabla-0.4,"),
 }
+
+
+def write_bytes(tmp_path, data):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    return path
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -159,6 +172,31 @@ def test_bad_input_fails_cleanly(tiny_model, tmp_path, capsys, name):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert sorted(p.name for p in work.iterdir()) == sorted(p.name for p in work.iterdir() if p.suffix == ".yaml")
+
+
+NO_GPU = "this machine has no CUDA GPU, so only cpu"
+BAD_DEVICES = {  # with the GPUs this machine is made to have
+    "gpu": (0, "--device 'gpu' is not allowed; allowed: cpu, cuda or cuda:N (" + NO_GPU + ")"),
+    "CPU": (0, "--device 'CPU' is not allowed; allowed: cpu, cuda or cuda:N (" + NO_GPU + ")"),
+    "mps": (0, "--device 'mps' is not allowed; allowed: cpu, cuda or cuda:N (" + NO_GPU + ")"),
+    "cuda:x": (1, "--device 'cuda:x' is not allowed; allowed: cpu, cuda or cuda:N (this machine has 1 CUDA GPU: cuda, "
+                  + "cuda:0)"),
+    "cuda": (0, "--device 'cuda' is not available; " + NO_GPU),
+    "cuda:1": (1, "--device 'cuda:1' is not available; this machine has 1 CUDA GPU: cuda, cuda:0"),
+    "cuda:2": (2, "--device 'cuda:2' is not available; this machine has 2 CUDA GPUs: cuda, cuda:0, cuda:1"),
+}
+
+
+@pytest.mark.parametrize("device", list(BAD_DEVICES))
+def test_bad_device_is_refused_before_loading(tmp_path, capsys, monkeypatch, device):
+    gpus, message = BAD_DEVICES[device]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    # a model that does not exist: the device must be refused before any loading is tried
+    args = ["--prompt", "a cat", "--model", tmp_path / "no-model", "--output", tmp_path / "v.npy", *SMALL]
+    assert run_cli(*args, "--config", "nabla-0.7", "--device", device) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_not_overwritten(tiny_model, tmp_path, capsys):
@@ -307,3 +345,88 @@ def test_fallback_never_replaces_a_file(tmp_path, monkeypatch):
     written, reason = wan.video.write_video_or_frames(frames, tmp_path / "v.mp4")
     assert written == tmp_path / "v.1.npy" and reason == "ZeroDivisionError: division by zero"
     assert np.array_equal(np.load(written), frames) and (tmp_path / "v.npy").read_bytes() == b"precious"
+
+
+TINY = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2"]
+
+
+def test_prompts_file_goes_on_past_a_failed_entry(tiny_model, tmp_path, capsys, monkeypatch):
+    """Loaded once, one video per entry (named, or numbered after --output); an entry whose run fails is reported
+    in one line, the others are written, and the exit code is 1."""
+    real_generate = wan.run.generate
+    loads = []
+
+    def generate_or_fail(pipe, settings, **kwargs):
+        loads.append(id(pipe))
+        if settings.prompt == "a broken cat":
+            raise wan.run.NonFiniteLatentsError("NaN or Inf in the latents after denoising step 1")
+        return real_generate(pipe, settings, **kwargs)
+
+    monkeypatch.setattr(wan.run, "generate", generate_or_fail)
+    prompts = tmp_path / "p.jsonl"
+    entries = [{"prompt": "a dog runs", "seed": 3, "output": str(tmp_path / "dog.npy")}, None,
+               {"prompt": "a broken cat"}, {"prompt": "a dog runs"}]
+    prompts.write_text("".join(f"{json.dumps(e) if e else ''}\n" for e in entries))  # a blank line 2
+    code = run_cli("--prompts", prompts, "--model", tiny_model, "--config", "nabla-0.7", "--seed", "4",
+                   "--output", tmp_path / "v.npy", *TINY)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.npy", "p.jsonl", "v-3.npy"]
+    assert len(set(loads)) == 1  # one pipeline for all
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {prompts} line 3 ({tmp_path / 'v-2.npy'}): NaN or Inf in the latents after denoising step 1"]
+    assert captured.out.splitlines()[-1] == f"made 2 of 3 videos from {prompts}; failed: {prompts} line 3"
+    # the entry's seed (3) against --seed (4): the same prompt, other noise
+    dog, numbered = np.load(tmp_path / "dog.npy"), np.load(tmp_path / "v-3.npy")
+    assert dog.shape == numbered.shape == (5, 32, 32, 3) and not np.allclose(dog, numbered, atol=1e-3)
+
+
+def bad_prompts(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_PROMPTS = {
+    "bad-json": (lambda t: ["--prompts", bad_prompts(t, "p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"\n')],
+                 "p.jsonl line 2 is not valid JSON: Expecting ',' delimiter at column 19"),
+    "no-prompt": (lambda t: ["--prompts", bad_prompts(t, "p.jsonl", '{"prompt": "a cat"}\n{"seed": 1}\n')],
+                  "p.jsonl line 2 has no \"prompt\""),
+    "unknown-key": (lambda t: ["--prompts", bad_prompts(t, "p.jsonl", '{"prompt": "a cat", "steps": 9}\n')],
+                    "p.jsonl line 1: unknown key 'steps'; allowed keys: prompt, negative_prompt, seed, output"),
+    "bad-seed": (lambda t: ["--prompts", bad_prompts(t, "p.jsonl", '{"prompt": "a cat", "seed": "x"}\n')],
+                 "p.jsonl line 1: seed: 'x' is not allowed"),
+    "duplicate-output": (lambda t: ["--prompts", bad_prompts(t, "p.jsonl", json.dumps({"prompt": "a", "output": str(t / "x.npy")})
+                                    + "\n" + json.dumps({"prompt": "b", "output": f"{t}/./x.npy"}) + "\n")],
+                         "p.jsonl line 2: output {t}/x.npy is also line 1's; give each entry its own"),
+    "existing-output": (lambda t: ["--prompts", bad_prompts(t, "p.txt", "a cat\na dog\n"), "--output", t / "v.npy"],
+                        "p.txt line 2: output: {t}/v-2.npy exists; pass --overwrite"),
+    "empty-file": (lambda t: ["--prompts", bad_prompts(t, "p.txt", "\n  \n")], "p.txt holds no prompt"),
+    "with-prompt": (lambda t: ["--prompts", bad_prompts(t, "p.txt", "a cat\n"), "--prompt", "a dog"],
+                    "--prompt and --prompts: give one"),
+    "with-compare": (lambda t: ["--prompts", bad_prompts(t, "p.txt", "a cat\n"), "--compare"],
+                     "--compare and --stats report on one video; run them with --prompt, not --prompts"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PROMPTS))
+def test_bad_prompts_file_is_refused_before_loading(tmp_path, capsys, name):
+    extra, message = BAD_PROMPTS[name]
+    (tmp_path / "v-2.npy").write_bytes(b"precious")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    args = ["--model", tmp_path / "no-model", "--config", "nabla-0.7", "--output", tmp_path / "v.npy", *TINY, *extra(tmp_path)]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(t=tmp_path) in err and err.count("\n") == 1
+    assert "no-model" not in err  # refused before loading
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    assert {p.name for p in tmp_path.iterdir()} - set(before) <= {"p.jsonl", "p.txt"}
+
+
+def test_unknown_hub_model_offline_is_one_whole_line(capfd):
+    """diffusers' own "Couldn't connect to the Hub" warning is dropped: the error line says it, whole."""
+    assert run_cli("--prompt", "a cat", "--model", "nobody/does-not-exist", "--output", "/tmp/unused.npy") == 2
+    err = capfd.readouterr().err
+    assert err == ("error: could not load hub model 'nobody/does-not-exist': HF_HUB_OFFLINE is set and the model is "
+                   "not in the local Hugging Face cache; get weights with `hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
+                   "--local-dir DIR`, or build an offline demo model with `nabla-wan make-tiny-model DIR`\n")

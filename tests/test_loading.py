@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import T5TokenizerFast, UMT5EncoderModel
 
-from scripts.make_tiny_model import save_tiny_model
 from wan.loading import ModelNotFoundError, load_pipeline
+from wan.tiny import save_tiny_model
 
 
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):
@@ -59,5 +59,6 @@ def test_unknown_hub_id():
     with pytest.raises(ModelNotFoundError) as info:
         load_pipeline("nobody/does-not-exist", device="cpu")
     msg = str(info.value)
-    assert "nobody/does-not-exist" in msg and "\n" not in msg
+    assert msg.startswith("could not load hub model 'nobody/does-not-exist': HF_HUB_OFFLINE is set and the model "
+                          "is not in the local Hugging Face cache; get weights with `hf download ") and "\n" not in msg
     assert isinstance(info.value.__cause__, OSError)  # the hub error is kept as the cause

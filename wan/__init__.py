@@ -7,10 +7,12 @@ that modules such as wan.settings and wan.files, which generate.py checks its in
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import version
 from typing import Any
 
+__version__ = version("nabla-wan")  # the installed distribution's, so one number lives in pyproject.toml
 _API = {"enable_nabla": "wan.api", "disable_nabla": "wan.api", "NablaPatch": "wan.patch"}
-__all__ = ["NablaPatch", "disable_nabla", "enable_nabla"]
+__all__ = ["NablaPatch", "__version__", "disable_nabla", "enable_nabla"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """The library entry point: NABLA on a diffusers WanPipeline (or its transformer) that the user built, and back.
 
     pipe = WanPipeline.from_pretrained(...)          # the user's own scheduler, offloading, dtype
-    enable_nabla(pipe, "configs/nabla-0.7.yaml")     # or a SparsityConfig
+    enable_nabla(pipe, "nabla-0.7")                  # a shipped config's name, a YAML path or a SparsityConfig
     ...
     disable_nabla(pipe)                              # the stock model again
 """
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from diffusers import WanTransformer3DModel
 from nabla.backend import resolve_backend
 from nabla.config import SparsityConfig, read_yaml
 from wan.patch import NablaPatch, patch_transformer, unpatch
+from wan.settings import find_config
 
 
 def _transformer(pipe_or_transformer: Any, caller: str) -> WanTransformer3DModel:
@@ -35,8 +35,9 @@ def _config(config: SparsityConfig | str | os.PathLike) -> SparsityConfig:
         return config
     if isinstance(config, (str, os.PathLike)):
         # Only `sparsity:` matters here; sections such as generate.py's `generation:` belong to the caller.
-        return SparsityConfig.from_dict(read_yaml(Path(config)).get("sparsity") or {})
-    raise TypeError(f"enable_nabla: config {config!r} is not allowed; pass a SparsityConfig or a YAML path")
+        return SparsityConfig.from_dict(read_yaml(find_config(config)).get("sparsity") or {})
+    raise TypeError(f"enable_nabla: config {config!r} is not allowed; pass a SparsityConfig, a YAML path or a shipped "
+                    "config's name")
 
 
 def _device(pipe_or_transformer: Any, transformer: WanTransformer3DModel) -> torch.device:
@@ -65,8 +66,8 @@ def enable_nabla(
 ) -> NablaPatch | None:
     """Patch the pipeline's (or the transformer's) self-attention for `config`.
 
-    `config` is a SparsityConfig or a YAML path whose `sparsity:` section is read (other top-level sections
-    are ignored here). `compile=None` compiles the transformer's repeated blocks
+    `config` is a SparsityConfig, or a YAML path or a shipped config's name (`"nabla-0.7"`, wan.settings.find_config)
+    whose `sparsity:` section is read (other top-level sections are ignored here). `compile=None` compiles the transformer's repeated blocks
     (`transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)`) when the transformer runs on CUDA; True forces it,
     False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
     Returns the handle (wan.patch.NablaPatch), or None for mode full: nothing is patched then, but the

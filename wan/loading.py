@@ -15,14 +15,14 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors.torch import load_file
 
 from wan.settings import DEFAULT_MODEL
 
 _HOW_TO_GET = (
-    f"get weights with `huggingface-cli download {DEFAULT_MODEL} --local-dir DIR`, "
-    "or build an offline demo model with `python scripts/make_tiny_model.py DIR`"
+    f"get weights with `hf download {DEFAULT_MODEL} --local-dir DIR`, "
+    "or build an offline demo model with `nabla-wan make-tiny-model DIR`"
 )
 
 
@@ -108,6 +108,25 @@ def load_transformer(path: str | Path, config_source: str, dtype: torch.dtype) -
     return keep_fp32_modules(model)
 
 
+def _drop_hub_fallback_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Couldn't connect to the Hub")
+
+
+def _hub_reason(err: BaseException) -> str:
+    """Why a hub model could not be had, whole, on one line. Where the hub could not be asked, diffusers falls
+    back to the local cache and keeps the hub's error as the cause of its own."""
+    cause = err.__cause__ or err
+    if isinstance(cause, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
+    if isinstance(cause, GatedRepoError):
+        return "the repository is gated: accept its terms on huggingface.co, then log in with `hf auth login`"
+    if isinstance(cause, RepositoryNotFoundError):
+        return "the hub has no such repository (or it is private: log in with `hf auth login`)"
+    reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}"  # hub messages span lines; ours is one
+    return f"the hub could not be asked ({reason}) and the model is not in the local Hugging Face cache" \
+        if cause is not err else reason
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -137,16 +156,16 @@ def load_pipeline(
             components["transformer"] = load_transformer(transformer, model, dtype)
         pipe = WanPipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
     else:
+        pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+        pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
         try:
             if transformer is not None:
                 components["transformer"] = load_transformer(transformer, model, dtype)
             pipe = WanPipeline.from_pretrained(model, dtype=dtypes, **components)
         except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
-            reason = " ".join(str(e).split())  # hub messages span lines; ours is one
-            reason = reason if len(reason) <= 240 else reason[:237] + "..."
-            raise ModelNotFoundError(
-                f"could not load hub model {model!r} ({type(e).__name__}: {reason}); {_HOW_TO_GET}"
-            ) from e
+            raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
+        finally:
+            pipeline_logger.removeFilter(_drop_hub_fallback_warning)
 
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -1,0 +1,97 @@
+"""The package as a user gets it: a wheel installed in a fresh venv outside the checkout, its command, configs,
+version and license; requirements.txt against pyproject.toml; .gitignore against the README's outputs; CI
+against the README's set-up."""
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nabla
+import wan
+from wan.settings import shipped_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_requirements_txt_is_pyprojects_dependency_list():
+    pytest.importorskip("tomllib")  # Python 3.11+, as the script that writes requirements.txt
+    from scripts.write_requirements import requirements_text
+
+    assert (ROOT / "requirements.txt").read_text() == requirements_text(), "run python scripts/write_requirements.py"
+
+
+def test_version_and_license():
+    assert wan.__version__ == nabla.__version__ == importlib.metadata.version("nabla-wan")
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.split()[:3] == ["Apache", "License", "Version"] and "END OF TERMS AND CONDITIONS" in license_text
+
+
+def test_gitignore_covers_what_the_readme_makes():
+    made = ["tiny-wan/model_index.json", "plots/density.png", "demo.mp4", "fox.npy", "fox.json", "fox.masks.pt",
+            "build/lib/wan/cli.py", "dist/nabla_wan-0.1.0-py3-none-any.whl", "nabla_wan.egg-info/PKG-INFO"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=ROOT, capture_output=True, text=True,
+                             check=False).stdout.split()
+    assert ignored == made
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    kept = subprocess.run(["git", "check-ignore", "--no-index", *tracked], cwd=ROOT, capture_output=True, text=True,
+                          check=False).stdout.split()
+    assert kept == []  # no tracked file (e.g. a .json or .npy in a subfolder) is hidden
+
+
+def test_ci_runs_the_readmes_commands():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci/run").read_text()
+    setup = readme.split("## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "pip install torch==2.13.0  " in setup and 'pip install -e ".[test]"' in setup
+    tests = readme.split("## Tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert tests == "python -m pytest -q"
+    assert "pip install -q --disable-pip-version-check torch==2.13.0\n" in ci  # the plain line: CI reaches PyPI only
+    assert 'pip install -q --disable-pip-version-check -e ".[test]"\n' in ci and "python3 -m pytest -q\n" in ci
+
+
+def test_installed_command_outside_the_checkout(tmp_path):
+    """pip install of a copy of the sources into a fresh venv; from a folder with no checkout in sight, the
+    installed `nabla-wan` makes the tiny model and a video with a config found by name."""
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name if source.exists() else _mkdir(source) / name)
+    for package in ("nabla", "wan", "configs"):  # wan/configs links to ../configs, as in the checkout
+        shutil.copytree(ROOT / package, source / package, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    # the system pip installs into the venv's interpreter: no pip copied into the venv, no build isolation
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--disable-pip-version-check", source], check=True, capture_output=True)
+    work = _mkdir(tmp_path / "work")
+    command = venv / "bin" / "nabla-wan"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([command, *args], cwd=work, capture_output=True, text=True, check=False)
+
+    probe = "import importlib.metadata as m, wan, nabla; print(wan.__file__, nabla.__file__, wan.__version__, " \
+            "m.metadata('nabla-wan')['License-Expression'])"
+    where = subprocess.run([python, "-c", probe], cwd=work, capture_output=True, text=True, check=True).stdout.split()
+    assert all(path.startswith(str(venv)) for path in where[:2]) and where[2:] == [wan.__version__, "Apache-2.0"]
+    installed = Path(where[0]).parent / "configs"
+    assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
+    made = run("make-tiny-model", "tw")
+    assert made.returncode == 0 and (work / "tw" / "model_index.json").is_file(), made.stderr
+    args = ["generate", "--model", "tw", "--prompt", "a cat", "--config", "nabla-0.7", "--height", "32", "--width",
+            "32", "--frames", "5", "--steps", "2", "--output", "v.npy"]
+    video = run(*args)
+    assert video.returncode == 0, video.stderr
+    assert "nabla, threshold 0.7" in video.stdout and np.load(work / "v.npy").shape == (5, 32, 32, 3)
+    bad = run("generate", "--prompt", "a cat", "--device", "gpu")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --device 'gpu' is not allowed") \
+        and bad.stderr.count("\n") == 1
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path

@@ -1,0 +1,445 @@
+"""Text-to-video with Wan2.1 whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
+
+    nabla-wan generate --prompt "a red fox in the snow" --config nabla-0.7 --output fox.mp4
+    nabla-wan generate --prompt "..." --config nabla-0.7 --compare        # full vs sparse, same seed
+    nabla-wan generate --prompts prompts.txt --config nabla-0.7 --output out/fox.mp4   # out/fox-1.mp4, ...
+    nabla-wan make-tiny-model tiny-wan                                     # an offline demo model
+
+(`python generate.py ...` in a checkout takes the same flags.) Command-line flags override the config's
+`generation:` section, which overrides the defaults. Bad input is rejected before any model loads, with one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from nabla.config import SparsityConfig, load_config, read_yaml
+from nabla.layout import TileLayout
+from wan.batch import Job, plan_jobs, read_prompts
+from wan.cache import cache_config, check_cache_parallel, describe_cache
+from wan.precision import PRECISIONS, check_precision
+from wan.settings import DEFAULT_MODEL, GenerationSettings, check_device, find_config, shipped_configs
+from wan.stats import check_stats_path
+from wan.video import check_output_path
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="what the video shows (required here, as generation.prompt in the config, or "
+                   "per video in --prompts)")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="make one video per entry of FILE with the model "
+                   "loaded and compiled once: plain text, one prompt a line, or FILE.jsonl, one JSON object a line "
+                   "with \"prompt\" and optionally \"negative_prompt\", \"seed\" and \"output\". Entries without "
+                   "an output are numbered after --output (NAME-1.mp4, NAME-2.mp4, ...). The whole file is checked "
+                   "before the model loads; an entry that fails is reported in one line and the others go on; exit "
+                   "code 1 if any failed. Not with --prompt, --compare, --stats or several processes")
+    p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
+    p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `generation:`, `precision:` and "
+                   "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs()) +
+                   " (default: full attention, stock settings); see the README")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
+                   "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
+                   "i.e. --dtype as loaded)")
+    p.add_argument("--model", help=f"hub id or local folder of a diffusers Wan2.1 T2V pipeline (default: {DEFAULT_MODEL})")
+    p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
+                   "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
+                   ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
+                   "published; converted by diffusers) or a diffusers transformer folder; the architecture comes from "
+                   "--model")
+    p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
+    p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (default: 480)")
+    p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (default: 832)")
+    p.add_argument("--frames", type=int, help="number of frames, 4k+1 (default: 81)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
+    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default: 16)")
+    p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
+                   "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
+                   "[0, 1], no video encoder needed: for machines without ffmpeg). If MP4 encoding fails after the "
+                   "run, the frames are saved as NAME.npy and the exit code is 1 (default: output.mp4)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output (or --prompts' outputs) if it exists "
+                   "(default: refuse)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N, a GPU this machine has (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
+                   "CUDA, float32 on CPU; the VAE stays float32)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")
+    p.add_argument("--ulysses", type=int, default=1, metavar="N", help="split the sequence over N GPUs with "
+                   "Ulysses sequence parallelism; launch with torchrun --nproc_per_node=N (default: 1)")
+    p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
+                   "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
+    p.add_argument("--compare", action="store_true", help="run the stock model (full attention, no FP8, no cache) and "
+                   "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, "
+                   "the configured video's PSNR, SSIM and mean absolute "
+                   "difference against the full one, and the mean mask density; write both videos "
+                   "(the full one beside --output as NAME.full.mp4, or NAME.full.npy)")
+    p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
+                   "per step and layer the mean mask density per head and the mask-building and attention times in ms, "
+                   "plus totals, config and settings; the block masks of every layer at the first sparse step and the "
+                   "last step go beside it as PATH.masks.pt (plot both with scripts/plot_masks.py)")
+    p.add_argument("--no-compile", action="store_true", help="on CUDA, do not torch.compile the transformer's "
+                   "repeated blocks (compiled by default there, in both runs of --compare; never on the CPU)")
+    p.add_argument("--no-warmup", action="store_true", help="on CUDA, skip the untimed one-step warm-up runs (one "
+                   "per run of --compare) that keep compilation out of the timings")
+    return p
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything that can be checked before a model loads."""
+
+    sparsity: SparsityConfig
+    #: the run's settings (with --prompts, the first entry's prompt: the warm-up's)
+    settings: GenerationSettings
+    #: the videos to make: one for --prompt, one per entry of --prompts
+    jobs: list[Job]
+    #: --compare's stock-model video
+    full_output: Path | None
+    precision: str
+    cache: object
+    #: the device of a one-process run (torchrun ranks pick their own GPU)
+    device: str
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """Check the whole input (config, settings, prompts file, output paths, device, precision, cache)."""
+    device = check_device(args.device)  # first: the backend and precision checks below ask about this device
+    sparsity, data = SparsityConfig(), {}
+    if args.config is not None:
+        config = find_config(args.config)
+        sparsity = load_config(config, other_sections=("generation", "precision", "cache"))
+        data = read_yaml(config)
+    overrides = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
+        "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
+        "guidance_scale": args.guidance_scale, "fps": args.fps,
+    }
+    entries = None
+    if args.prompts is not None:
+        if args.prompt is not None:
+            raise ValueError("--prompt and --prompts: give one (--prompts FILE holds the prompt of every video)")
+        if args.compare or args.stats is not None:
+            raise ValueError("--compare and --stats report on one video; run them with --prompt, not --prompts")
+        if args.ulysses > 1 or args.cfg_parallel:
+            raise ValueError("--prompts runs on one process; drop --ulysses/--cfg-parallel")
+        entries = read_prompts(args.prompts)
+        overrides["prompt"] = entries[0].values["prompt"]
+    settings = GenerationSettings.from_sources(data.get("generation"), overrides)
+    precision, cache = resolve_speedups(args, data, device)
+    if args.compare and not sparsity.is_sparse and precision == "bf16" and cache is None:
+        raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
+                         "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
+    if entries is None:
+        jobs = [Job(settings, check_output_path(args.output, args.overwrite), str(args.output))]
+    else:
+        jobs = plan_jobs(args.prompts, entries, settings, args.output, args.overwrite)
+    full_output = None
+    if args.compare:
+        full_output = check_output_path(args.output.with_suffix(".full" + args.output.suffix), args.overwrite)
+    if args.stats is not None:
+        check_stats_path(args.stats, args.overwrite)
+    if args.transformer is not None:
+        from wan.loading import check_transformer_path
+
+        check_transformer_path(args.transformer)
+    if args.ulysses < 1:
+        raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
+    if sparsity.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
+        from nabla.backend import resolve_backend
+
+        resolve_backend(sparsity.backend, device, DTYPES.get(args.dtype))
+    if args.ulysses > 1 or args.cfg_parallel:
+        if args.compare or args.cpu_offload:
+            raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
+        if args.cfg_parallel and settings.guidance_scale <= 1:
+            raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
+        from wan.parallel import check_sequence
+
+        # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
+        if math.prod(token_grid(settings)) % args.ulysses:
+            check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
+    return Plan(sparsity, settings, jobs, full_output, precision, cache, device)
+
+
+def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple[str, object]:
+    """The levers beside sparsity: precision (--precision, else the YAML's, else bf16) and the `cache:` config,
+    from the config file's top-level mapping `data`."""
+    precision = args.precision or data.get("precision", "bf16")
+    # the device run() will pick (under torchrun each rank's own GPU, of the same kind)
+    check_precision(precision, device)
+    cache = cache_config(data.get("cache"))
+    check_cache_parallel(cache, args.ulysses)
+    return precision, cache
+
+
+def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
+    """Wan2.1's transformer tokens: 4x temporal and 8x spatial VAE compression, then 1x2x2 patches."""
+    return (settings.frames - 1) // 4 + 1, settings.height // 16, settings.width // 16
+
+
+def describe(config: SparsityConfig, backend: str | None = None) -> str:
+    if config.mode == "full":
+        return "full attention"
+    parts = [config.mode]
+    if config.uses_nabla:
+        parts.append(f"threshold {config.threshold}")
+    if config.uses_sta:
+        parts.append("STA window {}x{}x{}".format(*config.sta_window))
+    parts.append(f"{config.block_size}-token blocks")
+    if config.query_merge > 1:
+        parts.append(f"{config.query_block_size}-row kernel blocks")
+    if backend is not None:
+        parts.append(f"{backend} kernel")
+    return ", ".join(parts)
+
+
+def describe_run(sparsity: SparsityConfig, precision: str, cache: object, backend: str | None = None) -> str:
+    """The configured run in one label: sparsity, then FP8 and the cache when they are on."""
+    parts = [describe(sparsity, backend)]
+    if precision != "bf16":
+        parts.append(precision)
+    if cache is not None:
+        parts.append(describe_cache(cache))
+    return " + ".join(parts)
+
+
+OUT_OF_MEMORY = ("out of GPU memory; lower --height/--width/--frames, add --cpu-offload, use a sparser config or more "
+                 "GPUs (--ulysses)")
+
+
+def one_line(err: BaseException) -> str:
+    """An error as the one line a run reports it in."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    from wan.run import NonFiniteLatentsError
+
+    if isinstance(err, (ValueError, NonFiniteLatentsError)):  # ours: already one line that says what to do
+        return str(err)
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved) or,
+    with --prompts, an entry failed."""
+    plan = resolve(args)
+    sparsity, settings, precision, cache = plan.sparsity, plan.settings, plan.precision, plan.cache
+    from nabla.backend import dense_above, resolve_backend
+    from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
+    from wan.cache import enable_cache
+    from wan.loading import load_pipeline
+    from wan.precision import apply_precision
+    from wan.run import generate
+    from wan.video import write_video_or_frames
+
+    unwritten = []
+
+    def save(frames, path: Path) -> Path:
+        written, reason = write_video_or_frames(frames, path, settings.fps)
+        if reason is not None:
+            unwritten.append(path)
+            print(f"error: could not write {path} ({reason}); its frames are saved in {written} (numpy.load reads "
+                  "them)", file=sys.stderr)
+        return written
+
+    setup = None
+    if args.ulysses > 1 or args.cfg_parallel:
+        from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses, init_parallel
+
+        setup = init_parallel(args.ulysses, args.cfg_parallel)
+    device = str(setup.device) if setup else plan.device
+    main_rank = setup is None or setup.is_main
+    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
+                         transformer=args.transformer)
+    pipe.set_progress_bar_config(disable=not main_rank)
+    # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
+    warmup = torch.device(device).type == "cuda" and not args.no_warmup
+    compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
+
+    if args.compare:
+        enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)  # stock attention, blocks compiled alike
+        if warmup:
+            generate(pipe, settings, steps=1)
+        full_frames, full_seconds = generate(pipe, settings)
+        full_written = save(full_frames, plan.full_output)
+        disable_nabla(pipe)
+
+    # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
+    apply_precision(pipe.transformer, precision)
+    uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
+    # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
+    # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
+    patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven, always=cache is not None)
+    compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
+    if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
+        check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
+        enable_ulysses(pipe.transformer, setup)
+        if setup.cfg_parallel:
+            enable_cfg_parallel(pipe.transformer, setup)
+    # Last, so its hooks wrap everything else: a skipped block skips NABLA's mask, its attention and the
+    # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
+    enable_cache(pipe.transformer, cache)
+    if warmup:
+        # untimed: compile the sparse kernels, and with dense_steps (or where layers can fall back to dense, which
+        # keeps steps on which all of them do in raster order) the raster-order dense graph too
+        falls_back = dense_above(sparsity, resolve_backend(sparsity.backend, device, pipe.transformer.dtype)) < 1.0
+        dense_first = bool(patch) and sparsity.is_sparse and (sparsity.dense_steps > 0 or falls_back)
+        if patch:
+            patch.state.config = sparsity.replace(dense_steps=int(dense_first))
+        generate(pipe, settings, steps=2 if dense_first else 1)
+        if patch:
+            patch.state.config = sparsity
+    recorder = None
+    if args.stats is not None and patch:
+        from wan.stats import StatsRecorder, default_mask_steps
+
+        recorder = StatsRecorder(default_mask_steps(sparsity.dense_steps, settings.steps))
+
+    def make(job: Job) -> None:
+        """Generate, write and report one video (the patch's records start afresh for each)."""
+        settings = job.settings
+        if patch:
+            patch.state.reset()
+            patch.state.recorder = recorder
+        frames, seconds = generate(pipe, settings, decode=main_rank)
+        if not main_rank:
+            return  # rank 0 writes the video and reports
+        written = save(frames, job.output)
+        density = patch.state.mean_density() if patch else None
+        from wan.stats import step_report
+
+        layers = len(pipe.transformer.blocks)
+        steps_report = step_report(patch.state.records.passes, layers) if patch else None
+        computed = len(steps_report["computed_steps"]) if steps_report else settings.steps
+        fidelity = None
+        if args.compare:
+            from wan.fidelity import video_fidelity
+
+            fidelity = video_fidelity(full_frames, frames)
+        if args.stats is not None:
+            from wan.stats import masks_path, run_report, write_stats
+
+            extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
+                     "time.perf_counter", "seconds": seconds, "backend": patch.state.backend if patch else None,
+                     "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.records.dense_fallbacks) if patch else 0,
+                     "mean_kernel_density": patch.state.mean_kernel_density() if patch else None,
+                     "precision": precision, "cache": describe_cache(cache)}
+            if steps_report is not None:
+                extra.update(steps_report)
+            if args.compare:
+                extra.update(full_seconds=full_seconds, fidelity=fidelity)
+            report = run_report(recorder, sparsity, settings, **extra)
+            stats = write_stats(args.stats, report, recorder.mask_entries() if recorder is not None else [])
+            print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
+
+        size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
+        blocks = "compiled" if compiled else "not compiled"
+        backend = patch.state.backend if patch else None
+        label = describe_run(sparsity, precision, cache, backend)
+        print(f"wrote {written} ({size}, {label}, transformer blocks {blocks}) in {seconds:.2f} s")
+        if precision != "bf16" or cache is not None:
+            linears = "FP8 linear layers" if precision == "fp8" else "linear layers in the model's dtype"
+            print(f"levers: {linears}, {describe_cache(cache)}; denoising steps computed: {computed} of {settings.steps}"
+                  " (the others took some or all blocks from the cache)")
+        kernel_density = patch.state.mean_kernel_density() if patch and sparsity.query_merge > 1 else None
+        if kernel_density is not None:
+            print(f"{sparsity.query_block_size}-row kernel query blocks attend the union of their {sparsity.block_size}"
+                  f"-token mask rows: the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
+        if patch and patch.state.records.dense_fallbacks:
+            merged = " (the union of the mask rows that a kernel query block merges)" if sparsity.query_merge > 1 else ""
+            print(f"{len(patch.state.records.dense_fallbacks)} sparse attention calls ran dense: the kernel would have computed "
+                  f"more blocks{merged} than dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense "
+                  "attention is faster, or the layer's mask was that dense within the last steps")
+        if args.compare:
+            print(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, transformer "
+                  f"blocks {blocks}) in {full_seconds:.2f} s")
+            if torch.device(device).type != "cuda":  # before the table, which stays the last lines printed
+                print("on the CPU the speedup does not show: FlexAttention runs eagerly there, computing every block and "
+                      "masking afterwards; it is a GPU effect of the compiled FlexAttention kernels (BENCHMARKS.md), and "
+                      "the CPU path is for correctness")
+            print("| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |")
+            print("|---|---|---|---|---|---|---|")
+            print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
+            dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
+            quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
+            print(f"| {label} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
+        elif density is not None:
+            print(f"mean mask density: {density:.3f}")
+
+    if args.prompts is None:
+        make(plan.jobs[0])  # a single run's errors end it (exit code 2, from main)
+        return 1 if unwritten else 0
+    failed = []
+    for job in plan.jobs:
+        try:
+            make(job)
+        except Exception as err:  # noqa: BLE001 - one entry's failure (NaN, out of memory, ...) must not end the others
+            failed.append(job)
+            print(f"error: {job.where} ({job.output}): {one_line(err)}", file=sys.stderr)
+            if isinstance(err, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+    made = len(plan.jobs) - len(failed) - len(unwritten)
+    print(f"made {made} of {len(plan.jobs)} videos from {args.prompts}" +
+          (f"; failed: {', '.join(job.where for job in failed)}" if failed else ""))
+    return 1 if failed or unwritten else 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`generate.py` / `nabla-wan generate`: the exit code (2 for bad input, refused before any model loads)."""
+    args = build_parser(prog).parse_args(argv)
+    from wan.run import NonFiniteLatentsError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
+    try:
+        code = run(args)
+        if torch.distributed.is_initialized():
+            # ranks other than 0 finish first: tear the process group down together, not under rank 0's feet
+            torch.distributed.barrier()
+    except (ValueError, NonFiniteLatentsError, torch.OutOfMemoryError) as err:  # ModelNotFoundError is a ValueError
+        if main_rank:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return code
+
+
+def _make_tiny_model(argv: list[str], prog: str) -> int:
+    from wan.tiny import main as tiny_main  # diffusers and transformers load only for this command
+
+    tiny_main(argv, prog)
+    return 0
+
+
+COMMANDS = {"generate": main, "make-tiny-model": _make_tiny_model}
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `nabla-wan` command: `nabla-wan generate ...` (the flags of generate.py), `nabla-wan make-tiny-model DIR`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: nabla-wan {generate,make-tiny-model} ... (--help after a command for its flags)\n\n"
+              "  generate         text-to-video with NABLA sparse attention (the flags of generate.py)\n"
+              "  make-tiny-model  write a tiny random Wan2.1 pipeline to a folder: an offline demo model\n"
+              "  --version        print the version", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from wan import __version__
+
+        print(f"nabla-wan {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(argv[1:], prog=f"nabla-wan {argv[0]}")
