@@ -105,12 +105,8 @@ def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimize
     return loss, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def load_trainable_transformer(model: str, training: TrainingConfig, device: torch.device) -> WanTransformer3DModel:
-    """The transformer with its trainable weights: a float32 LoRA on bf16 (CUDA) base weights, or float32 masters."""
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and training.method == "lora" else torch.float32
-    torch.manual_seed(training.seed)  # LoRA's A matrices are random
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", dtype=dtype)
+def make_trainable(transformer: WanTransformer3DModel, training: TrainingConfig) -> WanTransformer3DModel:
+    """LoRA (frozen base, float32 adapter) or every weight trainable; training mode; gradient checkpointing."""
     if training.method == "lora":
         add_lora(transformer, training.rank, training.alpha, training.target_modules)
     else:
@@ -118,7 +114,15 @@ def load_trainable_transformer(model: str, training: TrainingConfig, device: tor
     transformer.train()
     if training.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return transformer.to(device)
+    return transformer
+
+
+def load_trainable_transformer(model: str, training: TrainingConfig, device: torch.device) -> WanTransformer3DModel:
+    """The transformer with its trainable weights: a float32 LoRA on bf16 (CUDA) base weights, or float32 masters."""
+    dtype = torch.bfloat16 if device.type == "cuda" and training.method == "lora" else torch.float32
+    torch.manual_seed(training.seed)  # LoRA's A matrices are random
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", dtype=dtype)
+    return make_trainable(transformer, training).to(device)
 
 
 def build_optimizer(transformer: torch.nn.Module, training: TrainingConfig):

@@ -1,0 +1,121 @@
+"""Fine-tuning step benchmark: dense against NABLA (10% of the blocks, 128-token blocks, FLASH), side by side.
+
+    python scripts/bench_train.py --arch 14B --height 720 --width 1280 --frames 81 --methods lora
+    python scripts/bench_train.py --arch 1.3B --height 480 --width 832 --frames 81 --methods lora full
+    python scripts/bench_train.py --smoke     # the tiny model on the CPU, dense only: checks the script
+
+One optimizer step is what finetune.py runs (wan.trainer.optimizer_step): forward, backward and AdamW update,
+gradient checkpointing on, batch 1, compiled blocks on CUDA. Random weights at the real Wan2.1 sizes
+(scripts/make_random_model.py) and synthetic latents and text embeddings: no data, no VAE, no text encoder.
+Random weights give random attention, so NABLA's density is set by max_density 0.1. LoRA trains a bf16 base
+with a float32 adapter; full fine-tuning float32 master weights with bf16 compute. Each variant runs one
+untimed first step (compilation included; its time is reported), then `--steps` timed steps; peak memory is
+the allocator's peak over the whole variant. The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nabla import SparsityConfig
+from scripts.make_random_model import build_random_transformer
+from scripts.make_tiny_model import build_tiny_pipeline
+from wan.data_parallel import DataParallel
+from wan.sparsity_schedule import SparseAttention
+from wan.train_config import SparsitySchedule, TrainingConfig
+from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_step
+
+NABLA = SparsityConfig(mode="nabla", threshold=0.7, max_density=0.1, block_size=128, backend="flash")
+HEADER = "| model | video | method | attention | s/step | speedup vs dense | density | peak GiB | first step s |"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(arch: str, method: str, device: torch.device) -> torch.nn.Module:
+    if arch == "tiny":
+        return build_tiny_pipeline().transformer.to(device)
+    # LoRA: bf16 base weights; full fine-tuning: float32 master weights (bf16 compute under autocast)
+    return build_random_transformer(arch, str(device), torch.bfloat16 if method == "lora" else torch.float32)
+
+
+def synthetic_entry(args: argparse.Namespace, text_dim: int) -> dict[str, torch.Tensor]:
+    """Latents of a height x width x frames video (VAE: 8x spatial, 4x temporal) and 512 text embeddings."""
+    latent = (16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    return {"latents": torch.randn(latent), "prompt_embeds": torch.randn(512, text_dim)}
+
+
+def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig, device: torch.device) -> dict:
+    training = TrainingConfig(method=method, height=args.height, width=args.width, frames=args.frames,
+                              rank=args.rank, alpha=args.rank, steps=args.steps + 1, batch_size=1)
+    transformer = make_trainable(build(args.arch, method, device), training)
+    attention = SparseAttention(transformer, sparsity, SparsitySchedule(), compile=device.type == "cuda")
+    optimizer, scheduler = build_optimizer(transformer, training)
+    parallel = DataParallel(0, 1, device)
+    entries = [synthetic_entry(args, transformer.config.text_dim)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(args.steps + 1):
+        attention.start_step(step)
+        batch = make_batch(entries, range(step, step + 1), training, 3.0, device, dtype)
+        sync(device)
+        start = time.perf_counter()
+        optimizer_step(transformer, optimizer, scheduler, iter([batch]), training.max_grad_norm, parallel)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    density = attention.mean_density()
+    del transformer, optimizer, scheduler, attention
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"s": sum(times[1:]) / args.steps, "first": times[0], "peak": peak, "density": density}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="1.3B", choices=["1.3B", "14B"], help="Wan2.1 architecture (default: 1.3B)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--methods", nargs="+", choices=["lora", "full"], default=["lora"])
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank) (default: 32)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (default: 3)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 32x32x9, CPU, dense only")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.arch, args.height, args.width, args.frames, args.steps = "tiny", 32, 32, 9, 2
+        args.methods, args.rank = ["lora", "full"], 4
+    variants = [("dense", SparsityConfig())]
+    if device.type == "cuda":
+        variants.append(("NABLA 10%, block 128, flash", NABLA))
+    else:
+        print("skipping the NABLA rows: FlexAttention has no backward on the CPU")
+    rows = []
+    for method in args.methods:
+        dense = None
+        for name, sparsity in variants:
+            result = run_variant(args, method, sparsity, device)
+            dense = dense or result["s"]
+            rows.append(f"| {args.arch} | {args.width}x{args.height}x{args.frames} | {method} | {name} | "
+                        f"{result['s']:.3f} | {dense / result['s']:.2f}x | {result['density']:.3f} | "
+                        f"{result['peak']:.1f} | {result['first']:.1f} |")
+            print(rows[-1], flush=True)
+    print(f"\n{HEADER}\n|{'---|' * (HEADER.count('|') - 1)}")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

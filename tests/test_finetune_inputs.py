@@ -1,0 +1,151 @@
+"""finetune.py's refusals (one line, exit 2, before any model loads) and its pure parts: the sparsity schedule,
+the data order, the flow-matching draws, the frame sampling."""
+
+import json
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import finetune
+from nabla.config import SparsityConfig
+from wan import flow_matching
+from wan.clips import find_clips, frame_indices, read_clip
+from wan.sparsity_schedule import config_at
+from wan.train_config import SparsitySchedule
+from wan.trainer import sample_clip
+
+GOOD = {"height": 32, "width": 32, "frames": 9, "fps": 8}
+
+
+@pytest.fixture
+def clip_folder(tmp_path) -> Path:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    imageio.mimwrite(folder / "a.mp4", [np.full((32, 32, 3), 9 * t, np.uint8) for t in range(12)], fps=8,
+                     macro_block_size=8)
+    (folder / "a.txt").write_text("a cat")
+    return folder
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Refusals happen before any weights load: loading them fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model loaded before the input was checked")
+
+    monkeypatch.setattr(WanTransformer3DModel, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"height": 40}, "'training.height': 40; allowed: a multiple of 16 (e.g. 32)"),
+    ({"width": 0}, "'training.width': 0; allowed: an integer in [16, 2048]"),
+    ({"frames": 8}, "'training.frames': 8; allowed: 4k+1 frames"),
+    ({"fps": 0}, "'training.fps': 0"),
+    ({"rank": 0}, "'training.rank': 0"),
+    ({"alpha": -1}, "'training.alpha': -1; allowed: a number > 0"),
+    ({"learning_rate": 0}, "'training.learning_rate': 0"),
+    ({"steps": 0}, "'training.steps': 0"),
+    ({"batch_size": 0}, "'training.batch_size': 0"),
+    ({"gradient_accumulation": 0}, "'training.gradient_accumulation': 0"),
+    ({"method": "dora"}, "'training.method': 'dora'; allowed: lora or full"),
+    ({"lr_scheduler": "wavy"}, "'training.lr_scheduler': 'wavy'; allowed: linear, cosine"),
+    ({"target_modules": ["to_q", "attn9"]}, "'training.target_modules': 'attn9'; allowed: names of Linear layers"),
+    ({"learning_rte": 1}, "unknown key 'training.learning_rte'"),
+    ({"sparsity_schedule": {"ramp_steps": 10}}, "'training.sparsity_schedule.ramp_steps': 10; allowed: 0 unless"),
+    ({"validation": {"every": 5}}, "'training.validation.every': 5; allowed: 0 unless validation.prompts"),
+])
+def test_bad_training_settings(tiny_model, clip_folder, tmp_path, no_weights, capsys, training, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"sparsity": {"mode": "nabla"}, "training": {**GOOD, **training}}))
+    args = ["train", "--model", str(tiny_model), "--data", str(clip_folder), "--config", str(config),
+            "--output", str(tmp_path / "run")]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_paths(tiny_model, clip_folder, tmp_path, no_weights, capsys):
+    def refused(model=tiny_model, data=clip_folder, output=tmp_path / "run", *extra):
+        code = finetune.main(["train", "--model", str(model), "--data", str(data), "--output", str(output), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert f"data: folder {tmp_path / 'nope'} does not exist" in refused(data=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "holds no video (allowed: .mp4, .mov" in refused(data=tmp_path / "empty")
+    assert "is not a diffusers pipeline folder" in refused(model=tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert "is not empty and holds no training run" in refused(output=tmp_path / "other")
+    assert "--resume and --overwrite exclude each other" in refused(tiny_model, clip_folder, tmp_path / "run",
+                                                                   "--resume", "--overwrite")
+    (tmp_path / "c.yaml").write_text("sparsity: {mode: full}\ngeneration: {steps: 4}\n")
+    assert "unknown section 'generation'" in refused(tiny_model, clip_folder, tmp_path / "run", "--config",
+                                                     str(tmp_path / "c.yaml"))
+
+
+def test_no_usable_clip_exits_2(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    (folder / "broken.txt").write_text("a cat")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"training": GOOD}))
+    args = ["precompute", "--model", str(tiny_model), "--data", str(folder), "--config", str(config)]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'broken.mp4'}: unreadable" in err
+    assert f"error: data: no usable clip in {folder} (1 skipped)" in err
+
+
+def test_sparsity_schedule():
+    target = SparsityConfig(mode="nabla", threshold=0.7, max_density=0.1, block_size=128)
+    schedule = SparsitySchedule(dense_steps=2, ramp_steps=4)
+    assert [config_at(s, target, schedule).mode for s in range(3)] == ["full", "full", "nabla"]
+    caps = [config_at(s, target, schedule).max_density for s in range(2, 8)]
+    np.testing.assert_allclose(caps, [0.775, 0.55, 0.325, 0.1, 0.1, 0.1])
+    assert config_at(5, target, SparsitySchedule()) == target
+    assert config_at(0, SparsityConfig(), schedule) == SparsityConfig()  # dense stays dense
+
+
+def test_data_order_visits_each_clip_once_per_epoch():
+    order = [sample_clip(n, 5, seed=3) for n in range(15)]
+    assert all(sorted(order[i:i + 5]) == list(range(5)) for i in (0, 5, 10))
+    assert order[:5] != order[5:10]
+    assert order == [sample_clip(n, 5, seed=3) for n in range(15)]
+
+
+def test_flow_matching():
+    x0, noise = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    s = torch.tensor([0.0, 1.0])
+    noisy = flow_matching.noisy_latents(x0, noise, s)
+    assert torch.equal(noisy[0], x0[0]) and torch.equal(noisy[1], noise[1])
+    assert torch.equal(flow_matching.flow_target(x0, noise), noise - x0)
+    # Wan's shift (UniPC flow_shift 3): s' = 3 s / (1 + 2 s), which moves the mass to high noise
+    torch.testing.assert_close(flow_matching.shift_sigmas(torch.tensor([0.0, 0.5, 1.0]), 3.0),
+                               torch.tensor([0.0, 0.75, 1.0]))
+    sigmas = flow_matching.sample_sigmas(1000, "logit_normal", 0.0, 1.0, 1.29, 3.0, torch.Generator().manual_seed(0))
+    assert 0 < sigmas.min() and sigmas.max() < 1 and sigmas.median() > 0.6
+    assert flow_matching.scheduler_shift({"flow_shift": 5.0}) == 5.0 and flow_matching.scheduler_shift({}) == 1.0
+
+
+def test_clip_reading(tmp_path):
+    assert frame_indices(5, 8, 24) == [0, 3, 6, 9, 12]
+    assert frame_indices(3, 16, 8) == [0, 0, 1]
+    frames = [np.zeros((40, 64, 3), np.uint8) for _ in range(10)]
+    for frame in frames:
+        frame[:, 16:48] = 255  # a white centre band exactly as wide as the crop
+    imageio.mimwrite(tmp_path / "v.mp4", frames, fps=8, macro_block_size=8)
+    video = read_clip(tmp_path / "v.mp4", 32, 32, 9, 8)  # 40x64 -> 32x51 (cover), then the centre 32x32
+    assert video.shape == (3, 9, 32, 32) and video.min() >= -1 and video.max() <= 1
+    assert video[:, :, :, 8:24].mean() > 0.8
+    (tmp_path / "v.txt").write_text("caption")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "w.mp4", "text": "from jsonl"}\n')
+    imageio.mimwrite(tmp_path / "w.mp4", frames, fps=8, macro_block_size=8)
+    assert [(c.path.name, c.caption) for c in find_clips(tmp_path)] == [("v.mp4", "caption"), ("w.mp4", "from jsonl")]
