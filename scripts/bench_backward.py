@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_backward.py` from anywhere
 
 from nabla.attention import attend
-from nabla.block_mask import token_mask
+from nabla.block_mask import attended_mask
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 from scripts.bench_attention import (
@@ -55,19 +55,34 @@ class Row:
     note: str = ""
 
 
+def masked_reference(q, k, v, keep, layout, config, grad_out, chunk: int = 4096):
+    """float32 attention of the real query rows under the block mask `keep`, written out chunk by chunk of rows (a
+    whole S x S mask at 14B 720p has more than 2**31 entries, past what SDPA's masked kernels index), and the
+    gradients of <out, grad_out> with respect to q, k, v: (out of the real rows, [dq, dk, dv])."""
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+    valid = layout.valid_on(q.device)
+    blocks = attended_mask(keep, config.query_merge)
+    outs = []
+    for rows in valid.nonzero().flatten().split(chunk):
+        allowed = blocks[:, :, rows // config.block_size].repeat_interleave(config.block_size, -1)
+        allowed = allowed[..., : layout.padded_length] & valid
+        scores = (q[:, :, rows] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        (out * grad_out[:, :, rows].float()).sum().backward()
+        outs.append(out.detach())
+    return torch.cat(outs, 2), [q.grad, k.grad, v.grad]
+
+
 def grad_check(config: SparsityConfig, shape: Shape, device: torch.device) -> float:
-    """Max |grad - reference| / max |reference| over q, k, v: 2 heads, bf16 kernel vs float32 SDPA, same mask."""
+    """Max |grad - reference| / max |reference| over q, k, v: 2 heads, bf16 kernel vs float32 reference, same mask."""
     layout = TileLayout(shape.T, shape.H, shape.W)
-    qkv = [layout.tile(torch.randn(1, 2, layout.length, HEAD_DIM, device=device), dim=2) for _ in range(3)]
-    low = [x.bfloat16().requires_grad_() for x in qkv]
-    result = attend(*low, layout, config)
+    q, k, v = (layout.tile(torch.randn(1, 2, layout.length, HEAD_DIM, device=device), dim=2).bfloat16()
+               .requires_grad_() for _ in range(3))
+    result = attend(q, k, v, layout, config)
     real = layout.valid_on(device)
-    grad_out = torch.randn_like(qkv[0])
-    grads = torch.autograd.grad(result.out[:, :, real], low, grad_out[:, :, real].bfloat16())
-    high = [x.requires_grad_() for x in qkv]
-    mask = token_mask(result.mask, layout, config.block_size, config.query_merge)
-    ref = F.scaled_dot_product_attention(*high, attn_mask=mask)
-    refs = torch.autograd.grad(ref[:, :, real], high, grad_out[:, :, real])
+    grad_out = torch.randn_like(q)
+    grads = torch.autograd.grad(result.out[:, :, real], (q, k, v), grad_out[:, :, real])
+    _, refs = masked_reference(q, k, v, result.mask, layout, config, grad_out)
     return max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, refs))
 
 

@@ -246,19 +246,9 @@ def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
 
 # --- training: flex_attention's backward ---
 
-def masked_grads(q, k, v, keep, layout, config, grad_out):
-    """float32 SDPA under the token-level mask of `keep`, and its gradients, over the real query rows."""
-    from nabla.block_mask import token_mask
-
-    qkv = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    real = layout.valid_on(q.device)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        *qkv, attn_mask=token_mask(keep, layout, config.block_size, config.query_merge))
-    return out[:, :, real], torch.autograd.grad(out[:, :, real], qkv, grad_out[:, :, real].float())
-
-
 def check_training_call(layout, config, heads=2):
     from nabla.attention import attend
+    from scripts.bench_backward import masked_reference
 
     q, k, v = (x.requires_grad_() for x in qkv(heads, layout))
     result = attend(q, k, v, layout, config)
@@ -266,9 +256,8 @@ def check_training_call(layout, config, heads=2):
     real = layout.valid_on(q.device)
     grad_out = torch.randn_like(result.out)
     grads = torch.autograd.grad(result.out[:, :, real], (q, k, v), grad_out[:, :, real])
-    ref, ref_grads = masked_grads(q, k, v, result.mask, layout, config, grad_out)
-    scale = ref.abs().max()
-    assert (result.out[:, :, real].float() - ref).abs().max() < 2e-2 * scale
+    ref, ref_grads = masked_reference(q, k, v, result.mask, layout, config, grad_out)
+    assert (result.out[:, :, real].float() - ref).abs().max() < 2e-2 * ref.abs().max()
     for grad, ref_grad in zip(grads, ref_grads):
         assert (grad.float() - ref_grad).abs().max() < 2e-2 * ref_grad.abs().max()
 
