@@ -19,7 +19,8 @@ import wan.run
 import wan.video
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the generation configs; configs/finetune-*.yaml are finetune.py's (a `training:` section generate.py refuses)
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("finetune-"))
 SMALL = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
 
 
