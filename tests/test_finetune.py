@@ -20,6 +20,7 @@ from diffusers import WanPipeline
 import finetune
 import wan.run_folder
 import wan.trainer
+from scripts.plot_training import plot
 from wan.lora import load_lora
 from wan.run_folder import read_log
 
@@ -127,8 +128,7 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
     assert [e["step"] for e in resumed] == list(range(1, 7))
     for got, want in zip(resumed, expected):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["lr"] == pytest.approx(want["lr"])
-    subprocess.run([sys.executable, "scripts/plot_training.py", str(output)], cwd=ROOT, check=True)
-    assert (output / "loss.png").stat().st_size > 0
+    assert plot(output, output / "loss.png", smooth=2).stat().st_size > 0
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
@@ -199,3 +199,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp
     assert "error: loss is nan at step 3; stopped before updating the weights (last good checkpoint: " in err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
     assert len(read_log(tmp_path / "run")) == 2
+
+
+def test_sparsity_schedule_trains_dense_then_ramps_nabla(tiny_model, data, tmp_path):
+    """One dense step, then NABLA with max_density 0.75 and 0.5: the log shows the attention and density per step."""
+    config = write_config(tmp_path, sparsity={"mode": "nabla", "threshold": 0.7, "max_density": 0.5},
+                          steps=3, batch_size=1, gradient_accumulation=1,
+                          sparsity_schedule={"dense_steps": 1, "ramp_steps": 2})
+    assert finetune.main(train_args(tiny_model, data, config, tmp_path / "run")) == 0
+    log = read_log(tmp_path / "run")
+    assert [(e["attention"], e["max_density"]) for e in log] == [("full", None), ("nabla", 0.75), ("nabla", 0.5)]
+    assert log[0]["density"] == 1.0 and 0 < log[2]["density"] <= 0.5 and all(e["grad_norm"] > 0 for e in log)

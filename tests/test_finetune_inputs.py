@@ -149,3 +149,11 @@ def test_clip_reading(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "w.mp4", "text": "from jsonl"}\n')
     imageio.mimwrite(tmp_path / "w.mp4", frames, fps=8, macro_block_size=8)
     assert [(c.path.name, c.caption) for c in find_clips(tmp_path)] == [("v.mp4", "caption"), ("w.mp4", "from jsonl")]
+
+
+@pytest.mark.parametrize("name", ["finetune-lora.yaml", "finetune-full.yaml"])
+def test_shipped_configs_load(name):
+    from wan.train_config import load_finetune_config
+
+    sparsity, training = load_finetune_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert sparsity.mode == "nabla" and sparsity.block_size == 128 and training.method == name.split("-")[1][:-5]

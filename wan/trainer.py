@@ -188,7 +188,7 @@ class Trainer:
         loss, norm = optimizer_step(self.transformer, self.optimizer, self.scheduler, self.batches(step),
                                     self.training.max_grad_norm, self.parallel)
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
-                "attention": config.mode, "max_density": config.max_density,
+                "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
                 "s_per_step": round(time.perf_counter() - start, 4)}
 
     def run(self, start: int) -> int:
