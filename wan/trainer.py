@@ -193,32 +193,41 @@ class Trainer:
 
     def run(self, start: int) -> int:
         """Train from step `start` to the end; returns the exit code (0, EXIT_NAN or EXIT_INTERRUPTED)."""
-        main, last_saved = self.parallel.is_main, list_checkpoints(self.checkpoints)
-        bar = tqdm(total=self.training.steps, initial=start, disable=not main, desc="training", unit="step")
+        self.last_saved = list_checkpoints(self.checkpoints)[-1:]
+        bar = tqdm(total=self.training.steps, initial=start, disable=not self.parallel.is_main, desc="training",
+                   unit="step")
         with stop_requests() as stop_requested, bar:
             for step in range(start, self.training.steps):
                 entry = self.step(step)
                 if not math.isfinite(entry["loss"]):
-                    where = f"last good checkpoint: {last_saved[-1]}" if last_saved else "no checkpoint was saved yet"
-                    bar.write(f"error: loss is {entry['loss']} at step {step + 1}; stopped before updating the "
-                              f"weights ({where}); lower training.learning_rate and --resume",
-                              file=sys.stderr)
+                    where = f"last good checkpoint: {self.last_saved[0]}" if self.last_saved else "no checkpoint yet"
+                    self._say(bar, f"error: loss is {entry['loss']} at step {step + 1}; stopped before updating the "
+                                   f"weights ({where}); lower training.learning_rate and --resume")
                     return EXIT_NAN
-                if main:
-                    append_log(self.output, entry)
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
-                                    s_per_step=entry["s_per_step"])
-                    bar.update()
-                done = step + 1
+                self._record(bar, entry)
                 stopping = self.parallel.any(stop_requested())
-                if stopping or done % self.training.checkpoint_every == 0 or done == self.training.steps:
-                    last_saved = [self.save(done)]
-                if self.validator is not None and self.validator.due(done):
-                    self.validate(done)
+                self._after_step(step + 1, stopping)
                 if stopping:
-                    bar.write(f"interrupted: checkpoint {last_saved[-1]} saved; continue with --resume", file=sys.stderr)
+                    self._say(bar, f"interrupted: checkpoint {self.last_saved[0]} saved; continue with --resume")
                     return EXIT_INTERRUPTED
         return 0
+
+    def _say(self, bar: tqdm, message: str) -> None:
+        if self.parallel.is_main:
+            bar.write(message, file=sys.stderr)
+
+    def _record(self, bar: tqdm, entry: dict) -> None:
+        if self.parallel.is_main:
+            append_log(self.output, entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", s_per_step=entry["s_per_step"])
+            bar.update()
+
+    def _after_step(self, done: int, stopping: bool) -> None:
+        """Checkpoint when due, when stopping and at the end; validation videos when due."""
+        if stopping or done % self.training.checkpoint_every == 0 or done == self.training.steps:
+            self.last_saved = [self.save(done)]
+        if self.validator is not None and self.validator.due(done):
+            self.validate(done)
 
     def validate(self, step: int) -> None:
         self.attention.for_sampling()
