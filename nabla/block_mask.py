@@ -40,7 +40,6 @@ class MaskInputs(NamedTuple):
     max_density: float | None
     merge: int  # mask rows per kernel query block
     widths: tuple[int, int] | None  # compact FLASH index rows (see `_index_widths`), or None for full rows
-    q_indices: bool  # also the q-side indices that flex_attention's backward reads (see `make_block_mask`)
 
 
 def _block_mask_tensors(q: torch.Tensor, k: torch.Tensor, pooled: bool, inputs: MaskInputs) -> tuple[torch.Tensor, ...]:
@@ -48,21 +47,9 @@ def _block_mask_tensors(q: torch.Tensor, k: torch.Tensor, pooled: bool, inputs: 
 
     q, k: tile-ordered [B, H, S, D], or with `pooled` their block means [B, H, nb, D] (`pool_blocks`).
     Returns keep [B, H, nb, nb] and, per kernel query block (`merge` consecutive mask rows), (count,
-    indices) of the key blocks that hold padding and of the full ones (see `kernel_block_indices`); with
-    `inputs.q_indices` then, per key block, (count, indices) of the kernel query blocks attending it, partial and
-    full (the transpose, here in the same graph: `BlockMask.from_kv_blocks` would sort it out eagerly).
+    indices) of the key blocks that hold padding and of the full ones (see `kernel_block_indices`).
     """
-    keep, *kv_side = _kv_block_tensors(q, k, pooled, inputs)
-    if not inputs.q_indices:
-        return (keep, *kv_side)
-    attended = _row_unions(keep, inputs.merge).transpose(-1, -2)
-    partial = inputs.partial_cols.unsqueeze(-1)  # key blocks are the rows now
-    return (keep, *kv_side, *_compact(attended & partial), *_compact(attended & ~partial))
-
-
-def _kv_block_tensors(q: torch.Tensor, k: torch.Tensor, pooled: bool, inputs: MaskInputs) -> tuple[torch.Tensor, ...]:
-    valid, empty_cols, partial_cols, sta, mode, threshold, block_size, min_density, max_density, merge, widths, _ = (
-        inputs)
+    valid, empty_cols, partial_cols, sta, mode, threshold, block_size, min_density, max_density, merge, widths = inputs
     B, H = q.shape[:2]
     nb = partial_cols.shape[0]
     if mode in ("nabla", "nabla+sta"):
@@ -111,17 +98,15 @@ def _compiled_block_mask_tensors():
     return torch.compile(_block_mask_tensors, dynamic=False)
 
 
-def mask_inputs(
-    layout: TileLayout, config: SparsityConfig, device: torch.device, compact: bool = False, q_indices: bool = False
-) -> MaskInputs:
+def mask_inputs(layout: TileLayout, config: SparsityConfig, device: torch.device, compact: bool = False) -> MaskInputs:
     """The mask build's inputs for `layout` and `config` on `device` (cached tensors: no host copies per call);
-    `compact`: index rows only as wide as the density cap allows (FLASH inference); `q_indices`: for a backward."""
+    `compact`: index rows only as wide as the density cap allows (FLASH inference)."""
     padded_valid = _padded_valid(layout, config.block_size, device)
     return MaskInputs(
         layout.valid_on(device), _empty_cols(padded_valid, config.block_size), _partial_cols(padded_valid, config.block_size),
         _sta_blocks(layout, config, device) if config.uses_sta else None, config.mode, config.threshold,
         config.block_size, config.min_density, config.max_density, config.query_merge,
-        _index_widths(layout, config) if compact else None, q_indices,
+        _index_widths(layout, config) if compact else None,
     )
 
 
@@ -167,31 +152,24 @@ def make_block_mask(
     compact = (compiled and q.is_cuda and not for_backward
                and resolve_backend(config.backend, q.device, q.dtype) == "flash")
     with enough_recompiles():
-        inputs = mask_inputs(layout, config, q.device, compact, for_backward)
-        keep, *indices = build(*(means or (q, k)), means is not None, inputs)
-    mask = _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled)
+        keep, *indices = build(*(means or (q, k)), means is not None, mask_inputs(layout, config, q.device, compact))
+    mask = _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled, for_backward)
     return mask, keep
 
 
 def _from_indices(
     indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, merge: int,
-    exact_mask_mod: bool,
+    exact_mask_mod: bool, q_indices: bool = False,
 ) -> BlockMask:
-    """BlockMask from (count, indices) of the partial and of the full key blocks per kernel query block, and where
-    given (for a backward) then those of the kernel query blocks per key block."""
+    """BlockMask from (count, indices) of the partial and of the full key blocks per kernel query block."""
     if exact_mask_mod:
         mask_mod = _exact_mask_mod(attended_mask(keep, merge), layout, block_size)
     else:
         mask_mod = _padding_mask_mod(layout, block_size, keep.device)
-    S, blocks = layout.padded_length, (block_size * merge, block_size)
-    if len(indices) == 4:
-        return BlockMask.from_kv_blocks(*indices, BLOCK_SIZE=blocks, mask_mod=mask_mod, seq_lengths=(S, S),
-                                        compute_q_blocks=False)
-    kv_counts, kv_indices, full_kv_counts, full_kv_indices, q_counts, q_indices, full_q_counts, full_q_indices = indices
-    return BlockMask(
-        seq_lengths=(S, S), kv_num_blocks=kv_counts, kv_indices=kv_indices, full_kv_num_blocks=full_kv_counts,
-        full_kv_indices=full_kv_indices, q_num_blocks=q_counts, q_indices=q_indices, full_q_num_blocks=full_q_counts,
-        full_q_indices=full_q_indices, BLOCK_SIZE=blocks, mask_mod=mask_mod,
+    S = layout.padded_length
+    return BlockMask.from_kv_blocks(
+        *indices, BLOCK_SIZE=(block_size * merge, block_size), mask_mod=mask_mod, seq_lengths=(S, S),
+        compute_q_blocks=q_indices,
     )
 
 

@@ -171,36 +171,3 @@ def test_adam_steps_on_the_sparse_patched_model_lower_the_loss(tiny_model, gen):
     # every forward under autograd is a step of its own, sparse (dense_steps counts denoising steps only)
     assert state.step == 5 and len(state.records.densities) == 6 * 2 and state.mean_density() < 0.9
     assert losses[-1] < 0.9 * losses[0]
-
-
-def dense_rows(counts, indices, columns):
-    """bool [..., rows, columns] from FlexAttention's (count, indices) per row (entries past count are junk)."""
-    taken = torch.arange(indices.shape[-1]) < counts.unsqueeze(-1)
-    return torch.zeros(*indices.shape[:-1], columns + 1, dtype=torch.bool).scatter_(
-        -1, torch.where(taken, indices, columns).long(), True)[..., :columns]
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("config", [SparsityConfig(mode="nabla", threshold=0.4, block_size=128),
-                                    SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 1, 1)),
-                                    SparsityConfig(mode="nabla", threshold=0.4, query_block_size=128)],
-                         ids=["nabla-128", "nabla+sta-64", "64-in-128"])
-def test_q_indices_for_the_backward_are_the_transpose_of_the_kv_indices(config, compiled, gen):
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from nabla.block_mask import make_block_mask
-
-    layout = TileLayout(3, 10, 24)  # full key blocks and partial ones
-    q, k = (torch.randn(2, 3, layout.padded_length, 8, generator=gen) for _ in range(2))
-    mask, _ = make_block_mask(q, k, layout, config, compiled=compiled, for_backward=True)
-    reference = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
-                                         mask.full_kv_indices, BLOCK_SIZE=mask.BLOCK_SIZE,
-                                         seq_lengths=mask.seq_lengths, compute_q_blocks=True)
-    query_blocks, attended = mask.kv_indices.shape[-2], 0
-    for side in ("", "full_"):
-        ours = dense_rows(getattr(mask, f"{side}q_num_blocks"), getattr(mask, f"{side}q_indices"), query_blocks)
-        theirs = dense_rows(getattr(reference, f"{side}q_num_blocks"), getattr(reference, f"{side}q_indices"),
-                            query_blocks)
-        assert torch.equal(ours, theirs)
-        attended += int(ours.sum())
-    assert 0 < attended < mask.kv_indices.shape[-1] * query_blocks * 6
