@@ -37,7 +37,7 @@ except ImportError:
 @torch.compiler.disable
 def self_attention(
     state: NablaState,
-    layer: int,
+    layer: int | torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -47,6 +47,7 @@ def self_attention(
     """Self-attention of `layer` on q, k, v [B, L, H, D] in stream order (raster, or padded tile order with
     `state.pad_dense`), or in padded tile order with `tiled`; the output [B, L, H, D] in the order of the input.
     `means`: NABLA's block means of q and k [B, H, nb, D] where the caller took them (`block_means`)."""
+    layer = int(layer)
     state.records.count_call()
     if not state.sparse_now:
         return _dense(state, q, k, v, tiled)
@@ -88,7 +89,7 @@ def wan_self_attention(
     query_means: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads the annotation at runtime)
     key_means: Optional[torch.Tensor],  # noqa: UP045
     state: int,
-    layer: int,
+    layer: torch.Tensor,
     tiled: bool,
 ) -> torch.Tensor:
     """`self_attention` of the state keyed `state`: [B, L, H, D] like `query`, contiguous, in its order."""
@@ -139,7 +140,9 @@ class NablaWanAttnProcessor:
     _parallel_config = None
 
     def __init__(self, state: NablaState, layer: int) -> None:
-        self.state, self.layer = state, layer
+        # a tensor, not an int: compiled blocks guard on int attributes (one graph per layer, past dynamo's limit of
+        # 8 graphs), while a tensor is an input to the one graph all blocks share
+        self.state, self.layer = state, torch.tensor(layer)
 
     def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
