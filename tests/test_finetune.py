@@ -210,3 +210,25 @@ def test_sparsity_schedule_trains_dense_then_ramps_nabla(tiny_model, data, tmp_p
     log = read_log(tmp_path / "run")
     assert [(e["attention"], e["max_density"]) for e in log] == [("full", None), ("nabla", 0.75), ("nabla", 0.5)]
     assert log[0]["density"] == 1.0 and 0 < log[2]["density"] <= 0.5 and all(e["grad_norm"] > 0 for e in log)
+
+
+def test_generate_applies_the_trained_lora_under_nabla(tiny_model, reference, tmp_path, raw_frames, capsys):
+    from wan.cli import main as generate
+
+    common = ["--model", str(tiny_model), "--prompt", "a cat plays piano", "--height", "32", "--width", "32",
+              "--frames", "9", "--steps", "2", "--config", "nabla-0.7"]
+    videos = {}
+    for name, extra in (("base", []), ("tuned", ["--lora", str(reference[0] / "lora")]),
+                        ("scale0", ["--lora", str(reference[0] / "lora" / "pytorch_lora_weights.safetensors"),
+                                    "--lora-scale", "0"])):
+        assert generate([*common, *extra, "--output", str(tmp_path / f"{name}.mp4")]) == 0
+        videos[name] = np.load(tmp_path / f"{name}.mp4")
+    assert np.abs(videos["tuned"] - videos["base"]).max() > 1e-3
+    np.testing.assert_allclose(videos["scale0"], videos["base"], atol=1e-5)
+    scale_alone = "--lora-scale 2.0 is not allowed; it must be a finite number, given with --lora"
+    for bad, message in ((["--lora", str(tmp_path)], "is neither a LoRA .safetensors file nor a folder holding"),
+                         (["--lora-scale", "2"], scale_alone)):
+        capsys.readouterr()
+        assert generate([*common, *bad, "--output", str(tmp_path / "bad.mp4")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -56,6 +56,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
                    "published; converted by diffusers) or a diffusers transformer folder; the architecture comes from "
                    "--model")
+    p.add_argument("--lora", type=Path, metavar="PATH", help="apply a LoRA (finetune.py's output folder, e.g. "
+                   "runs/fox/lora, or any diffusers Wan LoRA .safetensors) to the transformer, fused into its weights "
+                   "before the patch (in both runs of --compare)")
+    p.add_argument("--lora-scale", type=float, metavar="S", help="strength of --lora, a finite number (default: 1.0; "
+                   "0 gives the base model)")
     p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
     p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (default: 480)")
     p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (default: 832)")
@@ -152,6 +157,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         from wan.loading import check_transformer_path
 
         check_transformer_path(args.transformer)
+    check_lora_args(args)
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
     if sparsity.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
@@ -180,6 +186,16 @@ def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple
     cache = cache_config(data.get("cache"))
     check_cache_parallel(cache, args.ulysses)
     return precision, cache
+
+
+def check_lora_args(args: argparse.Namespace) -> None:
+    """--lora names a LoRA file or folder, --lora-scale a finite number and only with --lora."""
+    if args.lora_scale is not None and (args.lora is None or not math.isfinite(args.lora_scale)):
+        raise ValueError(f"--lora-scale {args.lora_scale} is not allowed; it must be a finite number, given with --lora")
+    if args.lora is not None:
+        from wan.lora import check_lora_path
+
+        check_lora_path(args.lora)
 
 
 def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
@@ -260,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
     main_rank = setup is None or setup.is_main
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
                          transformer=args.transformer)
+    if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
+        from wan.lora import load_lora
+
+        load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
     pipe.set_progress_bar_config(disable=not main_rank)
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup

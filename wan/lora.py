@@ -44,16 +44,24 @@ def save_lora(folder: str | Path, transformer: WanTransformer3DModel, state_dict
     return Path(folder) / WEIGHT_NAME
 
 
+def check_lora_path(path: str | Path) -> tuple[Path, str]:
+    """(folder, weight file name) of a LoRA given as a folder holding pytorch_lora_weights.safetensors or as the
+    .safetensors file itself; a one-line ValueError otherwise (checked before any model loads)."""
+    path = Path(path).expanduser()
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, WEIGHT_NAME)
+    if not (folder / weight_name).is_file() or not weight_name.endswith(".safetensors"):
+        raise ValueError(f"lora: {path} is neither a LoRA .safetensors file nor a folder holding {WEIGHT_NAME} "
+                         "(what finetune.py and WanPipeline.save_lora_weights write)")
+    return folder, weight_name
+
+
 def load_lora(pipe: WanPipeline, path: str | Path, scale: float = 1.0, fuse: bool = True) -> None:
     """Apply a LoRA (a folder holding pytorch_lora_weights.safetensors, or the file) to `pipe` at `scale`.
 
     fuse=True merges it into the weights and drops the adapter: plain Linear layers again, so generation runs at
     the base model's speed and compiles like it; fuse=False keeps it as a switchable peft adapter named "lora".
     """
-    path = Path(path).expanduser()
-    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, WEIGHT_NAME)
-    if not (folder / weight_name).is_file():
-        raise ValueError(f"lora: {path} is neither a LoRA file nor a folder holding {WEIGHT_NAME}")
+    folder, weight_name = check_lora_path(path)
     pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="lora")
     if fuse:
         pipe.fuse_lora(components=["transformer"], lora_scale=scale, adapter_names=["lora"])
