@@ -119,14 +119,20 @@ class SparsityConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "sparsity") -> SparsityConfig:
         """Build from a mapping, rejecting unknown keys with a one-line error naming them."""
-        if not isinstance(values, Mapping):
-            # ValueError, not TypeError: callers turn ValueErrors into the one-line config error
-            raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")  # noqa: TRY004
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in allowed:
-                raise ValueError(f"config: unknown key '{where}.{key}'; allowed keys: {', '.join(allowed)}")
-        return cls(**values)
+        return cls(**section_fields(cls, values, where))
+
+
+def section_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """A YAML section `where` as keyword arguments of the dataclass `cls`: a one-line ValueError for anything but a
+    mapping, and for a key that is not one of its fields."""
+    if not isinstance(values, Mapping):
+        # ValueError, not TypeError: callers turn ValueErrors into the one-line config error
+        raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")  # noqa: TRY004
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in allowed:
+            raise ValueError(f"config: unknown key '{where}.{key}'; allowed keys: {', '.join(allowed)}")
+    return dict(values)
 
 
 def _bad(key: str, value: Any, allowed: str) -> None:

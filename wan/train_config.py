@@ -12,7 +12,7 @@ from typing import Any
 
 from diffusers.optimization import SchedulerType
 
-from nabla.config import SparsityConfig, read_yaml
+from nabla.config import SparsityConfig, read_yaml, section_fields
 from wan.settings import MAX_FRAMES, MAX_SIDE
 
 METHODS = ("lora", "full")
@@ -42,16 +42,6 @@ def _int(key: str, value: Any, low: int, high: int = 2**31 - 1) -> None:
 def _positive(key: str, value: Any) -> None:
     if not _is_number(value) or not value > 0:
         _bad(key, value, "a number > 0")
-
-
-def _fields(cls: type, values: Any, where: str) -> dict[str, Any]:
-    if not isinstance(values, Mapping):
-        raise ValueError(f"config: '{where}' must be a mapping of keys to values, got {values!r}")  # noqa: TRY004
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in allowed:
-            raise ValueError(f"config: unknown key '{where}.{key}'; allowed keys: {', '.join(allowed)}")
-    return dict(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +171,13 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
-        values = _fields(cls, values, "training")
+        values = section_fields(cls, values, "training")
         if "sparsity_schedule" in values:
             values["sparsity_schedule"] = SparsitySchedule(
-                **_fields(SparsitySchedule, values["sparsity_schedule"] or {}, "training.sparsity_schedule"))
+                **section_fields(SparsitySchedule, values["sparsity_schedule"] or {}, "training.sparsity_schedule"))
         if "validation" in values:
             values["validation"] = ValidationConfig(
-                **_fields(ValidationConfig, values["validation"] or {}, "training.validation"))
+                **section_fields(ValidationConfig, values["validation"] or {}, "training.validation"))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
