@@ -117,11 +117,19 @@ def check_inputs(args: argparse.Namespace):
     sparsity, training = load_finetune_config(args.config)
     find_clips(args.data)
     if args.command == "train":
-        from wan.run_folder import check_output
+        from wan.run_folder import check_output, check_resume
 
         check_output(args.output, args.resume, args.overwrite)
+        if args.resume and (args.output / "run.json").is_file():
+            check_resume(args.output, run_settings(args, sparsity, training))
     check_model(args.model, training)
     return sparsity, training
+
+
+def run_settings(args: argparse.Namespace, sparsity, training: TrainingConfig) -> dict:
+    """What run.json records of a run, and what --resume must find unchanged."""
+    return {"model": model_id(args.model), "data": str(args.data.resolve()), "sparsity": vars(sparsity),
+            "training": training.to_dict()}
 
 
 def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
@@ -137,8 +145,7 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
             entries = precompute_cache(args, training, parallel.device, show=True)
             if args.overwrite:
                 clear_run(args.output)
-            write_run_file(args.output, {"model": model_id(args.model), "data": str(args.data.resolve()),
-                                         "sparsity": vars(sparsity), "training": training.to_dict()})
+            write_run_file(args.output, run_settings(args, sparsity, training))
         parallel.barrier()
         if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
             entries = precompute_cache(args, training, parallel.device, show=False)

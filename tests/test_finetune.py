@@ -123,6 +123,9 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
     monkeypatch.undo()
     assert finetune.main(train_args(tiny_model, data, config, output)) == 2  # another run there: refused
     assert "holds another run; pass --resume" in capsys.readouterr().err
+    other = write_config(tmp_path, "other", learning_rate=5e-4)  # resumed under other settings: refused
+    assert finetune.main(train_args(tiny_model, data, other, output, "--resume")) == 2
+    assert "(training.learning_rate: 0.01 -> 0.0005); resume with its config" in capsys.readouterr().err
     assert finetune.main(train_args(tiny_model, data, config, output, "--resume")) == 0
     resumed = read_log(output)
     assert [e["step"] for e in resumed] == list(range(1, 7))

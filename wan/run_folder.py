@@ -39,6 +39,34 @@ def check_output(folder: str | Path, resume: bool, overwrite: bool) -> Path:
     return folder
 
 
+#: settings a resumed run may change: train for longer, validate differently
+RESUMABLE_CHANGES = ("training.steps", "training.validation")
+
+
+def check_resume(folder: Path, settings: dict[str, Any]) -> None:
+    """One-line ValueError where --resume would continue the run in `folder` under other settings than it was
+    started with (the model, the data, the sparsity or the training section), but for RESUMABLE_CHANGES."""
+    before = _flat(json.loads((folder / RUN_FILE).read_text()))
+    now = _flat(json.loads(json.dumps(settings)))  # tuples as JSON lists, like the file
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key)
+                     and not key.startswith(RESUMABLE_CHANGES))
+    if changed:
+        shown = "; ".join(f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
+        raise ValueError(f"--resume: the run in {folder} was started with other settings ({shown}"
+                         f"{'; ...' if len(changed) > 3 else ''}); resume with its config, or start over with "
+                         "--overwrite")
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def clear_run(folder: Path) -> None:
     """--overwrite: delete what a run wrote (and nothing else)."""
     for name in OWNED:
