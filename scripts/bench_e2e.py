@@ -46,8 +46,7 @@ from diffusers import WanPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wan.processor
 from nabla import SparsityConfig
-from nabla.attention import attend_block_mask
-from nabla.backend import resolve_backend
+from nabla.attention import attend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
@@ -279,8 +278,7 @@ def main() -> None:
     pool = torch.compile(lambda x, bs: pool_blocks(x, bs, valid)[0], dynamic=False) if compiled else None
 
     def sparse_call(cfg: SparsityConfig, means: tuple) -> torch.Tensor:
-        block_mask, _ = make_block_mask(q, k, layout, cfg, compiled, means=means)
-        return attend_block_mask(q, k, v, block_mask, compiled, resolve_backend(cfg.backend, device))
+        return attend(q, k, v, layout, cfg, means=means, compiled=compiled).out
 
     for row in rows:
         if "config" in row:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig, TileLayout
-from nabla.attention import attend_block_mask
+from nabla.attention import attend
 from nabla.backend import resolve_backend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
@@ -69,18 +69,17 @@ def bench_shape(name: str, shape: Shape, inputs: str, device: torch.device, back
         x[1] += local
     q, k, v = (layout.tile(t, dim=2) for t in x)
     compiled = device.type == "cuda"
-    kernel = resolve_backend(backend, device) if compiled else "eager"
     pool = torch.compile(pool_blocks, dynamic=False) if compiled else pool_blocks
     rows = []
     for block_size, query_block_size in BLOCKINGS:
-        config = config_for(inputs, block_size, query_block_size, backend)
+        config = config_for(inputs, block_size, query_block_size, backend).replace(dense_above=1.0)  # never dense
         means = tuple(pool(t, block_size, valid)[0] for t in (q, k))
 
         def mask(config=config, means=means):
             return make_block_mask(q, k, layout, config, compiled, means=means)
 
-        def call(mask=mask):
-            return attend_block_mask(q, k, v, mask()[0], compiled, kernel)
+        def call(config=config, means=means):
+            return attend(q, k, v, layout, config, means=means, compiled=compiled).out
 
         def own_kernels(block_size=block_size):
             return [pool(t, block_size, valid) for t in (q, k)]
