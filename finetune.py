@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from nabla.backend import check_trainable
 from wan.clips import find_clips
 from wan.loading import ModelNotFoundError
-from wan.settings import DEFAULT_MODEL
+from wan.settings import DEFAULT_MODEL, check_device
 from wan.train_config import TrainingConfig, check_target_modules, load_finetune_config
 
 EXIT_BAD_INPUT = 2
@@ -115,6 +116,7 @@ def precompute_cache(args: argparse.Namespace, training: TrainingConfig, device:
 def check_inputs(args: argparse.Namespace):
     """Every setting, before any model loads: config, data folder, output folder, model config and LoRA targets."""
     sparsity, training = load_finetune_config(args.config)
+    check_trainable(sparsity, check_device(args.device))  # e.g. 64-token blocks on CUDA: refused before loading
     find_clips(args.data)
     if args.command == "train":
         from wan.run_folder import check_output, check_resume

@@ -88,6 +88,8 @@ def test_bad_paths(tiny_model, clip_folder, tmp_path, no_weights, capsys):
     (tmp_path / "c.yaml").write_text("sparsity: {mode: full}\ngeneration: {steps: 4}\n")
     assert "unknown section 'generation'" in refused(tiny_model, clip_folder, tmp_path / "run", "--config",
                                                      str(tmp_path / "c.yaml"))
+    assert "--device 'gpu' is not allowed; allowed: cpu, cuda or cuda:N" in refused(
+        tiny_model, clip_folder, tmp_path / "run", "--device", "gpu")
 
 
 def test_no_usable_clip_exits_2(tiny_model, tmp_path, capsys):
