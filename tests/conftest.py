@@ -28,6 +28,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_wan"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def a14b_model(tmp_path_factory) -> Path:
+    """A tiny random Wan2.2 A14B-style checkpoint: two experts switched at boundary_ratio 0.875."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_a14b"), seed=0, family="wan2.2-a14b")
+
+
 @pytest.fixture
 def raw_frames(monkeypatch):
     """write_video stores the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy, and

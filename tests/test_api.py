@@ -73,7 +73,7 @@ def test_compile_flag_compiles_blocks_and_disable_undoes_it(user_pipe):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("not a pipeline", SparsityConfig()), "enable_nabla: str is not allowed; pass a diffusers WanPipeline"),
+    (("not a pipeline", SparsityConfig()), "enable_nabla: str is not supported; pass a WanPipeline, "),
     ((None, 0.7), "enable_nabla: config 0.7 is not allowed; pass a SparsityConfig, a YAML path or a shipped config's name"),
 ], ids=["target", "config"])
 def test_bad_arguments_are_named(user_pipe, args, message):

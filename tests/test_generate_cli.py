@@ -89,8 +89,8 @@ def test_compare_cache_with_full_attention_and_stats(tiny_model, tmp_path, capsy
     report = json.loads(stats.read_text())
     # step 0 warms up, then one computed step in 2: (step - 1 - 1) % 2 == 0
     assert report["computed_steps"] == [0, 2] and report["cached_steps"] == [1, 3]
-    assert report["attention_calls"][1] == {"step": 1, "per_pass": [0, 0]} and report["precision"] == "bf16"
-    assert report["blocks"] == 2 and report["attention_calls"][0] == {"step": 0, "per_pass": [2, 2]}
+    assert report["attention_calls"][1] == {"step": 1, "expert": 0, "per_pass": [0, 0]} and report["precision"] == "bf16"
+    assert report["blocks"] == 2 and report["attention_calls"][0] == {"step": 0, "expert": 0, "per_pass": [2, 2]}
     assert iio.imread(out).shape == (9, 64, 96, 3)
 
 

@@ -16,38 +16,36 @@ from diffusers import WanTransformer3DModel
 
 from nabla.backend import resolve_backend
 from nabla.config import SparsityConfig, read_yaml
+from wan.experts import experts, low_noise_config
 from wan.patch import NablaPatch, patch_transformer, unpatch
 from wan.settings import find_config
 
 
-def _transformer(pipe_or_transformer: Any, caller: str) -> WanTransformer3DModel:
-    if isinstance(pipe_or_transformer, WanTransformer3DModel):
-        return pipe_or_transformer
-    transformer = getattr(pipe_or_transformer, "transformer", None)
-    if isinstance(transformer, WanTransformer3DModel):
-        return transformer
-    raise TypeError(f"{caller}: {type(pipe_or_transformer).__name__} is not allowed; pass a diffusers WanPipeline "
-                    "(with a WanTransformer3DModel) or a WanTransformer3DModel")
-
-
-def _config(config: SparsityConfig | str | os.PathLike) -> SparsityConfig:
-    if isinstance(config, SparsityConfig):
-        return config
+def _configs(
+    config: SparsityConfig | str | os.PathLike, config_2: SparsityConfig | None, count: int
+) -> list[SparsityConfig]:
+    """The config of each expert: `config`, and for Wan2.2's low-noise expert `config_2`, else the YAML's
+    `sparsity_2:` (merged over `sparsity:`), else `config` too."""
     if isinstance(config, (str, os.PathLike)):
-        # Only `sparsity:` matters here; sections such as generate.py's `generation:` belong to the caller.
-        return SparsityConfig.from_dict(read_yaml(find_config(config)).get("sparsity") or {})
-    raise TypeError(f"enable_nabla: config {config!r} is not allowed; pass a SparsityConfig, a YAML path or a shipped "
-                    "config's name")
+        # Only `sparsity:` and `sparsity_2:` matter here; sections such as generate.py's `generation:` belong to the caller.
+        data = read_yaml(find_config(config))
+        config = SparsityConfig.from_dict(data.get("sparsity") or {})
+        config_2 = config_2 or low_noise_config(config, data.get("sparsity_2"))
+    elif not isinstance(config, SparsityConfig):
+        raise TypeError(f"enable_nabla: config {config!r} is not allowed; pass a SparsityConfig, a YAML path or a "
+                        "shipped config's name")
+    if config_2 is not None and not isinstance(config_2, SparsityConfig):
+        raise TypeError(f"enable_nabla: config_2 {config_2!r} is not allowed; pass a SparsityConfig or None")
+    if config_2 is not None and count == 1:
+        raise ValueError("enable_nabla: a low-noise expert's config (config_2, or sparsity_2: in the YAML) is not "
+                         "allowed here: this has one transformer, no transformer_2 (Wan2.2 A14B has both)")
+    return [config, config_2 or config][:count]
 
 
 def _device(pipe_or_transformer: Any, transformer: WanTransformer3DModel) -> torch.device:
     # A pipeline with model or sequential CPU offload keeps the transformer on the CPU between calls; it runs
     # on the pipeline's execution device.
     return torch.device(getattr(pipe_or_transformer, "_execution_device", None) or transformer.device)
-
-
-def _on_cuda(pipe_or_transformer: Any, transformer: WanTransformer3DModel) -> bool:
-    return _device(pipe_or_transformer, transformer).type == "cuda"
 
 
 #: inductor options of the compiled blocks. Without buffer reuse: inductor keeps a dead buffer to reuse its
@@ -60,42 +58,60 @@ def enable_nabla(
     pipe_or_transformer: Any,
     config: SparsityConfig | str | os.PathLike,
     *,
+    config_2: SparsityConfig | None = None,
     compile: bool | None = None,
     pad_dense: bool = False,
     always: bool = False,
 ) -> NablaPatch | None:
-    """Patch the pipeline's (or the transformer's) self-attention for `config`.
+    """Patch the self-attention of the pipeline's transformers (or of the transformer given) for `config`.
 
     `config` is a SparsityConfig, or a YAML path or a shipped config's name (`"nabla-0.7"`, wan.settings.find_config)
-    whose `sparsity:` section is read (other top-level sections are ignored here). `compile=None` compiles the transformer's repeated blocks
-    (`transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)`) when the transformer runs on CUDA; True forces it,
-    False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
-    Returns the handle (wan.patch.NablaPatch), or None for mode full: nothing is patched then, but the
-    blocks are still compiled when asked. `pad_dense` (sequence parallelism) and `always` (count the
-    attention calls) patch mode full too, see `wan.patch.patch_transformer`. Raises ValueError if the transformer is already patched.
+    whose `sparsity:` section is read (and `sparsity_2:`, see below; other top-level sections are ignored here).
+    A Wan2.2 A14B pipeline's two experts are both patched, compiled and uncompiled alike: `transformer` takes
+    `config`, the low-noise `transformer_2` takes `config_2`, else the YAML's `sparsity_2:` merged over `sparsity:`,
+    else `config`. Their states share one step count and one record of the run; where one expert is sparse, every
+    expert is patched (mode full ones in raster order, the stock computation) so that the count sees every step.
+    `compile=None` compiles the transformers' repeated blocks
+    (`transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)`) when they run on CUDA;
+    True forces it, False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
+    Returns the first transformer's handle (wan.patch.NablaPatch; `handle.experts` lists every expert's, this one
+    first, and `handle.state.mean_density()` is over the whole run), or None where every config is mode full:
+    nothing is patched then, but the blocks are still compiled when asked. `pad_dense` (sequence parallelism) and
+    `always` (count the attention calls) patch mode full too, see `wan.patch.patch_transformer`. Raises ValueError
+    if a transformer is already patched; a pipeline that is not a Wan one of WanTransformer3DModels is a TypeError.
     """
-    transformer = _transformer(pipe_or_transformer, "enable_nabla")
-    config = _config(config)
+    transformers = experts(pipe_or_transformer, "enable_nabla")
+    configs = _configs(config, config_2, len(transformers))
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"enable_nabla: compile={compile!r} is not allowed; pass True, False or None")
-    on_cuda = _on_cuda(pipe_or_transformer, transformer)
-    if config.is_sparse:  # a backend that cannot run here fails now, in one line, not at the first step
-        resolve_backend(config.backend, _device(pipe_or_transformer, transformer) if on_cuda else "cpu")
-    handle = patch_transformer(transformer, config, pad_dense=pad_dense, always=always)
-    if compile or (compile is None and on_cuda):
-        # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape
-        # change must give a second static graph, not one graph with dynamic shapes (slower kernels).
-        transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
-        transformer._nabla_compiled = True
+    device = _device(pipe_or_transformer, transformers[0])
+    for sparsity in configs:  # a backend that cannot run here fails now, in one line, not at the first step
+        if sparsity.is_sparse:
+            resolve_backend(sparsity.backend, device if device.type == "cuda" else "cpu")
+    for transformer in transformers:  # before any is patched: all or none
+        if getattr(transformer, "_nabla_patch", None) is not None:
+            raise ValueError("enable_nabla: this transformer is already patched; call disable_nabla first")
+    always = always or any(c.is_sparse for c in configs)
+    handle = None
+    for transformer, sparsity in zip(transformers, configs):
+        patched = patch_transformer(transformer, sparsity, pad_dense=pad_dense, always=always, expert_of=handle)
+        handle = handle or patched
+    if compile or (compile is None and device.type == "cuda"):
+        for transformer in transformers:
+            # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape
+            # change must give a second static graph, not one graph with dynamic shapes (slower kernels).
+            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+            transformer._nabla_compiled = True
     return handle
 
 
 def disable_nabla(pipe_or_transformer: Any) -> None:
-    """Undo `enable_nabla`: unpatch the attention, and drop the compiled blocks if enable_nabla compiled them."""
-    transformer = _transformer(pipe_or_transformer, "disable_nabla")
-    unpatch(transformer)
-    if getattr(transformer, "_nabla_compiled", False):
-        for module in transformer.modules():
-            if module.__class__.__name__ in transformer._repeated_blocks:
-                module._compiled_call_impl = None  # what nn.Module.compile set
-        transformer._nabla_compiled = False
+    """Undo `enable_nabla` on every transformer of the pipeline: unpatch the attention, and drop the compiled blocks
+    where enable_nabla compiled them."""
+    for transformer in experts(pipe_or_transformer, "disable_nabla"):
+        unpatch(transformer)
+        if getattr(transformer, "_nabla_compiled", False):
+            for module in transformer.modules():
+                if module.__class__.__name__ in transformer._repeated_blocks:
+                    module._compiled_call_impl = None  # what nn.Module.compile set
+            transformer._nabla_compiled = False

@@ -149,6 +149,20 @@ def check_cache_parallel(config: Any, ulysses: int) -> None:
             "--ulysses > 1; use type taylorseer, or --cfg-parallel alone")
 
 
+def expert_cache(config: Any, first_step: int) -> Any:
+    """The cache config of an expert whose first step in the run is `first_step` (Wan2.2's low-noise expert).
+
+    diffusers' TaylorSeer hook counts the steps of the module it is on: an expert that starts mid-run counts from its
+    own first step. `disable_cache_before_step` stays so counted (its Taylor factors come from its own outputs, of
+    which it has none before), while `disable_cache_after_step` is shifted so that it counts the whole run's steps.
+    """
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    if not isinstance(config, TaylorSeerCacheConfig) or config.disable_cache_after_step is None:
+        return config
+    return dataclasses.replace(config, disable_cache_after_step=max(0, config.disable_cache_after_step - first_step))
+
+
 def enable_cache(transformer: torch.nn.Module, config: Any) -> None:
     """Hook the cache onto `transformer` (after any NABLA patch and context parallelism; see README)."""
     if config is None:

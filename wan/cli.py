@@ -25,6 +25,7 @@ from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
 from wan.batch import Job, plan_jobs, read_prompts
 from wan.cache import cache_config, check_cache_parallel, describe_cache
+from wan.experts import check_low_noise_model, low_noise_config
 from wan.precision import PRECISIONS, check_precision
 from wan.settings import DEFAULT_MODEL, GenerationSettings, check_device, find_config, shipped_configs
 from wan.stats import check_stats_path
@@ -44,13 +45,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "before the model loads; an entry that fails is reported in one line and the others go on; exit "
                    "code 1 if any failed. Not with --prompt, --compare, --stats or several processes")
     p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
-    p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `generation:`, `precision:` and "
+    p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `sparsity_2:` (Wan2.2 A14B's "
+                   "low-noise expert, merged over `sparsity:`), `generation:`, `precision:` and "
                    "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs()) +
                    " (default: full attention, stock settings); see the README")
     p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
                    "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
                    "i.e. --dtype as loaded)")
-    p.add_argument("--model", help=f"hub id or local folder of a diffusers Wan2.1 T2V pipeline (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", help="hub id or local folder of a diffusers Wan T2V pipeline: Wan2.1, or Wan2.2 A14B "
+                   f"(both experts get NABLA) (default: {DEFAULT_MODEL})")
     p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
                    "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
                    ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
@@ -104,6 +107,8 @@ class Plan:
     """Everything that can be checked before a model loads."""
 
     sparsity: SparsityConfig
+    #: the low-noise expert's (Wan2.2 A14B's transformer_2) config from `sparsity_2:`, else None (it takes `sparsity`)
+    sparsity_2: SparsityConfig | None
     #: the run's settings (with --prompts, the first entry's prompt: the warm-up's)
     settings: GenerationSettings
     #: the videos to make: one for --prompt, one per entry of --prompts
@@ -122,8 +127,10 @@ def resolve(args: argparse.Namespace) -> Plan:
     sparsity, data = SparsityConfig(), {}
     if args.config is not None:
         config = find_config(args.config)
-        sparsity = load_config(config, other_sections=("generation", "precision", "cache"))
+        sparsity = load_config(config, other_sections=("sparsity_2", "generation", "precision", "cache"))
         data = read_yaml(config)
+    sparsity_2 = low_noise_config(sparsity, data.get("sparsity_2"))
+    sparse = sparsity.is_sparse or (sparsity_2 is not None and sparsity_2.is_sparse)
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
@@ -140,8 +147,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         entries = read_prompts(args.prompts)
         overrides["prompt"] = entries[0].values["prompt"]
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
+    if sparsity_2 is not None:
+        check_low_noise_model(settings.model)
     precision, cache = resolve_speedups(args, data, device)
-    if args.compare and not sparsity.is_sparse and precision == "bf16" and cache is None:
+    if args.compare and not sparse and precision == "bf16" and cache is None:
         raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
                          "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
     if entries is None:
@@ -160,10 +169,11 @@ def resolve(args: argparse.Namespace) -> Plan:
     check_lora_args(args)
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
-    if sparsity.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
-        from nabla.backend import resolve_backend
+    for config in (sparsity, sparsity_2 or sparsity):
+        if config.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
+            from nabla.backend import resolve_backend
 
-        resolve_backend(sparsity.backend, device, DTYPES.get(args.dtype))
+            resolve_backend(config.backend, device, DTYPES.get(args.dtype))
     if args.ulysses > 1 or args.cfg_parallel:
         if args.compare or args.cpu_offload:
             raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
@@ -174,7 +184,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
         if math.prod(token_grid(settings)) % args.ulysses:
             check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
-    return Plan(sparsity, settings, jobs, full_output, precision, cache, device)
+    return Plan(sparsity, sparsity_2, settings, jobs, full_output, precision, cache, device)
 
 
 def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple[str, object]:
@@ -203,6 +213,11 @@ def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
     return (settings.frames - 1) // 4 + 1, settings.height // 16, settings.width // 16
 
 
+def _per_expert(names: tuple[str, ...], densities: list[float | None]) -> str:
+    """ (transformer 0.123, transformer_2 0.456): each expert's mean mask density (n/a where all its steps were dense)."""
+    return " (" + ", ".join(f"{name} {'n/a' if d is None else f'{d:.3f}'}" for name, d in zip(names, densities)) + ")"
+
+
 def describe(config: SparsityConfig, backend: str | None = None) -> str:
     if config.mode == "full":
         return "full attention"
@@ -219,9 +234,13 @@ def describe(config: SparsityConfig, backend: str | None = None) -> str:
     return ", ".join(parts)
 
 
-def describe_run(sparsity: SparsityConfig, precision: str, cache: object, backend: str | None = None) -> str:
-    """The configured run in one label: sparsity, then FP8 and the cache when they are on."""
+def describe_run(sparsity: SparsityConfig, precision: str, cache: object, backend: str | None = None,
+                 sparsity_2: SparsityConfig | None = None) -> str:
+    """The configured run in one label: sparsity (and the low-noise expert's where it differs), then FP8 and the
+    cache when they are on."""
     parts = [describe(sparsity, backend)]
+    if sparsity_2 is not None and sparsity_2 != sparsity:
+        parts[0] += f" (transformer_2: {describe(sparsity_2, backend)})"
     if precision != "bf16":
         parts.append(precision)
     if cache is not None:
@@ -244,14 +263,36 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
+def warm_up(pipe, patch, settings: GenerationSettings, device: str) -> None:
+    """The untimed warm-up on CUDA: compile the sparse kernels of every expert, and where it has dense_steps (or layers
+    that can fall back to dense, which keeps steps on which all of them do in raster order) its raster-order dense
+    graph too: a dense step, then a sparse one, in each expert's part of a run long enough to reach both."""
+    from nabla.backend import dense_above, resolve_backend
+    from wan.experts import warmup_steps
+    from wan.run import generate
+
+    handles = patch.experts if patch else []
+    configs = [handle.state.config for handle in handles]
+    dense_first = any(
+        c.is_sparse and (c.dense_steps > 0 or dense_above(c, resolve_backend(c.backend, device, pipe.transformer.dtype))
+                         < 1.0) for c in configs)
+    steps, boundary = warmup_steps(pipe, 1 + dense_first)
+    for handle, config, first_step in zip(handles, configs, [0, boundary]):
+        handle.state.config = config.replace(dense_steps=first_step + dense_first)
+    generate(pipe, settings, steps=steps)
+    for handle, config in zip(handles, configs):
+        handle.state.config = config
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved) or,
     with --prompts, an entry failed."""
     plan = resolve(args)
     sparsity, settings, precision, cache = plan.sparsity, plan.settings, plan.precision, plan.cache
-    from nabla.backend import dense_above, resolve_backend
+    from nabla.backend import dense_above
     from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
-    from wan.cache import enable_cache
+    from wan.cache import enable_cache, expert_cache
+    from wan.experts import EXPERT_NAMES, boundary_step, experts
     from wan.loading import load_pipeline
     from wan.precision import apply_precision
     from wan.run import generate
@@ -281,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
 
         load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
     pipe.set_progress_bar_config(disable=not main_rank)
+    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
+    names = EXPERT_NAMES[:len(transformers)]
+    if plan.sparsity_2 is not None:  # a hub model's experts are known only now
+        check_low_noise_model(settings.model, len(transformers))
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup
     compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
@@ -294,30 +339,28 @@ def run(args: argparse.Namespace) -> int:
         disable_nabla(pipe)
 
     # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
-    apply_precision(pipe.transformer, precision)
+    for transformer in transformers:
+        apply_precision(transformer, precision)
     uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
     # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
     # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
-    patch = enable_nabla(pipe, sparsity, compile=compile_blocks, pad_dense=uneven, always=cache is not None)
+    patch = enable_nabla(pipe, sparsity, config_2=plan.sparsity_2, compile=compile_blocks, pad_dense=uneven,
+                         always=cache is not None)
     compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
     if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
-        check_degree(pipe.transformer.config.num_attention_heads, setup.ulysses)
-        enable_ulysses(pipe.transformer, setup)
-        if setup.cfg_parallel:
-            enable_cfg_parallel(pipe.transformer, setup)
+        for transformer in transformers:
+            check_degree(transformer.config.num_attention_heads, setup.ulysses)
+            enable_ulysses(transformer, setup)
+            if setup.cfg_parallel:
+                enable_cfg_parallel(transformer, setup)
     # Last, so its hooks wrap everything else: a skipped block skips NABLA's mask, its attention and the
     # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
-    enable_cache(pipe.transformer, cache)
+    # The low-noise expert's hooks count its steps from the boundary: its schedule is shifted to the run's.
+    first_steps = [0, boundary_step(pipe, settings.steps)][:len(transformers)]
+    for transformer, first_step in zip(transformers, first_steps):
+        enable_cache(transformer, expert_cache(cache, first_step))
     if warmup:
-        # untimed: compile the sparse kernels, and with dense_steps (or where layers can fall back to dense, which
-        # keeps steps on which all of them do in raster order) the raster-order dense graph too
-        falls_back = dense_above(sparsity, resolve_backend(sparsity.backend, device, pipe.transformer.dtype)) < 1.0
-        dense_first = bool(patch) and sparsity.is_sparse and (sparsity.dense_steps > 0 or falls_back)
-        if patch:
-            patch.state.config = sparsity.replace(dense_steps=int(dense_first))
-        generate(pipe, settings, steps=2 if dense_first else 1)
-        if patch:
-            patch.state.config = sparsity
+        warm_up(pipe, patch, settings, device)
     recorder = None
     if args.stats is not None and patch:
         from wan.stats import StatsRecorder, default_mask_steps
@@ -335,10 +378,12 @@ def run(args: argparse.Namespace) -> int:
             return  # rank 0 writes the video and reports
         written = save(frames, job.output)
         density = patch.state.mean_density() if patch else None
+        per_expert = [patch.state.mean_density(expert) for expert in range(len(names))] if patch else None
         from wan.stats import step_report
 
         layers = len(pipe.transformer.blocks)
-        steps_report = step_report(patch.state.records.passes, layers) if patch else None
+        records = patch.state.records if patch else None
+        steps_report = step_report(records.passes, layers, records.experts) if patch else None
         computed = len(steps_report["computed_steps"]) if steps_report else settings.steps
         fidelity = None
         if args.compare:
@@ -349,10 +394,12 @@ def run(args: argparse.Namespace) -> int:
             from wan.stats import masks_path, run_report, write_stats
 
             extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
-                     "time.perf_counter", "seconds": seconds, "backend": patch.state.backend if patch else None,
+                     "time.perf_counter", "seconds": seconds, "backend": patch.backend if patch else None,
                      "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.records.dense_fallbacks) if patch else 0,
                      "mean_kernel_density": patch.state.mean_kernel_density() if patch else None,
-                     "precision": precision, "cache": describe_cache(cache)}
+                     "precision": precision, "cache": describe_cache(cache), "experts": list(names)}
+            if len(names) > 1:  # Wan2.2 A14B: the low-noise expert's config and each expert's mean density
+                extra.update(config_2=dataclasses.asdict(plan.sparsity_2 or sparsity), mean_density_per_expert=per_expert)
             if steps_report is not None:
                 extra.update(steps_report)
             if args.compare:
@@ -363,8 +410,8 @@ def run(args: argparse.Namespace) -> int:
 
         size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
         blocks = "compiled" if compiled else "not compiled"
-        backend = patch.state.backend if patch else None
-        label = describe_run(sparsity, precision, cache, backend)
+        backend = patch.backend if patch else None
+        label = describe_run(sparsity, precision, cache, backend, plan.sparsity_2)
         print(f"wrote {written} ({size}, {label}, transformer blocks {blocks}) in {seconds:.2f} s")
         if precision != "bf16" or cache is not None:
             linears = "FP8 linear layers" if precision == "fp8" else "linear layers in the model's dtype"
@@ -393,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
             quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
             print(f"| {label} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
         elif density is not None:
-            print(f"mean mask density: {density:.3f}")
+            print(f"mean mask density: {density:.3f}" + (_per_expert(names, per_expert) if len(names) > 1 else ""))
 
     if args.prompts is None:
         make(plan.jobs[0])  # a single run's errors end it (exit code 2, from main)

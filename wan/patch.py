@@ -28,12 +28,25 @@ from wan.state import NablaState
 
 @dataclasses.dataclass
 class NablaPatch:
-    """Handle to a patched transformer: its shared state, and what `unpatch` must restore."""
+    """Handle to a patched transformer: its shared state, and what `unpatch` must restore.
+
+    `experts` lists the handles of every patched transformer of the pipeline, in the pipeline's order (`transformer`,
+    then Wan2.2's `transformer_2`), this one included; their states share one step count and one record of the run.
+    """
 
     transformer: WanTransformer3DModel
     state: NablaState
     hooks: list[Any]
     processors: list[Any]
+    experts: list[NablaPatch] = dataclasses.field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.experts.append(self)
+
+    @property
+    def backend(self) -> str | None:
+        """The kernel of the sparse calls (wan.state.NablaState.backend) of whichever expert ran them, or None."""
+        return next((h.state.backend for h in self.experts if h.state.backend is not None), None)
 
     def set_config(self, config: SparsityConfig) -> None:
         """Run the next forwards under `config` (a trainer's sparsity schedule, a benchmark's variants); the records
@@ -52,11 +65,17 @@ def _with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> t
 
 
 def patch_transformer(
-    transformer: WanTransformer3DModel, config: SparsityConfig, *, pad_dense: bool = False, always: bool = False
+    transformer: WanTransformer3DModel,
+    config: SparsityConfig,
+    *,
+    pad_dense: bool = False,
+    always: bool = False,
+    expert_of: NablaPatch | None = None,
 ) -> NablaPatch | None:
     """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched).
 
-    With `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and
+    With `expert_of`, `transformer` is another expert of that handle's pipeline (Wan2.2's low-noise transformer_2):
+    its state shares the handle's step count and records, and the new handle joins `expert_of.experts`. With `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and
     attention stays dense; sequence parallelism uses it to split sequences that are not a multiple
     of the degree. With `always`, mode "full" is patched in raster order (the stock computation, bit for
     bit), so that the state counts the attention calls (how many blocks a step cache let run).
@@ -68,7 +87,9 @@ def patch_transformer(
         raise ValueError("patch_transformer: patch before transformer.enable_parallelism(), not after")
     if not (config.is_sparse or pad_dense or always):
         return None
-    state = NablaState(config, pad_dense=pad_dense, layers=len(transformer.blocks))
+    shared = {} if expert_of is None else {"clock": expert_of.state.clock, "records": expert_of.state.records,
+                                           "expert": len(expert_of.experts)}
+    state = NablaState(config, pad_dense=pad_dense, layers=len(transformer.blocks), **shared)
     patch_size = tuple(transformer.config.patch_size)
 
     def on_transformer(module, args, kwargs):
@@ -125,7 +146,7 @@ def patch_transformer(
     processors = [block.attn1.processor for block in transformer.blocks]
     for layer, block in enumerate(transformer.blocks):
         block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
-    handle = NablaPatch(transformer, state, hooks, processors)
+    handle = NablaPatch(transformer, state, hooks, processors, expert_of.experts if expert_of is not None else [])
     transformer._nabla_patch = handle
     return handle
 
@@ -140,4 +161,5 @@ def unpatch(transformer: WanTransformer3DModel) -> None:
     del transformer.rope.forward
     for block, processor in zip(transformer.blocks, handle.processors):
         block.attn1.set_processor(processor)
+    handle.experts[:] = [h for h in handle.experts if h is not handle]  # by identity: == compares the fields
     transformer._nabla_patch = None

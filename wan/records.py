@@ -25,6 +25,8 @@ class AttentionRecords:
     #: [step, self-attention calls] per transformer pass that reached the blocks; fewer calls than layers mean the
     #: other blocks came from a step cache (wan/cache.py)
     passes: list[list[int]] = dataclasses.field(default_factory=list)
+    #: step -> the expert that ran it (wan.state.NablaState.expert; 0 for a pipeline of one transformer)
+    experts: dict[int, int] = dataclasses.field(default_factory=dict)
     #: optional wan.stats.StatsRecorder: times mask build and attention per call, keeps chosen masks
     recorder: Any = None
 
@@ -44,18 +46,19 @@ class AttentionRecords:
         else:
             self.kernel_densities.append(result.kernel_density)
         if timer is not None:
-            self.recorder.record(step, layer, density, result.mask, timer, result.dense)
+            self.recorder.record(step, layer, density, result.mask, timer, result.dense, self.experts.get(step, 0))
 
-    def mean_density(self) -> float | None:
-        """The mean fraction of blocks the masks kept, over calls and heads (None without sparse calls)."""
-        return _mean([d for _, _, d in self.densities])
+    def mean_density(self, expert: int | None = None) -> float | None:
+        """The mean fraction of blocks the masks kept, over calls and heads (None without sparse calls); with
+        `expert`, over the steps that expert ran."""
+        return _mean([d for step, _, d in self.densities if expert is None or self.experts.get(step, 0) == expert])
 
     def mean_kernel_density(self) -> float | None:
         """The mean fraction of blocks the sparse kernel computed (None where it never ran)."""
         return _mean(self.kernel_densities)
 
     def reset(self) -> None:
-        for records in (self.densities, self.kernel_densities, self.dense_fallbacks, self.passes):
+        for records in (self.densities, self.kernel_densities, self.dense_fallbacks, self.passes, self.experts):
             records.clear()
         if self.recorder is not None:
             self.recorder.reset()

@@ -3,6 +3,9 @@
 A forward pre-hook calls `start_forward` with the latents and the timestep. Under inference the denoising step
 comes from the timestep (flow-matching timesteps fall within a run); under autograd (training) every forward is a
 step of its own and `dense_steps` does not apply: a trainer sets the config per optimizer step instead.
+The experts of one pipeline (Wan2.2 A14B: `transformer` above the boundary timestep, `transformer_2` below it) have
+a state each but share one StepClock and one AttentionRecords: the step count, dense_steps, the fallback's steps and
+the records are those of the whole run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,33 @@ class TileIndices(NamedTuple):
 
 
 @dataclasses.dataclass
+class StepClock:
+    """The denoising step of a run, shared by the states of a pipeline's experts."""
+
+    step: int = -1
+    last_timestep: float | None = None
+    #: the dense fallbacks of the states on this clock (one per expert: they are keyed by layer), forgotten with it
+    fallbacks: list[DenseFallback] = dataclasses.field(default_factory=list)
+
+    def tick(self, t: float | None) -> None:
+        """Advance for a forward at timestep `t` (None: under autograd, every forward is a step)."""
+        if t is None:
+            self.step += 1
+        # Flow-matching timesteps fall within a run: equal -> same step (CFG passes), higher -> new run.
+        elif self.last_timestep is None or t > self.last_timestep:
+            self.step = 0
+        elif t < self.last_timestep:
+            self.step += 1
+        if t is not None:
+            self.last_timestep = t
+
+    def reset(self) -> None:
+        self.step, self.last_timestep = -1, None
+        for fallback in self.fallbacks:
+            fallback.reset()
+
+
+@dataclasses.dataclass
 class NablaState:
     """What the hooks and processors of one patched transformer share during a forward, and the run's records."""
 
@@ -43,10 +73,13 @@ class NablaState:
     #: the transformer's blocks (self-attention layers)
     layers: int = 0
     layout: TileLayout | None = None
-    step: int = -1
-    last_timestep: float | None = None
+    #: the step count, shared with the other experts of the pipeline
+    clock: StepClock = dataclasses.field(default_factory=StepClock)
+    #: which of the pipeline's transformers this is: 0 `transformer`, 1 `transformer_2` (Wan2.2's low-noise expert)
+    expert: int = 0
     #: this forward runs under autograd: a step of its own, no dense steps
     training: bool = False
+    #: the run's records, shared with the other experts of the pipeline
     records: AttentionRecords = dataclasses.field(default_factory=AttentionRecords)
     fallback: DenseFallback = dataclasses.field(default_factory=DenseFallback)
     #: the kernel that ran the last sparse call (nabla.backend.resolve_backend)
@@ -64,6 +97,12 @@ class NablaState:
 
     def __post_init__(self) -> None:
         STATES[self.key] = self
+        self.clock.fallbacks.append(self.fallback)
+
+    @property
+    def step(self) -> int:
+        """The run's denoising step (every expert's), or under autograd the forward's number."""
+        return self.clock.step
 
     @property
     def recorder(self) -> Any:
@@ -85,10 +124,8 @@ class NablaState:
         if timestep.ndim != 1:
             raise ValueError("NABLA patch: per-token timesteps (Wan2.2 TI2V) are not supported; use a Wan2.1 model")
         self.training = torch.is_grad_enabled()
-        if self.training:
-            self.step += 1
-        else:
-            self._step_from(float(timestep[0]))
+        self.clock.tick(None if self.training else float(timestep[0]))
+        self.records.experts[self.step] = self.expert
         # Sparse steps get q, k, v tiled inside the compiled block; dense steps keep them in raster order (the
         # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both), and so
         # do steps on which every layer skips its mask after falling back to dense (no tiling to undo).
@@ -103,29 +140,21 @@ class NablaState:
             self.tile_indices = None
         self.key_rotary = None
 
-    def _step_from(self, t: float) -> None:
-        # Flow-matching timesteps fall within a run: equal -> same step (CFG passes), higher -> new run.
-        if self.last_timestep is None or t > self.last_timestep:
-            self.step = 0
-        elif t < self.last_timestep:
-            self.step += 1
-        self.last_timestep = t
-
     @property
     def sparse_now(self) -> bool:
         return self.config.is_sparse and (self.training or self.step >= self.config.dense_steps)
 
-    def mean_density(self) -> float | None:
-        return self.records.mean_density()
+    def mean_density(self, expert: int | None = None) -> float | None:
+        """The mean mask density of the run (every expert's calls), or of `expert`'s steps only."""
+        return self.records.mean_density(expert)
 
     def mean_kernel_density(self) -> float | None:
         return self.records.mean_kernel_density()
 
     def reset(self) -> None:
-        """Forget the run: steps, fallbacks and records."""
-        self.step, self.last_timestep = -1, None
+        """Forget the run: steps, fallbacks and records (of every expert on this state's clock)."""
+        self.clock.reset()
         self.records.reset()
-        self.fallback.reset()
 
 
 _KEYS = itertools.count()

@@ -111,6 +111,8 @@ class StatsRecorder:
     def reset(self) -> None:
         #: (step, layer, density [H] on the device, ran dense, timer)
         self.calls: list[tuple[int, int, torch.Tensor, bool, _Timer]] = []
+        #: step -> the expert that ran it
+        self.experts: dict[int, int] = {}
         #: (step, layer) -> (shape [H, nb, nb], packed bits, on the host or on their way there)
         self.masks: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
 
@@ -118,11 +120,14 @@ class StatsRecorder:
         return _Timer(torch.device(device).type == "cuda")
 
     def record(
-        self, step: int, layer: int, density: torch.Tensor, keep: torch.Tensor, timer: _Timer, ran_dense: bool = False
+        self, step: int, layer: int, density: torch.Tensor, keep: torch.Tensor, timer: _Timer, ran_dense: bool = False,
+        expert: int = 0,
     ) -> None:
-        """One call: per-head density [H], block mask keep [B, H, nb, nb], the stopped timer, and whether the
-        mask was too dense to win so that the call ran dense attention instead."""
+        """One call: per-head density [H], block mask keep [B, H, nb, nb], the stopped timer, whether the
+        mask was too dense to win so that the call ran dense attention instead, and the expert that ran it (Wan2.2
+        A14B: 1 for transformer_2)."""
         self.calls.append((step, layer, density.detach(), ran_dense, timer))
+        self.experts[step] = expert
         if step in self.mask_steps and (step, layer) not in self.masks:
             packed = pack_mask(keep[0].detach())
             if packed.is_cuda:  # no wait: the copy completes before report() synchronises
@@ -144,7 +149,8 @@ class StatsRecorder:
             mask_ms, attention_ms = timer.milliseconds()
             total_mask += mask_ms
             total_attention += attention_ms
-            entry = records.setdefault((step, layer), {"step": step, "layer": layer, "calls": 0, "density": None,
+            entry = records.setdefault((step, layer), {"step": step, "expert": self.experts[step], "layer": layer,
+                                                       "calls": 0, "density": None,
                                                        "dense_calls": 0, "mask_ms": 0.0, "attention_ms": 0.0})
             entry["calls"] += 1
             entry["dense_calls"] += int(ran_dense)
@@ -217,19 +223,22 @@ def run_report(recorder: StatsRecorder | None, config: Any, settings: Any, **ext
     }
 
 
-def step_report(passes: list[list[int]], layers: int) -> dict:
+def step_report(passes: list[list[int]], layers: int, experts: dict[int, int] | None = None) -> dict:
     """Which denoising steps ran all their blocks, and which took some or all of them from a step cache.
 
     `passes` is AttentionRecords.passes (wan/records.py): [step, self-attention calls] per transformer pass (CFG pass) that
-    reached the blocks; a pass computed its blocks when it made `layers` calls.
+    reached the blocks; a pass computed its blocks when it made `layers` calls (both experts of a Wan2.2 pipeline
+    have the same number of blocks). `experts` (AttentionRecords.experts) maps a step to the expert that ran it.
     """
     per_step: dict[int, list[int]] = {}
     for step, calls in passes:
         per_step.setdefault(step, []).append(calls)
     computed = [step for step, calls in per_step.items() if all(n == layers for n in calls)]
+    experts = experts or {}
     return {  # "blocks", not "layers": run_report's "layers" lists the layers with sparse records
         "blocks": layers,
-        "attention_calls": [{"step": step, "per_pass": calls} for step, calls in sorted(per_step.items())],
+        "attention_calls": [{"step": step, "expert": experts.get(step, 0), "per_pass": calls}
+                            for step, calls in sorted(per_step.items())],
         "computed_steps": sorted(computed),
         "cached_steps": sorted(set(per_step) - set(computed)),
     }

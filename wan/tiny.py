@@ -1,6 +1,9 @@
-"""Build a tiny, randomly initialised Wan2.1 text-to-video pipeline in diffusers layout (offline demo/tests).
+"""Build a tiny, randomly initialised Wan text-to-video pipeline in diffusers layout (offline demo/tests).
 
-    nabla-wan make-tiny-model OUT_DIR [--seed 0]       (or, in a checkout: python scripts/make_tiny_model.py ...)
+    nabla-wan make-tiny-model OUT_DIR [--seed 0] [--family wan2.1-t2v]   (in a checkout: python scripts/make_tiny_model.py)
+
+Families: `wan2.1-t2v` (one transformer) and `wan2.2-a14b` (Wan2.2 A14B's layout: a high-noise `transformer` and a
+low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
 (tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
@@ -43,8 +46,24 @@ def build_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
-    """A complete Wan2.1 T2V pipeline with tiny random weights; identical for identical seeds."""
+#: the tiny families: name -> what it is (the --family choices)
+FAMILIES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B-style two-expert"}
+#: Wan2.2 A14B's switch from the high-noise to the low-noise expert (its model_index.json)
+A14B_BOUNDARY_RATIO = 0.875
+
+
+def _tiny_transformer() -> WanTransformer3DModel:
+    # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=1024,
+    ).eval()
+
+
+def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipeline:
+    """A complete Wan T2V pipeline of `family` (FAMILIES) with tiny random weights; identical for identical seeds."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} is not allowed; allowed: {', '.join(FAMILIES)}")
     tokenizer = build_tokenizer()
     with torch.random.fork_rng():  # deterministic weights without disturbing the caller's RNG
         torch.manual_seed(seed)
@@ -55,26 +74,26 @@ def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
                 eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
             )
         )
-        # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-            text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=1024,
-        )
+        transformer = _tiny_transformer()
         # 3 downsamples -> 8x spatial; two temporal ones -> 4x: 9 frames become 1 + 8 / 4 = 3 latent frames.
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
+        experts = {}
+        if family == "wan2.2-a14b":  # drawn last: the Wan2.1 family's weights stay those of the same seed
+            experts = {"transformer_2": _tiny_transformer(), "boundary_ratio": A14B_BOUNDARY_RATIO}
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
-        transformer=transformer.eval(),
+        transformer=transformer, **experts,
     )
 
 
-def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save `build_tiny_pipeline(seed)` to `out_dir` in diffusers layout (what `--model` and from_pretrained read)."""
+def save_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "wan2.1-t2v") -> Path:
+    """Save `build_tiny_pipeline(seed, family)` to `out_dir` in diffusers layout (what `--model` and from_pretrained
+    read)."""
     out = Path(out_dir)
-    build_tiny_pipeline(seed).save_pretrained(out)
+    build_tiny_pipeline(seed, family).save_pretrained(out)
     return out
 
 
@@ -82,8 +101,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
+    parser.add_argument("--family", choices=FAMILIES, default="wan2.1-t2v", help="which architecture: "
+                        + "; ".join(f"{name}: {what}" for name, what in FAMILIES.items()) + " (default: wan2.1-t2v)")
     args = parser.parse_args(argv)
-    print(f"wrote a tiny Wan2.1 T2V pipeline to {save_tiny_model(args.out_dir, args.seed)}")
+    out = save_tiny_model(args.out_dir, args.seed, args.family)
+    print(f"wrote a tiny {FAMILIES[args.family]} pipeline to {out}")
 
 
 if __name__ == "__main__":
