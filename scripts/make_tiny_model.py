@@ -1,4 +1,4 @@
-"""The tiny offline Wan2.1 pipeline, from a checkout: `python scripts/make_tiny_model.py OUT_DIR [--seed 0]`.
+"""The tiny offline Wan pipelines, from a checkout: `python scripts/make_tiny_model.py OUT_DIR [--seed 0] [--family F]`.
 
 It lives in `wan.tiny` (installed as `nabla-wan make-tiny-model OUT_DIR`); this script and its names stay for
 the commands and imports that use `scripts.make_tiny_model`.

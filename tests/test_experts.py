@@ -13,6 +13,7 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 import wan.cli
 import wan.loading
+import wan.tiny
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
 from wan.cache import expert_cache
@@ -47,6 +48,16 @@ def test_the_tiny_checkpoint_is_a14b_shaped(a14b_model, pipe):
     # UniPC with flow shift 3 over 2 steps: timesteps 999 and 750, either side of 875
     assert boundary_step(pipe, 2) == 1 and boundary_step(pipe, 1) == 1
     assert warmup_steps(pipe, 1) == (2, 1) and warmup_steps(pipe, 2) == (4, 2)
+
+
+def test_an_unknown_family_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        wan.tiny.main([str(tmp_path / "m"), "--family", "wan3"])
+    assert exit_.value.code == 2 and "argument --family: invalid choice: 'wan3'" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="^family 'wan3' is not allowed; allowed: wan2.1-t2v, wan2.2-a14b$"):
+        wan.tiny.build_tiny_pipeline(family="wan3")
+    assert not (tmp_path / "m").exists()
 
 
 def test_both_experts_at_threshold_one_match_the_stock_pipeline(pipe, stock):

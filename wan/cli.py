@@ -497,7 +497,8 @@ def console(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: nabla-wan {generate,make-tiny-model} ... (--help after a command for its flags)\n\n"
               "  generate         text-to-video with NABLA sparse attention (the flags of generate.py)\n"
-              "  make-tiny-model  write a tiny random Wan2.1 pipeline to a folder: an offline demo model\n"
+              "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v or wan2.2-a14b) to a folder: an\n"
+              "                   offline demo model\n"
               "  --version        print the version", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":
