@@ -8,8 +8,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline, WanVACETransformer3DModel, WanVideoToVideoPipeline
+from diffusers import (
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+    WanVACETransformer3DModel,
+    WanVideoToVideoPipeline,
+)
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+from PIL import Image
 
 import wan.cli
 import wan.loading
@@ -223,3 +230,28 @@ def test_other_wan_pipelines_are_refused_in_one_line(target, named):
         assert str(err.value) == (f"{call.__name__}: {named} is not supported; pass a WanPipeline, "
                                   "WanImageToVideoPipeline or WanVideoToVideoPipeline (their transformers are "
                                   "WanTransformer3DModel, Wan2.2's transformer_2 included) or a WanTransformer3DModel")
+
+
+def test_image_to_video_runs_under_nabla(pipe):
+    """WanImageToVideoPipeline (Wan2.2 I2V's layout: no image encoder; the transformer reads 16 noise + 20 condition
+    channels): self-attention patched, the image condition untouched; at threshold 1.0 the stock video."""
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=1024).eval()
+    i2v = WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                  scheduler=pipe.scheduler, transformer=transformer)
+    i2v.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+
+    def run():
+        return i2v(image=image, prompt="a cat", **TINY, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+
+    stock = run()
+    handle = enable_nabla(i2v, SparsityConfig(mode="nabla", threshold=1.0))
+    try:
+        frames = run()
+        assert handle.state.records.passes == [[0, 2], [0, 2], [1, 2], [1, 2]]
+        assert np.abs(frames - stock).max() < 1e-4
+    finally:
+        disable_nabla(i2v)
