@@ -183,7 +183,7 @@ def test_sparsity_2_for_one_transformer_is_refused_before_loading(tiny_model, tm
 def test_config_2_for_one_transformer_is_refused(pipe):
     with pytest.raises(ValueError, match="^enable_nabla: a low-noise expert's config .* this has one transformer"):
         enable_nabla(pipe.transformer, SparsityConfig(mode="nabla"), config_2=SparsityConfig(mode="nabla"))
-    assert pipe.transformer._nabla_patch is None
+    assert getattr(pipe.transformer, "_nabla_patch", None) is None
 
 
 def test_video_to_video_runs_under_nabla(pipe):
@@ -255,3 +255,14 @@ def test_image_to_video_runs_under_nabla(pipe):
         assert np.abs(frames - stock).max() < 1e-4
     finally:
         disable_nabla(i2v)
+
+
+def test_one_transformer_flags_are_refused_for_two_experts_before_loading(a14b_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"")
+    assert run_cli("--model", a14b_model, "--prompt", "a cat", "--lora", lora, "--transformer", a14b_model / "transformer",
+                   "--output", tmp_path / "v.npy") == 2
+    assert capsys.readouterr().err == (f"error: --transformer and --lora: not supported for {a14b_model}, a two-expert "
+                                       "pipeline (Wan2.2 A14B: transformer and transformer_2); they apply to "
+                                       "one-transformer Wan models\n")

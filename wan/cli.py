@@ -25,7 +25,7 @@ from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
 from wan.batch import Job, plan_jobs, read_prompts
 from wan.cache import cache_config, check_cache_parallel, describe_cache
-from wan.experts import check_low_noise_model, low_noise_config
+from wan.experts import check_low_noise_model, check_one_expert, low_noise_config
 from wan.precision import PRECISIONS, check_precision
 from wan.settings import DEFAULT_MODEL, GenerationSettings, check_device, find_config, shipped_configs
 from wan.stats import check_stats_path
@@ -149,6 +149,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
     if sparsity_2 is not None:
         check_low_noise_model(settings.model)
+    check_one_expert(settings.model, one_expert_flags(args))
     precision, cache = resolve_speedups(args, data, device)
     if args.compare and not sparse and precision == "bf16" and cache is None:
         raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
@@ -196,6 +197,11 @@ def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple
     cache = cache_config(data.get("cache"))
     check_cache_parallel(cache, args.ulysses)
     return precision, cache
+
+
+def one_expert_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that replace or adapt the one transformer of a pipeline."""
+    return [flag for flag, value in (("--transformer", args.transformer), ("--lora", args.lora)) if value is not None]
 
 
 def check_lora_args(args: argparse.Namespace) -> None:
@@ -326,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
     names = EXPERT_NAMES[:len(transformers)]
     if plan.sparsity_2 is not None:  # a hub model's experts are known only now
         check_low_noise_model(settings.model, len(transformers))
+    check_one_expert(settings.model, one_expert_flags(args), len(transformers))
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup
     compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU

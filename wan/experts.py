@@ -72,12 +72,25 @@ def warmup_steps(pipe: Any, per_expert: int, limit: int = 200) -> tuple[int, int
                      f"boundary_ratio {pipe.config.boundary_ratio} is too close to 0 or 1")
 
 
+def local_experts(model: str) -> int | None:
+    """How many transformers (experts) a local pipeline folder holds, from its model_index.json; None for a hub id."""
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    return 1 if (json.loads(index.read_text()).get("transformer_2") or [None])[0] is None else 2
+
+
 def check_low_noise_model(model: str, experts: int | None = None) -> None:
     """Refuse a `sparsity_2:` section for a pipeline without a low-noise expert: one of `experts` transformers once
     loaded, or before it loads a local folder whose model_index.json has no transformer_2 (a hub id passes then)."""
-    index = Path(model).expanduser() / "model_index.json"
-    if experts is None and index.is_file():
-        experts = 1 if (json.loads(index.read_text()).get("transformer_2") or [None])[0] is None else 2
-    if experts == 1:
+    if (experts or local_experts(model)) == 1:
         raise ValueError(f"config: 'sparsity_2' is not allowed for {model}: it has one transformer, no transformer_2 "
                          "(the low-noise expert of Wan2.2 A14B that sparsity_2 configures)")
+
+
+def check_one_expert(model: str, flags: list[str], experts: int | None = None) -> None:
+    """Refuse `flags` (--transformer, --lora: they replace or adapt one transformer) for a two-expert pipeline, before
+    it loads where its folder says so, else once `experts` is known."""
+    if flags and (experts or local_experts(model)) == 2:
+        raise ValueError(f"{' and '.join(flags)}: not supported for {model}, a two-expert pipeline (Wan2.2 A14B: "
+                         "transformer and transformer_2); they apply to one-transformer Wan models")
