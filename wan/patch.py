@@ -75,9 +75,9 @@ def patch_transformer(
     """Patch `transformer` in place for `config`; returns the handle, or None for mode "full" (untouched).
 
     With `expert_of`, `transformer` is another expert of that handle's pipeline (Wan2.2's low-noise transformer_2):
-    its state shares the handle's step count and records, and the new handle joins `expert_of.experts`. With `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and
-    attention stays dense; sequence parallelism uses it to split sequences that are not a multiple
-    of the degree. With `always`, mode "full" is patched in raster order (the stock computation, bit for
+    its state shares the handle's step count and records, and the new handle joins `expert_of.experts`. With
+    `pad_dense`, mode "full" is patched too: tokens still go to tile order with padding and attention stays dense;
+    sequence parallelism uses it to split sequences that are not a multiple of the degree. With `always`, mode "full" is patched in raster order (the stock computation, bit for
     bit), so that the state counts the attention calls (how many blocks a step cache let run).
     """
     if getattr(transformer, "_nabla_patch", None) is not None:
@@ -90,6 +90,19 @@ def patch_transformer(
     shared = {} if expert_of is None else {"clock": expert_of.state.clock, "records": expert_of.state.records,
                                            "expert": len(expert_of.experts)}
     state = NablaState(config, pad_dense=pad_dense, layers=len(transformer.blocks), **shared)
+    hooks = _register_hooks(transformer, state)
+    _tile_rotary_tables(transformer, state)
+    processors = [block.attn1.processor for block in transformer.blocks]
+    for layer, block in enumerate(transformer.blocks):
+        block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
+    handle = NablaPatch(transformer, state, hooks, processors, expert_of.experts if expert_of is not None else [])
+    transformer._nabla_patch = handle
+    return handle
+
+
+def _register_hooks(transformer: WanTransformer3DModel, state: NablaState) -> list[Any]:
+    """The hooks that feed `state` each forward (grid, step), count the passes, and under `pad_dense` tile the
+    whole stream after the patch embedding and untile it after proj_out."""
     patch_size = tuple(transformer.config.patch_size)
 
     def on_transformer(module, args, kwargs):
@@ -117,6 +130,18 @@ def patch_transformer(
             hidden.set_(tiled)
         return _with_arg(args, kwargs, 0, "hidden_states", tiled)
 
+    def on_proj_out(module, args, output):
+        return state.layout.untile(output, dim=1) if state.pad_dense else output
+
+    return [
+        transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
+        transformer.register_forward_hook(after_transformer, always_call=True),
+        transformer.blocks[0].register_forward_pre_hook(on_first_block, with_kwargs=True),
+        transformer.proj_out.register_forward_hook(on_proj_out),
+    ]
+
+
+def _tile_rotary_tables(transformer: WanTransformer3DModel, state: NablaState) -> None:
     # The rotary tables are tiled inside rope.forward itself (an instance attribute shadowing the class method), not
     # in a forward hook: context parallelism later wraps this forward and splits its output, which must already be
     # in tile order by then (pad_dense). On sparse steps of a raster stream they go to tile order for the processor,
@@ -133,22 +158,6 @@ def patch_transformer(
         return rope
 
     transformer.rope.forward = tiled_rope_forward
-
-    def on_proj_out(module, args, output):
-        return state.layout.untile(output, dim=1) if state.pad_dense else output
-
-    hooks = [
-        transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
-        transformer.register_forward_hook(after_transformer, always_call=True),
-        transformer.blocks[0].register_forward_pre_hook(on_first_block, with_kwargs=True),
-        transformer.proj_out.register_forward_hook(on_proj_out),
-    ]
-    processors = [block.attn1.processor for block in transformer.blocks]
-    for layer, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
-    handle = NablaPatch(transformer, state, hooks, processors, expert_of.experts if expert_of is not None else [])
-    transformer._nabla_patch = handle
-    return handle
 
 
 def unpatch(transformer: WanTransformer3DModel) -> None:
