@@ -34,6 +34,18 @@ def a14b_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_a14b"), seed=0, family="wan2.2-a14b")
 
 
+@pytest.fixture(scope="session")
+def i2v_model(tmp_path_factory) -> Path:
+    """A tiny random Wan2.1 I2V checkpoint: a WanImageToVideoPipeline with a CLIP image encoder."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_i2v"), seed=0, family="wan2.1-i2v")
+
+
+@pytest.fixture(scope="session")
+def flf2v_model(tmp_path_factory) -> Path:
+    """A tiny random Wan2.1 FLF2V checkpoint: Wan2.1 I2V with position embeddings for a first and a last image."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_flf2v"), seed=0, family="wan2.1-flf2v")
+
+
 @pytest.fixture
 def raw_frames(monkeypatch):
     """write_video stores the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy, and

@@ -1,6 +1,7 @@
-"""Text-to-video with Wan2.1 whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
+"""Text- or image-to-video with Wan whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
 
     nabla-wan generate --prompt "a red fox in the snow" --config nabla-0.7 --output fox.mp4
+    nabla-wan generate --model Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --image fox.png --prompt "..." --config nabla-0.7
     nabla-wan generate --prompt "..." --config nabla-0.7 --compare        # full vs sparse, same seed
     nabla-wan generate --prompts prompts.txt --config nabla-0.7 --output out/fox.mp4   # out/fox-1.mp4, ...
     nabla-wan make-tiny-model tiny-wan                                     # an offline demo model
@@ -26,6 +27,7 @@ from nabla.layout import TileLayout
 from wan.batch import Job, plan_jobs, read_prompts
 from wan.cache import cache_config, check_cache_parallel, describe_cache
 from wan.experts import check_low_noise_model, check_one_expert, low_noise_config
+from wan.images import check_local_model_images, check_model_images, pipeline_images
 from wan.precision import PRECISIONS, check_precision
 from wan.settings import DEFAULT_MODEL, GenerationSettings, check_device, find_config, shipped_configs
 from wan.stats import check_stats_path
@@ -52,8 +54,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
                    "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
                    "i.e. --dtype as loaded)")
-    p.add_argument("--model", help="hub id or local folder of a diffusers Wan T2V pipeline: Wan2.1, or Wan2.2 A14B "
-                   f"(both experts get NABLA) (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", help="hub id or local folder of a diffusers Wan pipeline: text to video (WanPipeline: "
+                   "Wan2.1, or Wan2.2 A14B, both experts get NABLA) or image to video (WanImageToVideoPipeline, read "
+                   f"from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give --image) (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", metavar="PATH", help="image to video: the first frame (an image file PIL reads; resized "
+                   "to --height x --width); needed by, and only for, a WanImageToVideoPipeline model")
+    p.add_argument("--last-image", metavar="PATH", help="the last frame too (first-last-frame to video, with --image): "
+                   "for Wan2.1 FLF2V and Wan2.2 I2V models, not Wan2.1 I2V's, whose image encoder takes one image")
     p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
                    "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
                    ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
@@ -134,7 +141,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "fps": args.fps,
+        "guidance_scale": args.guidance_scale, "fps": args.fps, "image": args.image, "last_image": args.last_image,
     }
     entries = None
     if args.prompts is not None:
@@ -147,6 +154,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         entries = read_prompts(args.prompts)
         overrides["prompt"] = entries[0].values["prompt"]
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
+    check_images(settings)
     if sparsity_2 is not None:
         check_low_noise_model(settings.model)
     check_one_expert(settings.model, one_expert_flags(args))
@@ -197,6 +205,13 @@ def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple
     cache = cache_config(data.get("cache"))
     check_cache_parallel(cache, args.ulysses)
     return precision, cache
+
+
+def check_images(settings: GenerationSettings) -> None:
+    """The images can be read and are what the model takes (a local folder's files say; a hub id's pipeline, once
+    loaded)."""
+    pipeline_images(settings)
+    check_local_model_images(settings.model, settings.image, settings.last_image)
 
 
 def one_expert_flags(args: argparse.Namespace) -> list[str]:
@@ -328,7 +343,9 @@ def run(args: argparse.Namespace) -> int:
 
         load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
     pipe.set_progress_bar_config(disable=not main_rank)
-    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
+    transformers = experts(pipe, "generate")
+    check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
+                       settings.last_image)  # a hub model's pipeline is known only now  # Wan2.2 A14B: both experts, each patched, quantised and cached
     names = EXPERT_NAMES[:len(transformers)]
     if plan.sparsity_2 is not None:  # a hub model's experts are known only now
         check_low_noise_model(settings.model, len(transformers))
@@ -503,9 +520,9 @@ def console(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: nabla-wan {generate,make-tiny-model} ... (--help after a command for its flags)\n\n"
-              "  generate         text-to-video with NABLA sparse attention (the flags of generate.py)\n"
-              "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v or wan2.2-a14b) to a folder: an\n"
-              "                   offline demo model\n"
+              "  generate         text- or image-to-video with NABLA sparse attention (the flags of generate.py)\n"
+              "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v, wan2.2-a14b, wan2.1-i2v or\n"
+              "                   wan2.1-flf2v) to a folder: an offline demo model\n"
               "  --version        print the version", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":

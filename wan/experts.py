@@ -9,12 +9,11 @@ diffusers is imported inside the functions: generate.py checks configs with this
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from nabla.config import SparsityConfig, section_fields
+from wan.model_index import local_config
 
 #: the pipeline attributes that hold experts, in the order of the steps they run
 EXPERT_NAMES = ("transformer", "transformer_2")
@@ -74,10 +73,10 @@ def warmup_steps(pipe: Any, per_expert: int, limit: int = 200) -> tuple[int, int
 
 def local_experts(model: str) -> int | None:
     """How many transformers (experts) a local pipeline folder holds, from its model_index.json; None for a hub id."""
-    index = Path(model).expanduser() / "model_index.json"
-    if not index.is_file():
+    index = local_config(model)
+    if index is None:
         return None
-    return 1 if (json.loads(index.read_text()).get("transformer_2") or [None])[0] is None else 2
+    return 1 if (index.get("transformer_2") or [None])[0] is None else 2
 
 
 def check_low_noise_model(model: str, experts: int | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Load a Wan2.1 text-to-video `WanPipeline` from the hub or a local diffusers-layout folder.
+"""Load a Wan pipeline from the hub or a local diffusers-layout folder: a `WanImageToVideoPipeline` where its
+model_index.json names one (image to video), else a `WanPipeline`.
 
 The transformer can come from elsewhere (`transformer=`): an original-format Wan2.1 checkpoint (the
 layout of the Wan2.1 repository, keys such as `blocks.0.self_attn.q.weight`, as the NABLA-finetuned
@@ -12,12 +13,14 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors.torch import load_file
 
+from wan.images import I2V_PIPELINE
+from wan.model_index import local_config
 from wan.settings import DEFAULT_MODEL
 
 _HOW_TO_GET = (
@@ -134,8 +137,9 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
     transformer: str | Path | None = None,
-) -> WanPipeline:
-    """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), VAE in fp32.
+) -> WanPipeline | WanImageToVideoPipeline:
+    """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), VAE and CLIP image
+    encoder in fp32. The class is the one its model_index.json names; a pipeline other than those two is refused.
 
     With `transformer`, the pipeline's transformer is loaded from that checkpoint instead (see
     `load_transformer`); the stock transformer weights are then never read. With `cpu_offload`,
@@ -143,8 +147,9 @@ def load_pipeline(
     """
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    # Wan's VAE is run in fp32 in the reference code and diffusers' examples; bf16 degrades decoding.
-    dtypes = {"vae": torch.float32, "default": dtype}
+    # Wan's VAE is run in fp32 in the reference code and diffusers' examples; bf16 degrades decoding. The image
+    # encoder (I2V) runs once a video, in fp32 as in diffusers' examples.
+    dtypes = {"vae": torch.float32, "image_encoder": torch.float32, "default": dtype}
     components = {}
 
     if _looks_local(model):
@@ -154,18 +159,22 @@ def load_pipeline(
             raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
         if transformer is not None:
             components["transformer"] = load_transformer(transformer, model, dtype)
-        pipe = WanPipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
+        pipeline = WanImageToVideoPipeline if local_config(str(path)).get("_class_name") == I2V_PIPELINE else WanPipeline
+        pipe = pipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
     else:
         pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
         pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
         try:
             if transformer is not None:
                 components["transformer"] = load_transformer(transformer, model, dtype)
-            pipe = WanPipeline.from_pretrained(model, dtype=dtypes, **components)
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, **components)  # the class its index names
         except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
             raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
         finally:
             pipeline_logger.removeFilter(_drop_hub_fallback_warning)
+        if not isinstance(pipe, (WanPipeline, WanImageToVideoPipeline)):
+            raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
+                             f"{I2V_PIPELINE} (image to video) model")
 
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

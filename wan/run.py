@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from wan.images import pipeline_images
 from wan.settings import GenerationSettings
 
 if TYPE_CHECKING:  # diffusers stays out of generate.py's checks, which run before any model loads
-    from diffusers import WanPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
 
 class NonFiniteLatentsError(RuntimeError):
@@ -34,20 +35,24 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def generate(
-    pipe: WanPipeline, settings: GenerationSettings, *, steps: int | None = None, decode: bool = True
+    pipe: WanPipeline | WanImageToVideoPipeline, settings: GenerationSettings, *, steps: int | None = None,
+    decode: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Run the pipeline; returns frames [F, H, W, 3] in [0, 1] and the wall-clock seconds it took.
 
     The noise comes from a CPU generator seeded with `settings.seed`, so a seed gives the same
     starting latents on every device. With `decode=False` (ranks that write no video) the VAE is
-    skipped and the latents come back instead of frames.
+    skipped and the latents come back instead of frames. Image to video: `settings.image` (and `last_image`)
+    are read, outside the timing, and given to the pipeline.
     """
     device = pipe._execution_device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
+    images = pipeline_images(settings)
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         result = pipe(
+            **images,
             prompt=settings.prompt,
             negative_prompt=settings.negative_prompt,
             height=settings.height,

@@ -28,6 +28,9 @@ class GenerationSettings:
     steps: int = 50
     guidance_scale: float = 5.0
     fps: int = 16
+    #: image to video: the first frame's image file (WanImageToVideoPipeline models), and FLF2V's last frame
+    image: str | None = None
+    last_image: str | None = None
 
     @classmethod
     def from_sources(cls, yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> GenerationSettings:
@@ -70,6 +73,14 @@ class GenerationSettings:
             raise ValueError(f"negative_prompt: {self.negative_prompt!r} must be a string")  # noqa: TRY004
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model: {self.model!r} must be a hub id or a folder path")
+        for name in ("image", "last_image"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be an image file's path")
+        if self.last_image is not None and self.image is None:
+            raise ValueError("last_image: a last frame needs a first one; give --image PATH too")
+        if self.last_image is not None and self.frames < 5:
+            raise ValueError(f"frames: {self.frames} is not allowed with a last image; a first and a last frame need "
+                             "at least 5 frames")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -1,9 +1,12 @@
-"""Build a tiny, randomly initialised Wan text-to-video pipeline in diffusers layout (offline demo/tests).
+"""Build a tiny, randomly initialised Wan pipeline in diffusers layout (offline demo/tests).
 
     nabla-wan make-tiny-model OUT_DIR [--seed 0] [--family wan2.1-t2v]   (in a checkout: python scripts/make_tiny_model.py)
 
-Families: `wan2.1-t2v` (one transformer) and `wan2.2-a14b` (Wan2.2 A14B's layout: a high-noise `transformer` and a
-low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is).
+Families: `wan2.1-t2v` (one transformer), `wan2.2-a14b` (Wan2.2 A14B's layout: a high-noise `transformer` and a
+low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is),
+`wan2.1-i2v` (Wan2.1 I2V-14B's layout: a WanImageToVideoPipeline with a CLIP image encoder, whose last-but-one hidden
+states the transformer's cross-attention reads beside the text, and 16 noise + 20 condition input channels) and
+`wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
 (tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
@@ -16,11 +19,27 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 TEXT_DIM = 32
+#: the tiny CLIP's width (Wan2.1 I2V's ViT-H: 1280) and its input side: 32-pixel images in 16-pixel patches, 4 + 1 tokens
+IMAGE_DIM, IMAGE_SIDE, IMAGE_PATCH = 16, 32, 16
+IMAGE_TOKENS = (IMAGE_SIDE // IMAGE_PATCH) ** 2 + 1
 
 _SENTENCES = [
     f"{who} {what} {where}"
@@ -47,21 +66,38 @@ def build_tokenizer() -> T5TokenizerFast:
 
 
 #: the tiny families: name -> what it is (the --family choices)
-FAMILIES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B-style two-expert"}
+FAMILIES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B-style two-expert",
+            "wan2.1-i2v": "Wan2.1 I2V", "wan2.1-flf2v": "Wan2.1 FLF2V (first and last frame)"}
+#: the image-to-video families: they build a WanImageToVideoPipeline
+IMAGE_FAMILIES = ("wan2.1-i2v", "wan2.1-flf2v")
 #: Wan2.2 A14B's switch from the high-noise to the low-noise expert (its model_index.json)
 A14B_BOUNDARY_RATIO = 0.875
 
 
-def _tiny_transformer() -> WanTransformer3DModel:
+def _tiny_transformer(family: str = "wan2.1-t2v") -> WanTransformer3DModel:
     # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=1024,
-    ).eval()
+    image = {}
+    if family in IMAGE_FAMILIES:  # as in Wan2.1 I2V: the latents plus a 4-channel frame mask and 16 condition channels,
+        # the CLIP tokens projected to the width (attn2's add_k_proj / add_v_proj); FLF2V: position embeddings of 2 images
+        image = {"in_channels": 36, "image_dim": IMAGE_DIM, "added_kv_proj_dim": 24,
+                 "pos_embed_seq_len": 2 * IMAGE_TOKENS if family == "wan2.1-flf2v" else None}
+    return WanTransformer3DModel(**{
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
+        "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2,
+        "rope_max_seq_len": 1024, **image}).eval()
 
 
-def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipeline:
-    """A complete Wan T2V pipeline of `family` (FAMILIES) with tiny random weights; identical for identical seeds."""
+def _tiny_image_encoder() -> dict:
+    """A tiny CLIP vision tower and its processor (Wan2.1 I2V's image_encoder and image_processor)."""
+    encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIDE, patch_size=IMAGE_PATCH, projection_dim=IMAGE_DIM)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
+    return {"image_encoder": encoder, "image_processor": processor}
+
+
+def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipeline | WanImageToVideoPipeline:
+    """A complete Wan pipeline of `family` (FAMILIES) with tiny random weights; identical for identical seeds."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not allowed; allowed: {', '.join(FAMILIES)}")
     tokenizer = build_tokenizer()
@@ -74,18 +110,21 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipelin
                 eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
             )
         )
-        transformer = _tiny_transformer()
+        transformer = _tiny_transformer(family)
         # 3 downsamples -> 8x spatial; two temporal ones -> 4x: 9 frames become 1 + 8 / 4 = 3 latent frames.
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
-        experts = {}
-        if family == "wan2.2-a14b":  # drawn last: the Wan2.1 family's weights stay those of the same seed
-            experts = {"transformer_2": _tiny_transformer(), "boundary_ratio": A14B_BOUNDARY_RATIO}
+        extra = {}  # drawn last: the Wan2.1 T2V family's weights stay those of the same seed
+        if family == "wan2.2-a14b":
+            extra = {"transformer_2": _tiny_transformer(), "boundary_ratio": A14B_BOUNDARY_RATIO}
+        elif family in IMAGE_FAMILIES:
+            extra = _tiny_image_encoder()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanPipeline(
+    pipeline = WanImageToVideoPipeline if family in IMAGE_FAMILIES else WanPipeline
+    return pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
-        transformer=transformer, **experts,
+        transformer=transformer, **extra,
     )
 
 
