@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import DiffusionPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
@@ -22,6 +23,9 @@ from safetensors.torch import load_file
 from wan.images import I2V_PIPELINE
 from wan.model_index import local_config
 from wan.settings import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from diffusers import WanImageToVideoPipeline
 
 _HOW_TO_GET = (
     f"get weights with `hf download {DEFAULT_MODEL} --local-dir DIR`, "
@@ -159,7 +163,10 @@ def load_pipeline(
             raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
         if transformer is not None:
             components["transformer"] = load_transformer(transformer, model, dtype)
-        pipeline = WanImageToVideoPipeline if local_config(str(path)).get("_class_name") == I2V_PIPELINE else WanPipeline
+        pipeline = WanPipeline
+        if local_config(str(path)).get("_class_name") == I2V_PIPELINE:
+            # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
+            from diffusers import WanImageToVideoPipeline as pipeline
         pipe = pipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
     else:
         pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
@@ -172,7 +179,7 @@ def load_pipeline(
             raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
         finally:
             pipeline_logger.removeFilter(_drop_hub_fallback_warning)
-        if not isinstance(pipe, (WanPipeline, WanImageToVideoPipeline)):
+        if not isinstance(pipe, WanPipeline) and type(pipe).__name__ != I2V_PIPELINE:
             raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
                              f"{I2V_PIPELINE} (image to video) model")
 

@@ -17,24 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    UniPCMultistepScheduler,
-    WanImageToVideoPipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    T5TokenizerFast,
-    UMT5Config,
-    UMT5EncoderModel,
-)
+from transformers import CLIPVisionConfig, CLIPVisionModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+if TYPE_CHECKING:
+    from diffusers import WanImageToVideoPipeline
 
 TEXT_DIM = 32
 #: the tiny CLIP's width (Wan2.1 I2V's ViT-H: 1280) and its input side: 32-pixel images in 16-pixel patches, 4 + 1 tokens
@@ -89,6 +80,8 @@ def _tiny_transformer(family: str = "wan2.1-t2v") -> WanTransformer3DModel:
 
 def _tiny_image_encoder() -> dict:
     """A tiny CLIP vision tower and its processor (Wan2.1 I2V's image_encoder and image_processor)."""
+    from transformers import CLIPImageProcessor  # here: see build_tiny_pipeline
+
     encoder = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         image_size=IMAGE_SIDE, patch_size=IMAGE_PATCH, projection_dim=IMAGE_DIM)).eval()
@@ -121,7 +114,11 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipelin
         elif family in IMAGE_FAMILIES:
             extra = _tiny_image_encoder()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipeline = WanImageToVideoPipeline if family in IMAGE_FAMILIES else WanPipeline
+    pipeline = WanPipeline
+    if family in IMAGE_FAMILIES:
+        # imported only here: without torchvision, transformers 5 warns (on importing CLIPImageProcessor, as diffusers'
+        # I2V pipeline module does) that it falls back to its PIL processor, which text-to-video users need not read
+        from diffusers import WanImageToVideoPipeline as pipeline
     return pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,
         transformer=transformer, **extra,
