@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -305,29 +306,66 @@ def warm_up(pipe, patch, settings: GenerationSettings, device: str) -> None:
         handle.state.config = config
 
 
+@dataclasses.dataclass
+class Session:
+    """The loaded pipeline with every lever applied: what each video of the run is made and reported with."""
+
+    pipe: Any
+    patch: Any  # the first expert's wan.patch.NablaPatch, or None (mode full, no cache)
+    names: tuple[str, ...]  # the experts' attribute names: ("transformer",) or ("transformer", "transformer_2")
+    compiled: bool
+    device: str
+    main_rank: bool
+    recorder: Any  # wan.stats.StatsRecorder with --stats, else None
+    #: --compare's stock-model run: its frames, the file they went to, its seconds; else None
+    full: tuple[Any, Path, float] | None
+    #: outputs that could not be encoded (their frames went to .npy files)
+    unwritten: list[Path] = dataclasses.field(default_factory=list)
+
+    def save(self, frames, path: Path, fps: int) -> Path:
+        from wan.video import write_video_or_frames
+
+        written, reason = write_video_or_frames(frames, path, fps)
+        if reason is not None:
+            self.unwritten.append(path)
+            print(f"error: could not write {path} ({reason}); its frames are saved in {written} (numpy.load reads "
+                  "them)", file=sys.stderr)
+        return written
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved) or,
     with --prompts, an entry failed."""
     plan = resolve(args)
-    sparsity, settings, precision, cache = plan.sparsity, plan.settings, plan.precision, plan.cache
-    from nabla.backend import dense_above
+    session = prepare(args, plan)
+    if args.prompts is None:
+        make(args, plan, session, plan.jobs[0])  # a single run's errors end it (exit code 2, from main)
+        return 1 if session.unwritten else 0
+    failed = []
+    for job in plan.jobs:
+        try:
+            make(args, plan, session, job)
+        except Exception as err:  # noqa: BLE001 - one entry's failure (NaN, out of memory, ...) must not end the others
+            failed.append(job)
+            print(f"error: {job.where} ({job.output}): {one_line(err)}", file=sys.stderr)
+            if isinstance(err, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+    made = len(plan.jobs) - len(failed) - len(session.unwritten)
+    print(f"made {made} of {len(plan.jobs)} videos from {args.prompts}" +
+          (f"; failed: {', '.join(job.where for job in failed)}" if failed else ""))
+    return 1 if failed or session.unwritten else 0
+
+
+def prepare(args: argparse.Namespace, plan: Plan) -> Session:
+    """Load the pipeline, run --compare's stock reference, then apply the levers (FP8, NABLA, parallelism, the
+    cache) to every expert and warm up."""
+    settings = plan.settings
     from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
     from wan.cache import enable_cache, expert_cache
     from wan.experts import EXPERT_NAMES, boundary_step, experts
     from wan.loading import load_pipeline
     from wan.precision import apply_precision
     from wan.run import generate
-    from wan.video import write_video_or_frames
-
-    unwritten = []
-
-    def save(frames, path: Path) -> Path:
-        written, reason = write_video_or_frames(frames, path, settings.fps)
-        if reason is not None:
-            unwritten.append(path)
-            print(f"error: could not write {path} ({reason}); its frames are saved in {written} (numpy.load reads "
-                  "them)", file=sys.stderr)
-        return written
 
     setup = None
     if args.ulysses > 1 or args.cfg_parallel:
@@ -335,42 +373,42 @@ def run(args: argparse.Namespace) -> int:
 
         setup = init_parallel(args.ulysses, args.cfg_parallel)
     device = str(setup.device) if setup else plan.device
-    main_rank = setup is None or setup.is_main
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
                          transformer=args.transformer)
     if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
         from wan.lora import load_lora
 
         load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
-    pipe.set_progress_bar_config(disable=not main_rank)
-    transformers = experts(pipe, "generate")
+    pipe.set_progress_bar_config(disable=not (setup is None or setup.is_main))
+    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
+    # a hub model's pipeline and experts are known only now
     check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
-                       settings.last_image)  # a hub model's pipeline is known only now  # Wan2.2 A14B: both experts, each patched, quantised and cached
-    names = EXPERT_NAMES[:len(transformers)]
-    if plan.sparsity_2 is not None:  # a hub model's experts are known only now
+                       settings.last_image)
+    if plan.sparsity_2 is not None:
         check_low_noise_model(settings.model, len(transformers))
     check_one_expert(settings.model, one_expert_flags(args), len(transformers))
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup
     compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
-
+    session = Session(pipe, None, EXPERT_NAMES[:len(transformers)], False, device, setup is None or setup.is_main,
+                      None, None)
     if args.compare:
         enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)  # stock attention, blocks compiled alike
         if warmup:
             generate(pipe, settings, steps=1)
         full_frames, full_seconds = generate(pipe, settings)
-        full_written = save(full_frames, plan.full_output)
+        session.full = full_frames, session.save(full_frames, plan.full_output, settings.fps), full_seconds
         disable_nabla(pipe)
 
     # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
     for transformer in transformers:
-        apply_precision(transformer, precision)
+        apply_precision(transformer, plan.precision)
     uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
     # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
     # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
-    patch = enable_nabla(pipe, sparsity, config_2=plan.sparsity_2, compile=compile_blocks, pad_dense=uneven,
-                         always=cache is not None)
-    compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
+    session.patch = enable_nabla(pipe, plan.sparsity, config_2=plan.sparsity_2, compile=compile_blocks,
+                                 pad_dense=uneven, always=plan.cache is not None)
+    session.compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
     if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
         for transformer in transformers:
             check_degree(transformer.config.num_attention_heads, setup.ulysses)
@@ -382,106 +420,122 @@ def run(args: argparse.Namespace) -> int:
     # The low-noise expert's hooks count its steps from the boundary: its schedule is shifted to the run's.
     first_steps = [0, boundary_step(pipe, settings.steps)][:len(transformers)]
     for transformer, first_step in zip(transformers, first_steps):
-        enable_cache(transformer, expert_cache(cache, first_step))
+        enable_cache(transformer, expert_cache(plan.cache, first_step))
     if warmup:
-        warm_up(pipe, patch, settings, device)
-    recorder = None
-    if args.stats is not None and patch:
+        warm_up(pipe, session.patch, settings, device)
+    if args.stats is not None and session.patch:
         from wan.stats import StatsRecorder, default_mask_steps
 
-        recorder = StatsRecorder(default_mask_steps(sparsity.dense_steps, settings.steps))
+        session.recorder = StatsRecorder(default_mask_steps(plan.sparsity.dense_steps, settings.steps))
+    return session
 
-    def make(job: Job) -> None:
-        """Generate, write and report one video (the patch's records start afresh for each)."""
-        settings = job.settings
-        if patch:
-            patch.state.reset()
-            patch.state.recorder = recorder
-        frames, seconds = generate(pipe, settings, decode=main_rank)
-        if not main_rank:
-            return  # rank 0 writes the video and reports
-        written = save(frames, job.output)
-        density = patch.state.mean_density() if patch else None
-        per_expert = [patch.state.mean_density(expert) for expert in range(len(names))] if patch else None
-        from wan.stats import step_report
 
-        layers = len(pipe.transformer.blocks)
-        records = patch.state.records if patch else None
-        steps_report = step_report(records.passes, layers, records.experts) if patch else None
-        computed = len(steps_report["computed_steps"]) if steps_report else settings.steps
-        fidelity = None
-        if args.compare:
-            from wan.fidelity import video_fidelity
+@dataclasses.dataclass
+class Outcome:
+    """What one finished video reports."""
 
-            fidelity = video_fidelity(full_frames, frames)
-        if args.stats is not None:
-            from wan.stats import masks_path, run_report, write_stats
+    written: Path
+    seconds: float
+    density: float | None  # the run's mean mask density (None: no sparse call)
+    per_expert: list[float | None] | None  # each expert's, where patched
+    steps_report: dict | None  # wan.stats.step_report: computed and cached steps, attention calls
+    computed: int  # denoising steps that computed all their blocks
+    fidelity: dict | None  # against --compare's stock video
 
-            extra = {"device": str(device), "timing": "cuda events" if torch.device(device).type == "cuda" else
-                     "time.perf_counter", "seconds": seconds, "backend": patch.backend if patch else None,
-                     "compiled_blocks": compiled, "dense_fallback_calls": len(patch.state.records.dense_fallbacks) if patch else 0,
-                     "mean_kernel_density": patch.state.mean_kernel_density() if patch else None,
-                     "precision": precision, "cache": describe_cache(cache), "experts": list(names)}
-            if len(names) > 1:  # Wan2.2 A14B: the low-noise expert's config and each expert's mean density
-                extra.update(config_2=dataclasses.asdict(plan.sparsity_2 or sparsity), mean_density_per_expert=per_expert)
-            if steps_report is not None:
-                extra.update(steps_report)
-            if args.compare:
-                extra.update(full_seconds=full_seconds, fidelity=fidelity)
-            report = run_report(recorder, sparsity, settings, **extra)
-            stats = write_stats(args.stats, report, recorder.mask_entries() if recorder is not None else [])
-            print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
 
-        size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
-        blocks = "compiled" if compiled else "not compiled"
-        backend = patch.backend if patch else None
-        label = describe_run(sparsity, precision, cache, backend, plan.sparsity_2)
-        print(f"wrote {written} ({size}, {label}, transformer blocks {blocks}) in {seconds:.2f} s")
-        if precision != "bf16" or cache is not None:
-            linears = "FP8 linear layers" if precision == "fp8" else "linear layers in the model's dtype"
-            print(f"levers: {linears}, {describe_cache(cache)}; denoising steps computed: {computed} of {settings.steps}"
-                  " (the others took some or all blocks from the cache)")
-        kernel_density = patch.state.mean_kernel_density() if patch and sparsity.query_merge > 1 else None
-        if kernel_density is not None:
-            print(f"{sparsity.query_block_size}-row kernel query blocks attend the union of their {sparsity.block_size}"
-                  f"-token mask rows: the kernel computed {kernel_density:.3f} of the blocks, the mask keeps {density:.3f}")
-        if patch and patch.state.records.dense_fallbacks:
-            merged = " (the union of the mask rows that a kernel query block merges)" if sparsity.query_merge > 1 else ""
-            print(f"{len(patch.state.records.dense_fallbacks)} sparse attention calls ran dense: the kernel would have computed "
-                  f"more blocks{merged} than dense_above ({dense_above(sparsity, backend or 'eager'):.2f}), where dense "
-                  "attention is faster, or the layer's mask was that dense within the last steps")
-        if args.compare:
-            print(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, transformer "
-                  f"blocks {blocks}) in {full_seconds:.2f} s")
-            if torch.device(device).type != "cuda":  # before the table, which stays the last lines printed
-                print("on the CPU the speedup does not show: FlexAttention runs eagerly there, computing every block and "
-                      "masking afterwards; it is a GPU effect of the compiled FlexAttention kernels (BENCHMARKS.md), and "
-                      "the CPU path is for correctness")
-            print("| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |")
-            print("|---|---|---|---|---|---|---|")
-            print(f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |")
-            dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
-            quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
-            print(f"| {label} | {seconds:.2f} | {full_seconds / seconds:.2f}x | {quality} | {dens} |")
-        elif density is not None:
-            print(f"mean mask density: {density:.3f}" + (_per_expert(names, per_expert) if len(names) > 1 else ""))
+def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> None:
+    """Generate, write and report one video (the patch's records start afresh for each)."""
+    from wan.run import generate
+    from wan.stats import step_report
 
-    if args.prompts is None:
-        make(plan.jobs[0])  # a single run's errors end it (exit code 2, from main)
-        return 1 if unwritten else 0
-    failed = []
-    for job in plan.jobs:
-        try:
-            make(job)
-        except Exception as err:  # noqa: BLE001 - one entry's failure (NaN, out of memory, ...) must not end the others
-            failed.append(job)
-            print(f"error: {job.where} ({job.output}): {one_line(err)}", file=sys.stderr)
-            if isinstance(err, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
-    made = len(plan.jobs) - len(failed) - len(unwritten)
-    print(f"made {made} of {len(plan.jobs)} videos from {args.prompts}" +
-          (f"; failed: {', '.join(job.where for job in failed)}" if failed else ""))
-    return 1 if failed or unwritten else 0
+    settings, patch = job.settings, session.patch
+    if patch:
+        patch.state.reset()
+        patch.state.recorder = session.recorder
+    frames, seconds = generate(session.pipe, settings, decode=session.main_rank)
+    if not session.main_rank:
+        return  # rank 0 writes the video and reports
+    written = session.save(frames, job.output, settings.fps)
+    records = patch.state.records if patch else None
+    steps_report = step_report(records.passes, len(session.pipe.transformer.blocks), records.experts) if patch else None
+    fidelity = None
+    if session.full is not None:
+        from wan.fidelity import video_fidelity
+
+        fidelity = video_fidelity(session.full[0], frames)
+    outcome = Outcome(written, seconds, patch.state.mean_density() if patch else None,
+                      [patch.state.mean_density(e) for e in range(len(session.names))] if patch else None,
+                      steps_report, len(steps_report["computed_steps"]) if steps_report else settings.steps, fidelity)
+    if args.stats is not None:
+        write_run_stats(args.stats, plan, session, settings, outcome)
+    print("\n".join(summary_lines(plan, session, settings, outcome)))
+
+
+def write_run_stats(path: Path, plan: Plan, session: Session, settings: GenerationSettings, outcome: Outcome) -> None:
+    """--stats: the recorder's per-call report with the run's settings, totals and levers."""
+    from wan.stats import masks_path, run_report, write_stats
+
+    patch, recorder = session.patch, session.recorder
+    extra = {"device": session.device, "seconds": outcome.seconds,
+             "timing": "cuda events" if torch.device(session.device).type == "cuda" else "time.perf_counter",
+             "backend": patch.backend if patch else None, "compiled_blocks": session.compiled,
+             "dense_fallback_calls": len(patch.state.records.dense_fallbacks) if patch else 0,
+             "mean_kernel_density": patch.state.mean_kernel_density() if patch else None,
+             "precision": plan.precision, "cache": describe_cache(plan.cache), "experts": list(session.names)}
+    if len(session.names) > 1:  # Wan2.2 A14B: the low-noise expert's config and each expert's mean density
+        extra.update(config_2=dataclasses.asdict(plan.sparsity_2 or plan.sparsity),
+                     mean_density_per_expert=outcome.per_expert)
+    if outcome.steps_report is not None:
+        extra.update(outcome.steps_report)
+    if session.full is not None:
+        extra.update(full_seconds=session.full[2], fidelity=outcome.fidelity)
+    report = run_report(recorder, plan.sparsity, settings, **extra)
+    stats = write_stats(path, report, recorder.mask_entries() if recorder is not None else [])
+    print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
+
+
+def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, outcome: Outcome) -> list[str]:
+    """What a finished video prints: the file and its run, the levers, fallbacks, and --compare's table last."""
+    from nabla.backend import dense_above
+
+    sparsity, patch, density = plan.sparsity, session.patch, outcome.density
+    size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
+    blocks = "compiled" if session.compiled else "not compiled"
+    backend = patch.backend if patch else None
+    label = describe_run(sparsity, plan.precision, plan.cache, backend, plan.sparsity_2)
+    lines = [f"wrote {outcome.written} ({size}, {label}, transformer blocks {blocks}) in {outcome.seconds:.2f} s"]
+    if plan.precision != "bf16" or plan.cache is not None:
+        linears = "FP8 linear layers" if plan.precision == "fp8" else "linear layers in the model's dtype"
+        lines.append(f"levers: {linears}, {describe_cache(plan.cache)}; denoising steps computed: {outcome.computed} "
+                     f"of {settings.steps} (the others took some or all blocks from the cache)")
+    kernel_density = patch.state.mean_kernel_density() if patch and sparsity.query_merge > 1 else None
+    if kernel_density is not None:
+        lines.append(f"{sparsity.query_block_size}-row kernel query blocks attend the union of their "
+                     f"{sparsity.block_size}-token mask rows: the kernel computed {kernel_density:.3f} of the blocks, "
+                     f"the mask keeps {density:.3f}")
+    if patch and patch.state.records.dense_fallbacks:
+        merged = " (the union of the mask rows that a kernel query block merges)" if sparsity.query_merge > 1 else ""
+        lines.append(f"{len(patch.state.records.dense_fallbacks)} sparse attention calls ran dense: the kernel would "
+                     f"have computed more blocks{merged} than dense_above ({dense_above(sparsity, backend or 'eager'):.2f}"
+                     "), where dense attention is faster, or the layer's mask was that dense within the last steps")
+    if session.full is None:
+        if density is not None:
+            experts = _per_expert(session.names, outcome.per_expert) if len(session.names) > 1 else ""
+            lines.append(f"mean mask density: {density:.3f}{experts}")
+        return lines
+    _, full_written, full_seconds = session.full
+    lines.append(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, "
+                 f"transformer blocks {blocks}) in {full_seconds:.2f} s")
+    if torch.device(session.device).type != "cuda":  # before the table, which stays the last lines printed
+        lines.append("on the CPU the speedup does not show: FlexAttention runs eagerly there, computing every block and "
+                     "masking afterwards; it is a GPU effect of the compiled FlexAttention kernels (BENCHMARKS.md), and "
+                     "the CPU path is for correctness")
+    fidelity = outcome.fidelity
+    dens = "n/a (all steps dense)" if density is None else f"{density:.3f}"
+    quality = f"{fidelity['psnr']:.2f} | {fidelity['ssim']:.4f} | {fidelity['mad']:.4f}"
+    return [*lines, "| attention | seconds | speedup | PSNR (dB) | SSIM | MAD | mean mask density |",
+            "|---|---|---|---|---|---|---|", f"| full | {full_seconds:.2f} | 1.00x | inf | 1.0000 | 0.0000 | 1.000 |",
+            f"| {label} | {outcome.seconds:.2f} | {full_seconds / outcome.seconds:.2f}x | {quality} | {dens} |"]
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
