@@ -29,8 +29,19 @@ from wan.batch import Job, plan_jobs, read_prompts
 from wan.cache import cache_config, check_cache_parallel, describe_cache
 from wan.experts import check_low_noise_model, check_one_expert, low_noise_config
 from wan.images import check_local_model_images, check_model_images, pipeline_images
+from wan.model_index import local_ti2v
 from wan.precision import PRECISIONS, check_precision
-from wan.settings import DEFAULT_MODEL, GenerationSettings, check_device, find_config, shipped_configs
+from wan.settings import (
+    DEFAULT_MODEL,
+    TI2V_DEFAULTS,
+    TI2V_PIXELS_PER_TOKEN,
+    GenerationSettings,
+    check_device,
+    find_config,
+    for_ti2v,
+    given_keys,
+    shipped_configs,
+)
 from wan.stats import check_stats_path
 from wan.video import check_output_path
 
@@ -73,12 +84,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=float, metavar="S", help="strength of --lora, a finite number (default: 1.0; "
                    "0 gives the base model)")
     p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
-    p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (default: 480)")
-    p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (default: 832)")
-    p.add_argument("--frames", type=int, help="number of frames, 4k+1 (default: 81)")
+    p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (of 32 for a Wan2.2 TI2V "
+                   f"model) (default: 480; TI2V: {TI2V_DEFAULTS['height']})")
+    p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (of 32 for a Wan2.2 TI2V model) "
+                   f"(default: 832; TI2V: {TI2V_DEFAULTS['width']})")
+    p.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default: 81; TI2V: {TI2V_DEFAULTS['frames']})")
     p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
-    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default: 16)")
+    p.add_argument("--fps", type=int, help=f"frames per second of the MP4 (default: 16; TI2V: {TI2V_DEFAULTS['fps']})")
     p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
                    "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
                    "[0, 1], no video encoder needed: for machines without ffmpeg). If MP4 encoding fails after the "
@@ -119,6 +132,10 @@ class Plan:
     sparsity_2: SparsityConfig | None
     #: the run's settings (with --prompts, the first entry's prompt: the warm-up's)
     settings: GenerationSettings
+    #: the settings a flag or the config gave: a Wan2.2 TI2V model's defaults replace the others
+    given: frozenset[str]
+    #: the model is Wan2.2 TI2V (from a local folder's model_index.json); None for a hub id, known once loaded
+    ti2v: bool | None
     #: the videos to make: one for --prompt, one per entry of --prompts
     jobs: list[Job]
     #: --compare's stock-model video
@@ -155,6 +172,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         entries = read_prompts(args.prompts)
         overrides["prompt"] = entries[0].values["prompt"]
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
+    given = given_keys(data.get("generation"), overrides)
+    ti2v = local_ti2v(settings.model)
+    if ti2v:
+        settings = for_ti2v(settings, given)
     check_images(settings)
     if sparsity_2 is not None:
         check_low_noise_model(settings.model)
@@ -192,9 +213,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         from wan.parallel import check_sequence
 
         # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
-        if math.prod(token_grid(settings)) % args.ulysses:
-            check_sequence(TileLayout(*token_grid(settings)).padded_length, args.ulysses, "tokens of the tiled sequence")
-    return Plan(sparsity, sparsity_2, settings, jobs, full_output, precision, cache, device)
+        grid = token_grid(settings, TI2V_PIXELS_PER_TOKEN if ti2v else 16)
+        if math.prod(grid) % args.ulysses:
+            check_sequence(TileLayout(*grid).padded_length, args.ulysses, "tokens of the tiled sequence")
+    return Plan(sparsity, sparsity_2, settings, given, ti2v, jobs, full_output, precision, cache, device)
 
 
 def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple[str, object]:
@@ -230,9 +252,10 @@ def check_lora_args(args: argparse.Namespace) -> None:
         check_lora_path(args.lora)
 
 
-def token_grid(settings: GenerationSettings) -> tuple[int, int, int]:
-    """Wan2.1's transformer tokens: 4x temporal and 8x spatial VAE compression, then 1x2x2 patches."""
-    return (settings.frames - 1) // 4 + 1, settings.height // 16, settings.width // 16
+def token_grid(settings: GenerationSettings, pixels: int = 16) -> tuple[int, int, int]:
+    """The transformer's tokens: 4x temporal VAE compression, and `pixels` a token's side (the spatial compression x
+    the 2x2 patches: Wan2.1's 8x VAE 16, Wan2.2 TI2V's 16x one 32)."""
+    return (settings.frames - 1) // 4 + 1, settings.height // pixels, settings.width // pixels
 
 
 def _per_expert(names: tuple[str, ...], densities: list[float | None]) -> str:
@@ -381,6 +404,9 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
         load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
     pipe.set_progress_bar_config(disable=not (setup is None or setup.is_main))
     transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
+    if plan.ti2v is None and pipe.config.get("expand_timesteps"):  # a hub id's Wan2.2 TI2V: its defaults now
+        plan.settings = settings = for_ti2v(settings, plan.given)
+        plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given)) for job in plan.jobs]
     # a hub model's pipeline and experts are known only now
     check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
                        settings.last_image)
@@ -403,7 +429,8 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
     # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
     for transformer in transformers:
         apply_precision(transformer, plan.precision)
-    uneven = setup is not None and math.prod(token_grid(settings)) % setup.ulysses != 0
+    pixels = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    uneven = setup is not None and math.prod(token_grid(settings, pixels)) % setup.ulysses != 0
     # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
     # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
     session.patch = enable_nabla(pipe, plan.sparsity, config_2=plan.sparsity_2, compile=compile_blocks,
@@ -575,8 +602,8 @@ def console(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: nabla-wan {generate,make-tiny-model} ... (--help after a command for its flags)\n\n"
               "  generate         text- or image-to-video with NABLA sparse attention (the flags of generate.py)\n"
-              "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v, wan2.2-a14b, wan2.1-i2v or\n"
-              "                   wan2.1-flf2v) to a folder: an offline demo model\n"
+              "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v, wan2.2-a14b, wan2.1-i2v,\n"
+              "                   wan2.1-flf2v or wan2.2-ti2v) to a folder: an offline demo model\n"
               "  --version        print the version", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":

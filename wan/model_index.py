@@ -14,3 +14,10 @@ def local_config(model: str, part: str = "model_index.json") -> dict[str, Any] |
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def local_ti2v(model: str) -> bool | None:
+    """Whether the local pipeline folder `model` is Wan2.2 TI2V: its model_index.json sets `expand_timesteps` (the
+    per-token timesteps of TI2V-5B); None for a hub id (known once loaded: `pipe.config.expand_timesteps`)."""
+    index = local_config(model)
+    return None if index is None else bool(index.get("expand_timesteps"))

@@ -14,6 +14,10 @@ MAX_FRAMES = 241
 MAX_STEPS = 1000
 #: the shipped configs, package data of `wan` (in a checkout a link to the top-level configs/)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: Wan2.2 TI2V-5B's own defaults (its published runs: 1280x704, 121 frames at 24 fps) where no flag or config gives one
+TI2V_DEFAULTS = {"height": 704, "width": 1280, "frames": 121, "fps": 24}
+#: a TI2V token's side in pixels: its VAE compresses 16x, then the transformer's 2x2 patches
+TI2V_PIXELS_PER_TOKEN = 32
 
 
 @dataclasses.dataclass
@@ -81,6 +85,24 @@ class GenerationSettings:
         if self.last_image is not None and self.frames < 5:
             raise ValueError(f"frames: {self.frames} is not allowed with a last image; a first and a last frame need "
                              "at least 5 frames")
+
+
+def given_keys(yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> frozenset[str]:
+    """The settings that a config's `generation:` section or a flag gives (the others take their defaults)."""
+    return frozenset(yaml_section or {}) | {key for key, value in overrides.items() if value is not None}
+
+
+def for_ti2v(settings: GenerationSettings, given: frozenset[str]) -> GenerationSettings:
+    """`settings` for a Wan2.2 TI2V model: TI2V_DEFAULTS for the settings not `given`, and its size rule (one-line
+    ValueError for a side that is not a multiple of 32)."""
+    settings = dataclasses.replace(settings, **{k: v for k, v in TI2V_DEFAULTS.items() if k not in given})
+    for side in ("height", "width"):
+        value = getattr(settings, side)
+        if value % TI2V_PIXELS_PER_TOKEN:
+            low = value // TI2V_PIXELS_PER_TOKEN * TI2V_PIXELS_PER_TOKEN
+            raise ValueError(f"{side}: {value} is not allowed for a Wan2.2 TI2V model; it needs a multiple of 32 (its "
+                             f"16x VAE, then 2x2 patches; e.g. {low or 32} or {low + 32})")
+    return settings
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

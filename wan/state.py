@@ -117,14 +117,18 @@ class NablaState:
         self, latents: torch.Tensor, patch_size: tuple[int, int, int], timestep: torch.Tensor, parallel: bool = False
     ) -> None:
         """Read the forward's token grid and step; `parallel`: under context parallelism (attention gets the
-        stream split by diffusers, so the processor does not tile)."""
+        stream split by diffusers, so the processor does not tile).
+
+        `timestep` is [batch], or [batch, tokens] per token (Wan2.2 TI2V, `expand_timesteps`): there the step's
+        timestep is the maximum over the first batch element's tokens, the generated frames' (an image-conditioned
+        run's first frame carries 0). The grid is the latents' over the patch size whatever the VAE (TI2V's 16x one:
+        1280x704 -> 44x80 latents -> 22x40 tokens a frame, which the layout pads to whole tiles).
+        """
         T, H, W = (n // p for n, p in zip(latents.shape[2:], patch_size))
         if self.layout is None or self.layout.shape != (T, H, W):
             self.layout = TileLayout(T, H, W)
-        if timestep.ndim != 1:
-            raise ValueError("NABLA patch: per-token timesteps (Wan2.2 TI2V) are not supported; use a Wan2.1 model")
         self.training = torch.is_grad_enabled()
-        self.clock.tick(None if self.training else float(timestep[0]))
+        self.clock.tick(None if self.training else float(timestep[0].max()))
         self.records.experts[self.step] = self.expert
         # Sparse steps get q, k, v tiled inside the compiled block; dense steps keep them in raster order (the
         # compiled block then has one graph for each, compiled in the warm-up; generate.py warms up both), and so

@@ -6,7 +6,9 @@ Families: `wan2.1-t2v` (one transformer), `wan2.2-a14b` (Wan2.2 A14B's layout: a
 low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is),
 `wan2.1-i2v` (Wan2.1 I2V-14B's layout: a WanImageToVideoPipeline with a CLIP image encoder, whose last-but-one hidden
 states the transformer's cross-attention reads beside the text, and 16 noise + 20 condition input channels) and
-`wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame).
+`wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame)
+and `wan2.2-ti2v` (Wan2.2 TI2V-5B's: a WanPipeline with `expand_timesteps`, so per-token timesteps, and a 48-channel
+VAE that patchifies 2x2 pixels before 8x downsampling: 16x spatial compression, 32 pixels a token).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
 (tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
@@ -58,24 +60,29 @@ def build_tokenizer() -> T5TokenizerFast:
 
 #: the tiny families: name -> what it is (the --family choices)
 FAMILIES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B-style two-expert",
-            "wan2.1-i2v": "Wan2.1 I2V", "wan2.1-flf2v": "Wan2.1 FLF2V (first and last frame)"}
+            "wan2.1-i2v": "Wan2.1 I2V", "wan2.1-flf2v": "Wan2.1 FLF2V (first and last frame)",
+            "wan2.2-ti2v": "Wan2.2 TI2V-5B-style (48-channel 16x VAE, per-token timesteps)"}
 #: the image-to-video families: they build a WanImageToVideoPipeline
 IMAGE_FAMILIES = ("wan2.1-i2v", "wan2.1-flf2v")
 #: Wan2.2 A14B's switch from the high-noise to the low-noise expert (its model_index.json)
 A14B_BOUNDARY_RATIO = 0.875
+#: Wan2.2 TI2V-5B's latent channels (Wan2.1's VAE: 16)
+TI2V_LATENT_CHANNELS = 48
 
 
 def _tiny_transformer(family: str = "wan2.1-t2v") -> WanTransformer3DModel:
     # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
-    image = {}
+    extra = {}
     if family in IMAGE_FAMILIES:  # as in Wan2.1 I2V: the latents plus a 4-channel frame mask and 16 condition channels,
         # the CLIP tokens projected to the width (attn2's add_k_proj / add_v_proj); FLF2V: position embeddings of 2 images
-        image = {"in_channels": 36, "image_dim": IMAGE_DIM, "added_kv_proj_dim": 24,
+        extra = {"in_channels": 36, "image_dim": IMAGE_DIM, "added_kv_proj_dim": 24,
                  "pos_embed_seq_len": 2 * IMAGE_TOKENS if family == "wan2.1-flf2v" else None}
+    elif family == "wan2.2-ti2v":
+        extra = {"in_channels": TI2V_LATENT_CHANNELS, "out_channels": TI2V_LATENT_CHANNELS}
     return WanTransformer3DModel(**{
         "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
         "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2,
-        "rope_max_seq_len": 1024, **image}).eval()
+        "rope_max_seq_len": 1024, **extra}).eval()
 
 
 def _tiny_image_encoder() -> dict:
@@ -87,6 +94,21 @@ def _tiny_image_encoder() -> dict:
         image_size=IMAGE_SIDE, patch_size=IMAGE_PATCH, projection_dim=IMAGE_DIM)).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
     return {"image_encoder": encoder, "image_processor": processor}
+
+
+def _tiny_vae(family: str) -> AutoencoderKLWan:
+    # 3 downsamples -> 8x spatial; two temporal ones -> 4x: 9 frames become 1 + 8 / 4 = 3 latent frames.
+    if family != "wan2.2-ti2v":
+        return AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+    # Wan2.2's VAE (diffusers' conversion of it): residual blocks, 2x2 pixel patches (12 channels in and out) before
+    # the 8x downsampling, so 16x spatial; latents normalised by mean 0, std 1 here (the real ones are measured)
+    return AutoencoderKLWan(
+        base_dim=4, z_dim=TI2V_LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, latents_mean=[0.0] * TI2V_LATENT_CHANNELS, latents_std=[1.0] * TI2V_LATENT_CHANNELS,
+    )
 
 
 def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipeline | WanImageToVideoPipeline:
@@ -104,15 +126,14 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipelin
             )
         )
         transformer = _tiny_transformer(family)
-        # 3 downsamples -> 8x spatial; two temporal ones -> 4x: 9 frames become 1 + 8 / 4 = 3 latent frames.
-        vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
+        vae = _tiny_vae(family)
         extra = {}  # drawn last: the Wan2.1 T2V family's weights stay those of the same seed
         if family == "wan2.2-a14b":
             extra = {"transformer_2": _tiny_transformer(), "boundary_ratio": A14B_BOUNDARY_RATIO}
         elif family in IMAGE_FAMILIES:
             extra = _tiny_image_encoder()
+    if family == "wan2.2-ti2v":  # as Wan2.2 TI2V-5B's model_index.json: per-token timesteps, one transformer
+        extra["expand_timesteps"] = True
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipeline = WanPipeline
     if family in IMAGE_FAMILIES:
