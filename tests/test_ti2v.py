@@ -161,3 +161,14 @@ def test_a_hub_ti2v_model_gets_its_defaults_once_loaded(ti2v_model, tmp_path, mo
     capsys.readouterr()
     assert run_cli(*common, "--height", "48", "--overwrite") == 2
     assert capsys.readouterr().err.endswith(refusal("height", 48, "32 or 64"))
+
+
+def test_an_image_for_ti2v_is_refused_before_loading_with_what_runs_it(ti2v_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "first.png")
+    assert run_cli("--model", ti2v_model, "--prompt", "a cat", "--image", tmp_path / "first.png", "--height", "64",
+                   "--width", "64", "--output", tmp_path / "v.npy") == 2
+    assert capsys.readouterr().err == (f"error: --image: {ti2v_model} is a Wan2.2 TI2V model, whose image mode "
+                                       "generate.py does not run yet; drop --image for its text to video, or run it "
+                                       "through diffusers' WanImageToVideoPipeline(**pipe.components, "
+                                       "expand_timesteps=True) with enable_nabla\n")

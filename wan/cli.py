@@ -409,7 +409,7 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
         plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given)) for job in plan.jobs]
     # a hub model's pipeline and experts are known only now
     check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
-                       settings.last_image)
+                       settings.last_image, bool(getattr(pipe.config, "expand_timesteps", False)))
     if plan.sparsity_2 is not None:
         check_low_noise_model(settings.model, len(transformers))
     check_one_expert(settings.model, one_expert_flags(args), len(transformers))

@@ -51,9 +51,14 @@ def image_frames(pipeline: str, transformer: Mapping[str, Any]) -> int:
 
 
 def check_model_images(model: str, pipeline: str, transformer: Mapping[str, Any], image: str | None,
-                       last_image: str | None) -> None:
-    """One-line ValueError unless the images given (`image`, `last_image`: paths or None) are what `model` takes."""
+                       last_image: str | None, ti2v: bool = False) -> None:
+    """One-line ValueError unless the images given (`image`, `last_image`: paths or None) are what `model` takes;
+    `ti2v`: a Wan2.2 TI2V pipeline (per-token timesteps), whose image mode generate.py does not run yet."""
     frames = image_frames(pipeline, transformer)
+    if ti2v and image is not None:
+        raise ValueError(f"--image: {model} is a Wan2.2 TI2V model, whose image mode generate.py does not run yet; "
+                         f"drop --image for its text to video, or run it through diffusers' {I2V_PIPELINE}"
+                         "(**pipe.components, expand_timesteps=True) with enable_nabla")
     if frames == 0 and image is not None:
         raise ValueError(f"--image: {model} is a text-to-video model ({pipeline}) and takes no image; image to video "
                          f"needs a {I2V_PIPELINE} model, such as {_I2V_EXAMPLE}")
@@ -71,7 +76,7 @@ def check_local_model_images(model: str, image: str | None, last_image: str | No
     index = local_config(model)
     if index is not None:
         check_model_images(model, index.get("_class_name", ""), local_config(model, "transformer/config.json") or {},
-                           image, last_image)
+                           image, last_image, bool(index.get("expand_timesteps")))
 
 
 def pipeline_images(settings: Any) -> dict[str, Image.Image]:
