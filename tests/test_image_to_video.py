@@ -133,8 +133,10 @@ def test_a_hub_model_loads_the_class_its_index_names(i2v_model, images, tmp_path
      "image file '{tmp}/text.png'); give a PNG, JPEG, WebP, ... file")),
     ("flf2v", ["--image", "{tmp}/first.png", "--last-image", "{tmp}/cut.png"], ("--last-image: {tmp}/cut.png cannot be "
      "read as an image (PIL: image file is truncated); give a PNG, JPEG, WebP, ... file")),
+    ("i2v", ["--image", "{tmp}/first.png", "--cfg-parallel"], ("--image runs on one process for now; drop "
+     "--ulysses/--cfg-parallel")),
 ], ids=["text-model", "no-image", "last-for-i2v", "last-alone", "one-frame", "missing", "folder", "not-image",
-        "truncated"])
+        "truncated", "several-gpus"])
 def test_bad_images_are_refused_before_loading(model, flags, error, tiny_model, i2v_model, flf2v_model, images,
                                                 tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))

@@ -177,6 +177,8 @@ def resolve(args: argparse.Namespace) -> Plan:
     if ti2v:
         settings = for_ti2v(settings, given)
     check_images(settings)
+    if settings.image is not None and (args.ulysses > 1 or args.cfg_parallel):  # not run on several GPUs yet
+        raise ValueError("--image runs on one process for now; drop --ulysses/--cfg-parallel")
     if sparsity_2 is not None:
         check_low_noise_model(settings.model)
     check_one_expert(settings.model, one_expert_flags(args))
