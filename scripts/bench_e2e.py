@@ -51,13 +51,13 @@ from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
 from scripts.make_random_model import build_random_pipeline
-from scripts.make_tiny_model import build_tiny_pipeline
 from wan.api import BLOCK_COMPILE_OPTIONS
 from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
 from wan.patch import patch_transformer, unpatch
 from wan.precision import apply_precision, check_precision
 from wan.state import NablaState
 from wan.stats import step_report
+from wan.tiny import build_tiny_pipeline
 
 PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 LEVERS = ("cache", "fp8", "fp8+cache")

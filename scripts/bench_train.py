@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
 from scripts.make_random_model import build_random_transformer
-from scripts.make_tiny_model import build_tiny_pipeline
 from wan.data_parallel import DataParallel
 from wan.sparsity_schedule import SparseAttention
+from wan.tiny import build_tiny_pipeline
 from wan.train_config import SparsitySchedule, TrainingConfig
 from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_step
 

@@ -19,8 +19,8 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from transformers import UMT5Config, UMT5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.make_tiny_model import build_tokenizer
 from wan.loading import keep_fp32_modules
+from wan.tiny import build_tokenizer
 
 # From Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers transformer/config.json.
 ARCHS = {

@@ -1,12 +1,14 @@
 """The tiny offline Wan pipelines, from a checkout: `python scripts/make_tiny_model.py OUT_DIR [--seed 0] [--family F]`.
 
-It lives in `wan.tiny` (installed as `nabla-wan make-tiny-model OUT_DIR`); this script and its names stay for
-the commands and imports that use `scripts.make_tiny_model`.
+The code lives in `wan.tiny` (installed as `nabla-wan make-tiny-model OUT_DIR`); this is the checkout's command.
 """
 
-from wan.tiny import build_tiny_pipeline, build_tokenizer, main, save_tiny_model
+import sys
+from pathlib import Path
 
-__all__ = ["build_tiny_pipeline", "build_tokenizer", "main", "save_tiny_model"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/make_tiny_model.py` from anywhere
+
+from wan.tiny import main
 
 if __name__ == "__main__":
     main()

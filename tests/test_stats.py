@@ -15,7 +15,7 @@ from wan.stats import default_mask_steps, load_masks, pack_mask, unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
-LAYERS, HEADS = 2, 2  # scripts/make_tiny_model.py
+LAYERS, HEADS = 2, 2  # wan/tiny.py
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
