@@ -53,6 +53,21 @@ def _device(pipe_or_transformer: Any, transformer: WanTransformer3DModel) -> tor
 #: own q, k, v in tile order, mask and output) that held two activations for nothing: 1.7 GiB at 14B 720p.
 BLOCK_COMPILE_OPTIONS = {"allow_buffer_reuse": False}
 
+#: ... and of blocks that train. Inductor's mix-order reduction (torch 2.10 on, CUDA) computes the gradient of Wan's
+#: `scale_shift_table` wrong: garbage where the blocks compile whole (pytorch/pytorch#193061, found on Wan2.1 14B), a
+#: shape error where the attention breaks the graph ("invalid gradient at index 16 - got [1536] but expected shape
+#: compatible with [1, 1, 1536]", bench_train's full fine-tuning with NABLA on torch 2.11).
+TRAINING_COMPILE_OPTIONS = {**BLOCK_COMPILE_OPTIONS, "triton.mix_order_reduction": False}
+
+
+def compile_blocks(transformer: WanTransformer3DModel, options: dict | None = None) -> None:
+    """Compile the transformer's repeated blocks as enable_nabla does (`options`: inductor's, default
+    BLOCK_COMPILE_OPTIONS; TRAINING_COMPILE_OPTIONS for blocks that run a backward); disable_nabla drops them."""
+    # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape change must
+    # give a second static graph, not one graph with dynamic shapes (slower kernels).
+    transformer.compile_repeated_blocks(dynamic=False, options=options or BLOCK_COMPILE_OPTIONS)
+    transformer._nabla_compiled = True
+
 
 def enable_nabla(
     pipe_or_transformer: Any,
@@ -98,10 +113,7 @@ def enable_nabla(
         handle = handle or patched
     if compile or (compile is None and device.type == "cuda"):
         for transformer in transformers:
-            # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape
-            # change must give a second static graph, not one graph with dynamic shapes (slower kernels).
-            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
-            transformer._nabla_compiled = True
+            compile_blocks(transformer)
     return handle
 
 

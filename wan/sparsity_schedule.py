@@ -31,10 +31,12 @@ class SparseAttention:
 
     def __init__(self, transformer: torch.nn.Module, target: SparsityConfig, schedule: SparsitySchedule,
                  compile: bool) -> None:
-        from wan.api import enable_nabla  # the patch imports the attention kernels: only when training starts
+        from wan.api import TRAINING_COMPILE_OPTIONS, compile_blocks, enable_nabla  # imports the attention kernels
 
         self.target, self.schedule = target, schedule
-        self.handle = enable_nabla(transformer, target, compile=compile)
+        self.handle = enable_nabla(transformer, target, compile=False)
+        if compile:
+            compile_blocks(transformer, TRAINING_COMPILE_OPTIONS)
         self.current: SparsityConfig | None = None
 
     def start_step(self, step: int) -> SparsityConfig:
