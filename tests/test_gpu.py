@@ -22,6 +22,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 WAN_SHAPES = {"1.3B-480p": (12, 21, 30, 52), "14B-720p": (40, 21, 45, 80)}
 
 
+def small_transformer(heads: int = 4):
+    """A two-block Wan transformer of the real head size (128), on the current device (float32)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=1e-6, rope_max_seq_len=1024)
+
+
 def qkv(heads: int, layout: TileLayout) -> list[torch.Tensor]:
     return [layout.tile(torch.randn(1, heads, layout.length, 128, device="cuda", dtype=torch.bfloat16), dim=2)
             for _ in range(3)]
@@ -183,17 +193,13 @@ def test_merged_query_blocks_match_masked_reference(backend, shape):
 def test_compiled_patched_blocks_match_eager_blocks(block_size):
     """The patched transformer with compiled blocks (the processor's gathers, rotary and block means in inductor's
     kernels) against the same blocks run eagerly, float32 so that both keep the same blocks; a padded grid."""
-    from diffusers import WanTransformer3DModel
 
     from wan.api import BLOCK_COMPILE_OPTIONS
     from wan.patch import patch_transformer, unpatch
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).eval()
+        transformer = small_transformer().eval()
         latents = torch.randn(1, 16, 3, 90, 64)  # token grid (3, 45, 32): padded to (3, 48, 32)
         text, timestep = torch.randn(1, 16, 64), torch.tensor([500.0])
     config = SparsityConfig(mode="nabla", threshold=0.7, block_size=block_size, max_density=0.3, backend="triton",
@@ -291,16 +297,12 @@ def test_flash_trains_on_a_grid_without_padding(mode):
 def test_compiled_patched_blocks_train_without_recompiles():
     """The patched transformer with compiled blocks under autograd: three Adam steps, no recompile after the first,
     the loss falls, the masks are sparse."""
-    from diffusers import WanTransformer3DModel
 
     from wan.api import disable_nabla, enable_nabla
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).to(torch.bfloat16).train()
+        transformer = small_transformer().to(torch.bfloat16).train()
         latents, target = torch.randn(2, 1, 16, 3, 90, 64, dtype=torch.bfloat16)  # grid (3, 45, 32): padded
         text, timestep = torch.randn(1, 16, 64, dtype=torch.bfloat16), torch.tensor([500.0])
     transformer.enable_gradient_checkpointing()
@@ -334,18 +336,13 @@ def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
     gradients are checked; STA's mask is fixed."""
     import copy
 
-    from diffusers import WanTransformer3DModel
-
     from wan.sparsity_schedule import SparseAttention
     from wan.train_config import SparsitySchedule
     from wan.trainer import sample_losses
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        eager = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).train()
+        eager = small_transformer(heads=2).train()
         batch = {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
                  "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
                  "target": torch.randn(1, 16, 3, 90, 64)}
