@@ -1,4 +1,5 @@
-"""Fine-tune Wan2.1 text-to-video (LoRA or full) on your own clips, with NABLA sparse attention or dense.
+"""Fine-tune Wan (LoRA or full) on your own clips, with NABLA sparse attention or dense: Wan2.1 T2V and I2V, Wan2.2
+T2V-A14B and I2V-A14B (one expert or both: `training.expert`) and TI2V-5B (`training.first_frame_condition_prob`).
 
     python finetune.py precompute --model MODEL --data clips/ --config configs/finetune-lora.yaml
     python finetune.py train --model MODEL --data clips/ --config configs/finetune-lora.yaml --output runs/fox
@@ -21,6 +22,7 @@ import torch
 
 from nabla.backend import check_trainable
 from wan.clips import find_clips
+from wan.families import Family, check_family_training, read_family
 from wan.loading import ModelNotFoundError
 from wan.settings import DEFAULT_MODEL, check_device
 from wan.train_config import TrainingConfig, check_target_modules, load_finetune_config
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("precompute", "encode the clips into the latent cache"),
                        ("train", "train (encoding the clips the cache lacks first)")):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers Wan2.1 T2V folder "
-                         f"(default: {DEFAULT_MODEL})")
+        sub.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers Wan folder: Wan2.1 "
+                         f"T2V or I2V, Wan2.2 A14B (T2V or I2V) or TI2V-5B (default: {DEFAULT_MODEL})")
         sub.add_argument("--data", type=Path, required=True, help="folder of videos with captions")
         sub.add_argument("--config", type=Path, help="YAML with `sparsity:` and `training:` sections (default: dense "
                          "LoRA with the defaults of configs/finetune-lora.yaml)")
@@ -59,19 +61,22 @@ def model_id(model: str) -> str:
     return str(Path(model).expanduser().resolve()) if _is_local(model) else model
 
 
-def check_model(model: str, training: TrainingConfig) -> None:
-    """The model's configs load and the LoRA targets name its Linear layers: no weights are read."""
+def check_model(model: str, training: TrainingConfig) -> Family:
+    """The model's family, the settings it takes, and the LoRA targets among its Linear layers: no weights are read."""
     from wan.lora import transformer_linear_names
 
     if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
         raise ModelNotFoundError(f"model: {model} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        names = transformer_linear_names(model)
+        family = read_family(model)
+        check_family_training(family, training, model)
+        names = transformer_linear_names(model, family.trained_experts(training.expert)[0])
     except OSError as err:
-        raise ModelNotFoundError(f"model: could not read the transformer config of {model!r} "
+        raise ModelNotFoundError(f"model: could not read the configs of {model!r} "
                                  f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     if training.method == "lora":
         check_target_modules(training.target_modules, names)
+    return family
 
 
 def flow_shift(model: str, training: TrainingConfig) -> float:
@@ -84,16 +89,19 @@ def flow_shift(model: str, training: TrainingConfig) -> float:
     return scheduler_shift(UniPCMultistepScheduler.load_config(model, subfolder="scheduler"))
 
 
-def load_encoders(model: str, device: torch.device):
-    """The pipeline without its transformer: tokenizer, text encoder (bf16 on CUDA), VAE (float32), scheduler."""
-    from diffusers import WanPipeline
+def load_encoders(model: str, device: torch.device, family: Family):
+    """The pipeline without its transformers: tokenizer, text encoder (bf16 on CUDA), VAE (float32), scheduler, and
+    for image to video the CLIP image encoder (float32, as generate.py runs it) and its processor where it has them."""
+    import diffusers  # the I2V class only where needed: importing it warns without torchvision (transformers 5)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = WanPipeline.from_pretrained(model, transformer=None, dtype={"vae": torch.float32, "default": dtype})
+    dtypes = {"vae": torch.float32, "image_encoder": torch.float32, "default": dtype}
+    pipe = getattr(diffusers, family.pipeline).from_pretrained(model, transformer=None, transformer_2=None, dtype=dtypes)
     return pipe.to(device)
 
 
-def precompute_cache(args: argparse.Namespace, training: TrainingConfig, device: torch.device, show: bool):
+def precompute_cache(args: argparse.Namespace, training: TrainingConfig, family: Family, device: torch.device,
+                     show: bool):
     """Encode the clips the cache lacks; print each skipped clip and the counts. Returns the usable entries."""
     from tqdm import tqdm
 
@@ -101,8 +109,9 @@ def precompute_cache(args: argparse.Namespace, training: TrainingConfig, device:
 
     cache = args.cache or args.data / ".latent-cache"
     report = precompute(find_clips(args.data), cache, training, model_id(args.model),
-                        lambda: load_encoders(args.model, device),
-                        progress=lambda clips: tqdm(clips, desc="encoding clips", unit="clip", disable=not show))
+                        lambda: load_encoders(args.model, device, family),
+                        progress=lambda clips: tqdm(clips, desc="encoding clips", unit="clip", disable=not show),
+                        family=family)
     if show:
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -114,7 +123,8 @@ def precompute_cache(args: argparse.Namespace, training: TrainingConfig, device:
 
 
 def check_inputs(args: argparse.Namespace):
-    """Every setting, before any model loads: config, data folder, output folder, model config and LoRA targets."""
+    """Every setting, before any model loads: config, data folder, output folder, model configs and LoRA targets.
+    Returns the sparsity and training configs and the model's family."""
     sparsity, training = load_finetune_config(args.config)
     check_trainable(sparsity, check_device(args.device))  # e.g. 64-token blocks on CUDA: refused before loading
     find_clips(args.data)
@@ -124,8 +134,7 @@ def check_inputs(args: argparse.Namespace):
         check_output(args.output, args.resume, args.overwrite)
         if args.resume and (args.output / "run.json").is_file():
             check_resume(args.output, run_settings(args, sparsity, training))
-    check_model(args.model, training)
-    return sparsity, training
+    return sparsity, training, check_model(args.model, training)
 
 
 def run_settings(args: argparse.Namespace, sparsity, training: TrainingConfig) -> dict:
@@ -134,7 +143,7 @@ def run_settings(args: argparse.Namespace, sparsity, training: TrainingConfig) -
             "training": training.to_dict()}
 
 
-def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
+def train(args: argparse.Namespace, sparsity, training: TrainingConfig, family: Family) -> int:
     from wan.data_parallel import close, init_data_parallel
     from wan.latent_cache import load_entries
     from wan.run_folder import clear_run, write_run_file
@@ -144,25 +153,25 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
     parallel = init_data_parallel(args.device)
     try:
         if parallel.is_main:
-            entries = precompute_cache(args, training, parallel.device, show=True)
+            entries = precompute_cache(args, training, family, parallel.device, show=True)
             if args.overwrite:
                 clear_run(args.output)
             write_run_file(args.output, run_settings(args, sparsity, training))
         parallel.barrier()
         if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
-            entries = precompute_cache(args, training, parallel.device, show=False)
+            entries = precompute_cache(args, training, family, parallel.device, show=False)
         validator = None
         if training.validation.every:
-            validator = Validator(load_encoders(args.model, parallel.device), training, parallel.device,
+            validator = Validator(load_encoders(args.model, parallel.device, family), training, parallel.device,
                                   torch.bfloat16 if parallel.device.type == "cuda" else torch.float32)
         trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
-                          flow_shift(args.model, training), validator)
+                          flow_shift(args.model, training), validator, family)
         start = trainer.resume() if args.resume else 0
         code = trainer.run(start)
         if code == 0:
-            result = trainer.export()
+            results = ", ".join(str(path) for path in trainer.export())
             if parallel.is_main:
-                print(f"wrote {result} (log: {args.output / 'log.jsonl'}; plot it with scripts/plot_training.py)")
+                print(f"wrote {results} (log: {args.output / 'log.jsonl'}; plot it with scripts/plot_training.py)")
         return code
     finally:
         close(parallel)
@@ -171,12 +180,12 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        sparsity, training = check_inputs(args)
+        sparsity, training, family = check_inputs(args)
         if args.command == "precompute":
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            precompute_cache(args, training, device, show=True)
+            precompute_cache(args, training, family, device, show=True)
             return 0
-        return train(args, sparsity, training)
+        return train(args, sparsity, training, family)
     except ValueError as err:  # ModelNotFoundError included: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

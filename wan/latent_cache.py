@@ -3,7 +3,8 @@
 An entry's name holds a hash of everything its tensors depend on (the clip's path, size and modification
 time, its caption, the training size, frames and fps, the model), so a changed clip or setting never reuses a
 stale entry: it simply has another name. A clip that cannot be used gets a `.skip.json` under the same key
-(its reason), so it is reported again without being decoded again.
+(its reason), so it is reported again without being decoded again. For image-to-video models an entry also holds what
+WanImageToVideoPipeline conditions on, with the clip's first frame as the image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan.clips import Clip, ClipError, read_clip
+from wan.families import T2V, Family
 from wan.files import atomic_write
 from wan.train_config import TrainingConfig
 
@@ -32,11 +34,13 @@ class CacheReport:
     encoded: int  # entries written by this call (the rest were reused)
 
 
-def cache_key(clip: Clip, training: TrainingConfig, model: str) -> str:
+def cache_key(clip: Clip, training: TrainingConfig, model: str, family: Family = T2V) -> str:
     stat = clip.path.stat()
     fields = {"clip": str(clip.path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
               "caption": clip.caption, "height": training.height, "width": training.width,
               "frames": training.frames, "fps": training.fps, "model": model, "version": CACHE_VERSION}
+    if family.image_condition:  # only there: the keys of text-to-video entries stay what they were
+        fields["condition"] = "first frame"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -55,14 +59,34 @@ def normalize_latents(mean_std: tuple[list[float], list[float]], latents: torch.
 
 
 @torch.no_grad()
-def encode_clip(encoders, video: torch.Tensor, caption: str) -> dict[str, torch.Tensor]:
-    """Latents [C, F', H', W'] (float32) and text embeddings [512, D] of one clip, on the CPU."""
+def encode_clip(encoders, video: torch.Tensor, caption: str, family: Family = T2V) -> dict[str, torch.Tensor]:
+    """Latents [C, F', H', W'] (float32) and text embeddings [512, D] of one clip, on the CPU; for an image-to-video
+    `family` also its first frame's condition (`image_inputs`)."""
     vae = encoders.vae
     latents = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()[0].float()
     latents = normalize_latents((vae.config.latents_mean, vae.config.latents_std), latents)
     embeds, _ = encoders.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=MAX_TEXT_TOKENS,
                                        device=encoders.text_encoder.device)
-    return {"latents": latents.cpu().contiguous(), "prompt_embeds": embeds[0].cpu().contiguous()}
+    tensors = {"latents": latents, "prompt_embeds": embeds[0]}
+    if family.image_condition:
+        tensors.update(image_inputs(encoders, video, latents, family.image_embeds))
+    return {name: t.cpu().contiguous() for name, t in tensors.items()}
+
+
+def image_inputs(encoders, video: torch.Tensor, latents: torch.Tensor, clip_tokens: bool) -> dict[str, torch.Tensor]:
+    """What WanImageToVideoPipeline feeds the transformer for the clip's first frame as the image: `condition`
+    [4 + C, F', H', W'], the frame mask and the latents of the frame followed by black (its prepare_latents), and
+    with `clip_tokens` the CLIP image tokens `image_embeds` [N, D] (its encode_image)."""
+    frame = video[None, :, 0]  # [1, 3, H, W] in [-1, 1]: what the pipeline's video_processor.preprocess makes of it
+    _, frames, height, width = video.shape
+    # `latents` only fills the pipeline's noise slot, which is not used here (and draws no random numbers)
+    _, condition = encoders.prepare_latents(frame.to(encoders.vae.device), 1, latents.shape[0], height, width, frames,
+                                            torch.float32, latents.device, latents=latents[None])
+    inputs = {"condition": condition[0]}
+    if clip_tokens:
+        image = encoders.video_processor.postprocess(frame, output_type="pil")
+        inputs["image_embeds"] = encoders.encode_image(image, latents.device)[0]
+    return inputs
 
 
 def _write_skip(entry: Path, reason: str) -> None:
@@ -70,15 +94,17 @@ def _write_skip(entry: Path, reason: str) -> None:
 
 
 def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig, model: str,
-               load_encoders: Callable[[], object], progress: Callable[[Iterable], Iterable] = iter) -> CacheReport:
+               load_encoders: Callable[[], object], progress: Callable[[Iterable], Iterable] = iter,
+               family: Family = T2V) -> CacheReport:
     """Encode every clip without a valid entry (the encoders load only if one is missing) and list the usable ones.
 
-    `load_encoders()` returns a WanPipeline-like object with `vae`, `text_encoder` and `encode_prompt`.
+    `load_encoders()` returns the model's pipeline without transformers (`vae`, `text_encoder`, `encode_prompt`, and
+    for image to video `prepare_latents` and `encode_image`).
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     report, encoders = CacheReport([], [], 0), None
     for clip in progress(list(clips)):
-        entry = entry_path(cache_dir, clip, cache_key(clip, training, model))
+        entry = entry_path(cache_dir, clip, cache_key(clip, training, model, family))
         if entry.is_file():
             report.entries.append(entry)
             continue
@@ -94,7 +120,7 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
             report.skipped.append((clip.path, str(err)))
             continue
         encoders = encoders or load_encoders()
-        tensors = encode_clip(encoders, video, clip.caption)
+        tensors = encode_clip(encoders, video, clip.caption, family)
         atomic_write(entry, lambda tmp, t=tensors, name=str(clip.path): save_file(t, tmp, metadata={"clip": name}))
         report.entries.append(entry)
         report.encoded += 1

@@ -17,9 +17,10 @@ ADAPTER = "default"  # the name peft gives the adapter that add_adapter adds
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def transformer_linear_names(model: str) -> list[str]:
-    """Names of the transformer's Linear layers, from its config alone (built on the meta device: no weights read)."""
-    config = WanTransformer3DModel.load_config(model, subfolder="transformer")
+def transformer_linear_names(model: str, subfolder: str = "transformer") -> list[str]:
+    """Names of the Linear layers of the transformer in `subfolder`, from its config alone (built on the meta device:
+    no weights read)."""
+    config = WanTransformer3DModel.load_config(model, subfolder=subfolder)
     with torch.device("meta"):
         transformer = WanTransformer3DModel.from_config(config)
     return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]

@@ -27,23 +27,28 @@ def config_at(step: int, target: SparsityConfig, schedule: SparsitySchedule) -> 
 
 
 class SparseAttention:
-    """The transformer's attention under the schedule. Mode full patches nothing (the handle is None)."""
+    """The attention of the transformers that train under the schedule: a transformer, or a module whose `transformer`
+    and `transformer_2` are Wan2.2's two experts (patched as enable_nabla patches a pipeline's, one step count and
+    one record for both). Mode full patches nothing (the handle is None)."""
 
     def __init__(self, transformer: torch.nn.Module, target: SparsityConfig, schedule: SparsitySchedule,
                  compile: bool) -> None:
         from wan.api import TRAINING_COMPILE_OPTIONS, compile_blocks, enable_nabla  # imports the attention kernels
+        from wan.experts import experts
 
         self.target, self.schedule = target, schedule
         self.handle = enable_nabla(transformer, target, compile=False)
         if compile:
-            compile_blocks(transformer, TRAINING_COMPILE_OPTIONS)
+            for expert in experts(transformer, "training"):
+                compile_blocks(expert, TRAINING_COMPILE_OPTIONS)
         self.current: SparsityConfig | None = None
 
     def start_step(self, step: int) -> SparsityConfig:
         config = config_at(step, self.target, self.schedule)
         if self.handle is not None:
             if config != self.current:
-                self.handle.set_config(config)
+                for expert in self.handle.experts:
+                    expert.set_config(config)
             self.handle.state.reset()
         self.current = config
         return config

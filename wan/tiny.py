@@ -6,8 +6,9 @@ Families: `wan2.1-t2v` (one transformer), `wan2.2-a14b` (Wan2.2 A14B's layout: a
 low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is),
 `wan2.1-i2v` (Wan2.1 I2V-14B's layout: a WanImageToVideoPipeline with a CLIP image encoder, whose last-but-one hidden
 states the transformer's cross-attention reads beside the text, and 16 noise + 20 condition input channels) and
-`wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame)
-and `wan2.2-ti2v` (Wan2.2 TI2V-5B's: a WanPipeline with `expand_timesteps`, so per-token timesteps, and a 48-channel
+`wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame),
+`wan2.2-i2v-a14b` (Wan2.2 I2V-A14B's: a WanImageToVideoPipeline of two 36-channel experts switched at 0.9, no image
+encoder: its transformers read the VAE's latents of the frames only) and `wan2.2-ti2v` (Wan2.2 TI2V-5B's: a WanPipeline with `expand_timesteps`, so per-token timesteps, and a 48-channel
 VAE that patchifies 2x2 pixels before 8x downsampling: 16x spatial compression, 32 pixels a token).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
@@ -61,11 +62,12 @@ def build_tokenizer() -> T5TokenizerFast:
 #: the tiny families: name -> what it is (the --family choices)
 FAMILIES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B-style two-expert",
             "wan2.1-i2v": "Wan2.1 I2V", "wan2.1-flf2v": "Wan2.1 FLF2V (first and last frame)",
-            "wan2.2-ti2v": "Wan2.2 TI2V-5B-style (48-channel 16x VAE, per-token timesteps)"}
+            "wan2.2-ti2v": "Wan2.2 TI2V-5B-style (48-channel 16x VAE, per-token timesteps)",
+            "wan2.2-i2v-a14b": "Wan2.2 I2V-A14B-style two-expert image-to-video"}
 #: the image-to-video families: they build a WanImageToVideoPipeline
-IMAGE_FAMILIES = ("wan2.1-i2v", "wan2.1-flf2v")
-#: Wan2.2 A14B's switch from the high-noise to the low-noise expert (its model_index.json)
-A14B_BOUNDARY_RATIO = 0.875
+IMAGE_FAMILIES = ("wan2.1-i2v", "wan2.1-flf2v", "wan2.2-i2v-a14b")
+#: Wan2.2 A14B's switch from the high-noise to the low-noise expert (its model_index.json), and I2V-A14B's
+A14B_BOUNDARY_RATIO, I2V_A14B_BOUNDARY_RATIO = 0.875, 0.9
 #: Wan2.2 TI2V-5B's latent channels (Wan2.1's VAE: 16)
 TI2V_LATENT_CHANNELS = 48
 
@@ -73,7 +75,9 @@ TI2V_LATENT_CHANNELS = 48
 def _tiny_transformer(family: str = "wan2.1-t2v") -> WanTransformer3DModel:
     # head_dim 12 splits into t/h/w RoPE dims of 4/4/4; rope_max_seq_len bounds each grid axis.
     extra = {}
-    if family in IMAGE_FAMILIES:  # as in Wan2.1 I2V: the latents plus a 4-channel frame mask and 16 condition channels,
+    if family == "wan2.2-i2v-a14b":  # the latents plus the frame mask and condition channels; no image tokens
+        extra = {"in_channels": 36}
+    elif family in IMAGE_FAMILIES:  # as in Wan2.1 I2V: the latents plus a 4-channel frame mask and 16 condition channels,
         # the CLIP tokens projected to the width (attn2's add_k_proj / add_v_proj); FLF2V: position embeddings of 2 images
         extra = {"in_channels": 36, "image_dim": IMAGE_DIM, "added_kv_proj_dim": 24,
                  "pos_embed_seq_len": 2 * IMAGE_TOKENS if family == "wan2.1-flf2v" else None}
@@ -130,6 +134,8 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipelin
         extra = {}  # drawn last: the Wan2.1 T2V family's weights stay those of the same seed
         if family == "wan2.2-a14b":
             extra = {"transformer_2": _tiny_transformer(), "boundary_ratio": A14B_BOUNDARY_RATIO}
+        elif family == "wan2.2-i2v-a14b":
+            extra = {"transformer_2": _tiny_transformer(family), "boundary_ratio": I2V_A14B_BOUNDARY_RATIO}
         elif family in IMAGE_FAMILIES:
             extra = _tiny_image_encoder()
     if family == "wan2.2-ti2v":  # as Wan2.2 TI2V-5B's model_index.json: per-token timesteps, one transformer

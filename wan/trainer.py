@@ -3,6 +3,9 @@
 Global sample n (counted over optimizer steps, accumulation micro-steps, ranks and the per-rank batch, in
 that order) takes clip `sample_clip(n)` and draws its noise level and noise from a generator seeded by
 (seed, n): the draws do not depend on how many processes share the batch, nor on where a run resumed.
+A Wan2.2 A14B run trains one expert or both; with both, optimizer steps alternate between them (even steps, counted
+from 0, `transformer`; odd ones `transformer_2`), every sample of a step on its expert's side of the boundary, so
+all ranks run the same expert (FSDP's collectives) and each expert sees the timesteps it runs at sampling time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nabla.config import SparsityConfig
 from wan import flow_matching
 from wan.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
 from wan.data_parallel import DataParallel, shard_transformer
+from wan.families import T2V, Family, first_frame_prob
 from wan.lora import add_lora, save_lora
 from wan.run_folder import append_log, truncate_log
 from wan.sparsity_schedule import SparseAttention
@@ -57,30 +61,48 @@ def sample_numbers(step: int, micro: int, training: TrainingConfig, parallel: Da
 
 
 def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training: TrainingConfig, shift: float,
-               device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Noisy latents, timesteps, text embeddings and flow targets of the samples `numbers`."""
-    x0, noise, sigmas, embeds = [], [], [], []
+               device: torch.device, dtype: torch.dtype, family: Family = T2V,
+               timesteps: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+    """The transformer's inputs and the flow targets of the samples `numbers`, as `family`'s pipeline feeds it; their
+    timesteps drawn within `timesteps` [low, high) (an A14B expert's side of the boundary) where given."""
+    picked, noise, sigmas, conditioned = [], [], [], []
     for n in numbers:
         entry, generator = entries[sample_clip(n, len(entries), training.seed)], sample_generator(n, training.seed)
-        sigmas.append(flow_matching.sample_sigmas(1, training.weighting_scheme, training.logit_mean,
-                                                  training.logit_std, training.mode_scale, shift, generator))
+        sigmas.append(flow_matching.sample_sigma_in(timesteps, training.weighting_scheme, training.logit_mean,
+                                                    training.logit_std, training.mode_scale, shift, generator))
         noise.append(torch.randn(entry["latents"].shape, generator=generator))
-        x0.append(entry["latents"])
-        embeds.append(entry["prompt_embeds"])
-    x0, noise, sigmas = torch.stack(x0).to(device), torch.stack(noise).to(device), torch.cat(sigmas).to(device)
-    return {"hidden_states": flow_matching.noisy_latents(x0, noise, sigmas).to(dtype),
-            "timestep": sigmas * flow_matching.NUM_TRAIN_TIMESTEPS,
-            "encoder_hidden_states": torch.stack(embeds).to(device, dtype),
-            "target": flow_matching.flow_target(x0, noise)}
+        if family.expand_timesteps:
+            conditioned.append(bool(torch.rand((), generator=generator) < first_frame_prob(training)))
+        picked.append(entry)
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([entry[name] for entry in picked]).to(device)
+
+    x0, noise, sigmas = stacked("latents"), torch.stack(noise).to(device), torch.cat(sigmas).to(device)
+    hidden, timestep = flow_matching.noisy_latents(x0, noise, sigmas), sigmas * flow_matching.NUM_TRAIN_TIMESTEPS
+    batch = {"encoder_hidden_states": stacked("prompt_embeds").to(dtype), "target": flow_matching.flow_target(x0, noise)}
+    if family.expand_timesteps:  # TI2V: a conditioned sample's first frame is the clean latent, at timestep 0
+        mask = flow_matching.first_frame_mask(x0.shape, torch.tensor(conditioned, dtype=torch.bool)).to(device)
+        hidden = (1 - mask) * x0 + mask * hidden
+        timestep, batch["loss_mask"] = flow_matching.token_timesteps(mask, timestep, family.patch_size), mask
+    if family.image_condition:  # I2V: the first frame's mask and latents along channels, as the pipeline does
+        hidden = torch.cat([hidden, stacked("condition")], dim=1)
+    if family.image_embeds:
+        batch["encoder_hidden_states_image"] = stacked("image_embeds").to(dtype)
+    return {"hidden_states": hidden.to(dtype), "timestep": timestep, **batch}
 
 
 def sample_losses(transformer: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean squared error of the predicted velocity, one value per sample (float32)."""
-    inputs = {k: v for k, v in batch.items() if k != "target"}
+    """Mean squared error of the predicted velocity, one value per sample (float32), over the frames that `loss_mask`
+    keeps where the batch has one (TI2V: not the conditioning frame)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("target", "loss_mask")}
     with torch.autocast(batch["target"].device.type, dtype=inputs["hidden_states"].dtype,
                         enabled=inputs["hidden_states"].dtype != torch.float32):
         prediction = transformer(**inputs, return_dict=False)[0]
-    return (prediction.float() - batch["target"]).square().flatten(1).mean(1)
+    error = (prediction.float() - batch["target"]).square()
+    if "loss_mask" in batch:
+        return flow_matching.masked_mean(error, batch["loss_mask"])
+    return error.flatten(1).mean(1)
 
 
 def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterator,
@@ -117,11 +139,13 @@ def make_trainable(transformer: WanTransformer3DModel, training: TrainingConfig)
     return transformer
 
 
-def load_trainable_transformer(model: str, training: TrainingConfig, device: torch.device) -> WanTransformer3DModel:
-    """The transformer with its trainable weights: a float32 LoRA on bf16 (CUDA) base weights, or float32 masters."""
+def load_trainable_transformer(model: str, training: TrainingConfig, device: torch.device,
+                               expert: str = "transformer") -> WanTransformer3DModel:
+    """The transformer `expert` (the pipeline's component) with its trainable weights: a float32 LoRA on bf16 (CUDA)
+    base weights, or float32 masters."""
     dtype = torch.bfloat16 if device.type == "cuda" and training.method == "lora" else torch.float32
     torch.manual_seed(training.seed)  # LoRA's A matrices are random
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", dtype=dtype)
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=expert, dtype=dtype)
     return make_trainable(transformer, training).to(device)
 
 
@@ -150,46 +174,59 @@ class Trainer:
     """One run: the model, its optimizer and schedule, and the loop that never loses it."""
 
     def __init__(self, model: str, entries: list[dict[str, torch.Tensor]], output: Path, sparsity: SparsityConfig,
-                 training: TrainingConfig, parallel: DataParallel, shift: float, validator: Validator | None = None):
+                 training: TrainingConfig, parallel: DataParallel, shift: float, validator: Validator | None = None,
+                 family: Family = T2V):
         self.entries, self.output, self.training, self.parallel = entries, output, training, parallel
-        self.shift, self.validator, self.lora = shift, validator, training.method == "lora"
+        self.shift, self.validator, self.lora, self.family = shift, validator, training.method == "lora", family
         cuda = parallel.device.type == "cuda"
         self.compute_dtype = torch.bfloat16 if cuda else torch.float32
-        self.transformer = load_trainable_transformer(model, training, parallel.device)
-        self.attention = SparseAttention(self.transformer, sparsity, training.sparsity_schedule, compile=cuda)
+        self.experts = {name: load_trainable_transformer(model, training, parallel.device, name)
+                        for name in family.trained_experts(training.expert)}
+        # One transformer is the model itself (its checkpoints' keys as ever); two are one module, keys by expert
+        # name, whose attributes `transformer` and `transformer_2` are what enable_nabla patches in a pipeline.
+        self.model = next(iter(self.experts.values())) if len(self.experts) == 1 else torch.nn.ModuleDict(self.experts)
+        self.attention = SparseAttention(self.model, sparsity, training.sparsity_schedule, compile=cuda)
         if parallel.distributed:
-            shard_transformer(self.transformer, self.compute_dtype)
-        self.optimizer, self.scheduler = build_optimizer(self.transformer, training)
+            for transformer in self.experts.values():
+                shard_transformer(transformer, self.compute_dtype)
+        self.optimizer, self.scheduler = build_optimizer(self.model, training)
         self.checkpoints = output / "checkpoints"
 
     def resume(self) -> int:
         """Continue from the latest checkpoint (0 if there is none); the log keeps the steps up to it."""
         saved = list_checkpoints(self.checkpoints)
-        step = load_checkpoint(saved[-1], self.transformer, self.optimizer, self.scheduler, self.lora) if saved else 0
+        step = load_checkpoint(saved[-1], self.model, self.optimizer, self.scheduler, self.lora) if saved else 0
         if self.parallel.is_main:
             truncate_log(self.output, step)
         return step
 
     def save(self, step: int) -> Path:
-        return save_checkpoint(self.checkpoints, step, self.transformer, self.optimizer, self.scheduler,
+        return save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler,
                                self.parallel, self.lora, self.training.keep_last)
 
-    def batches(self, step: int) -> Iterator[dict[str, torch.Tensor]]:
+    def expert_at(self, step: int) -> str:
+        """The expert that optimizer step `step` trains: the only one, or both in turn."""
+        names = list(self.experts)
+        return names[step % len(names)]
+
+    def batches(self, step: int, expert: str) -> Iterator[dict[str, torch.Tensor]]:
+        timesteps = self.family.timestep_range(expert)
         for micro in range(self.training.gradient_accumulation):
             numbers = sample_numbers(step, micro, self.training, self.parallel)
             yield make_batch(self.entries, numbers, self.training, self.shift, self.parallel.device,
-                             self.compute_dtype)
+                             self.compute_dtype, self.family, timesteps)
 
     def step(self, step: int) -> dict:
-        """Optimizer step `step` (0-based); returns its log entry (step counted from 1)."""
+        """Optimizer step `step` (0-based); returns its log entry (step counted from 1; `expert` for Wan2.2 A14B)."""
         config = self.attention.start_step(step)
         start = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]
-        loss, norm = optimizer_step(self.transformer, self.optimizer, self.scheduler, self.batches(step),
+        lr, expert = self.scheduler.get_last_lr()[0], self.expert_at(step)
+        loss, norm = optimizer_step(self.experts[expert], self.optimizer, self.scheduler, self.batches(step, expert),
                                     self.training.max_grad_norm, self.parallel)
-        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
-                "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
-                "s_per_step": round(time.perf_counter() - start, 4)}
+        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
+                 "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
+                 "s_per_step": round(time.perf_counter() - start, 4)}
+        return {**entry, "expert": expert} if len(self.family.experts) > 1 else entry
 
     def run(self, start: int) -> int:
         """Train from step `start` to the end; returns the exit code (0, EXIT_NAN or EXIT_INTERRUPTED)."""
@@ -231,23 +268,31 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         self.attention.for_sampling()
-        self.transformer.eval()
-        self.validator.run(self.transformer, step, self.output / "validation", self.parallel.is_main)
-        self.transformer.train()
+        self.model.eval()
+        self.validator.run(self.model, step, self.output / "validation", self.parallel.is_main)
+        self.model.train()
 
-    def export(self) -> Path:
-        """Write the result: OUT/lora (diffusers LoRA) or OUT/transformer (diffusers transformer folder)."""
-        weights = trainable_state(self.transformer, self.lora)
-        if self.lora:
-            target = self.output / "lora"
-            if self.parallel.is_main:
-                save_lora(target, self.transformer, weights)
-        else:
-            target = self.output / "transformer"
-            if self.parallel.is_main:
-                save_full_transformer(target, self.transformer.config, weights, self.compute_dtype)
+    def export(self) -> list[Path]:
+        """Write the result of each trained expert: OUT/lora (a diffusers LoRA) or OUT/transformer (a diffusers
+        transformer folder); Wan2.2's low-noise expert's go to OUT/lora_2 (loaded with load_into_transformer_2=True)
+        or OUT/transformer_2."""
+        targets = []
+        for name, transformer in self.experts.items():
+            weights = trainable_state(transformer, self.lora)
+            target = self.output / result_folder(name, self.lora)
+            if self.parallel.is_main and self.lora:
+                save_lora(target, transformer, weights)
+            elif self.parallel.is_main:
+                save_full_transformer(target, transformer.config, weights, self.compute_dtype)
+            targets.append(target)
         self.parallel.barrier()
-        return target
+        return targets
+
+
+def result_folder(expert: str, lora: bool) -> str:
+    """The folder of an expert's result: named as its pipeline component (transformer, transformer_2), a LoRA's with
+    lora in its place (lora, lora_2)."""
+    return "lora" + expert.removeprefix("transformer") if lora else expert
 
 
 def save_full_transformer(folder: Path, config, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

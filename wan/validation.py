@@ -24,6 +24,7 @@ class Validator:
                                                   device=device, dtype=dtype)
                            for p in training.validation.prompts]
         self.vae, self.scheduler = encoders.vae.to(device), encoders.scheduler
+        self.expand_timesteps = encoders.config.expand_timesteps  # Wan2.2 TI2V-5B: per-token timesteps there too
 
     def due(self, step: int) -> bool:
         every = self.training.validation.every
@@ -34,7 +35,7 @@ class Validator:
         """Sample each prompt (every rank), write the videos (where `write`); returns the files written."""
         config, training = self.training.validation, self.training
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
-                           transformer=transformer)
+                           transformer=transformer, expand_timesteps=self.expand_timesteps)
         pipe.set_progress_bar_config(disable=True)
         written = []
         for index, (embeds, negative) in enumerate(self.embeds):
