@@ -1,16 +1,32 @@
 """End-to-end denoising benchmark: stock diffusers (dense, eager) vs dense compiled vs NABLA compiled,
-and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache).
+and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache), for every Wan family.
 
     python scripts/bench_e2e.py --arch 14B --height 720 --width 1280 --frames 81 --steps 3
     python scripts/bench_e2e.py --arch 1.3B --height 480 --width 832 --frames 81 --steps 3
     python scripts/bench_e2e.py --arch 14B --steps 10 --fp8 --cache "{type: taylorseer, cache_interval: 3}"
+    python scripts/bench_e2e.py --arch a14b --steps 4 --backends flash --block-sizes 128 --skip-dense   # 1280x720 x 81
+    python scripts/bench_e2e.py --arch a14b --steps 2 --backends flash --block-sizes 128 --skip-dense --fp8 \\
+        --levers fp8+cache --video-steps 50 --cache-warmup-steps 8 \\
+        --cache "{type: taylorseer, cache_interval: 3, disable_cache_before_step: 6, disable_cache_after_step: 48}"
+    python scripts/bench_e2e.py --arch ti2v-5b --steps 3 --backends flash --block-sizes 128            # 1280x704 x 121
+    python scripts/bench_e2e.py --arch i2v-14b --steps 3 --backends flash --block-sizes 128            # 832x480 x 81
+
+Architectures (`--arch`, scripts/make_random_model.py's ARCHS; without --height/--width/--frames, each its own
+video): Wan2.1 T2V 1.3B and 14B; `a14b`, Wan2.2 T2V-A14B, whose two 14B experts are both compiled, patched (one step
+count, as generate.py patches them), quantised and cached: the timed --steps must cross the boundary (timestep
+0.875 x 1000; 4 steps run 2 on each expert), the warm-up runs each expert, and the expert of every timed step is
+printed; `ti2v-5b`, Wan2.2 TI2V-5B, whose transformer takes a timestep per token (`expand_timesteps`); `i2v-14b`,
+Wan2.1 I2V-14B 480P, a WanImageToVideoPipeline given a (random) first frame, so the transformer reads its 36 input
+channels and, in cross-attention, the CLIP image tokens. Before each table, the share of the stock step that
+self-attention takes: what bounds the speedup that sparse attention can give.
 
 Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
 dense (raster order, as dense_steps run), and NABLA for each backend (triton, flash where it runs)
 and block size (128 and 64).
-Real Wan2.1 architectures with random weights built on the GPU (no download), bf16, one seed. Each
-variant gets an untimed one-step warm-up (its compile time is reported), then a timed run of
-`--steps` denoising steps (both CFG passes each), timed per step with device synchronisation, with
+Real architectures with random weights built on the GPU (no download), bf16, one seed. Each
+variant gets an untimed warm-up (one step per expert; its compile time is reported), then a timed run of
+`--steps` denoising steps (both CFG passes each), timed per step with device synchronisation from the first
+transformer call (text and image encoding stay out), with
 torch._dynamo.config.error_on_recompile set: any recompilation across steps, layers, CFG passes or
 masks fails the run. Random weights do not give trained attention maps, so the NABLA density is set
 by `max_density`. Attention and mask shares: per-call times measured on the model's own q, k, v
@@ -23,37 +39,43 @@ A cache row computes only some of its steps: the table shows the steps that ran 
 (from the patch's per-pass counters) beside the steps run, and s/step is the total time over the
 steps run, so a cache's gain shows as fewer steps computed, not as a faster step. It runs the whole
 schedule of `--video-steps` steps (default: --steps), timed, after a warm-up of `--cache-warmup-steps`
-steps (computed and cached ones, so both code paths compile before the timing). The last column,
+steps per expert (computed and cached ones, so both code paths compile before the timing). The last column,
 denoising seconds per video of --video-steps steps, is that measured total for cache rows and
 s/step x steps for the others (every step computes all its blocks there).
 
-    python scripts/bench_e2e.py --smoke     # the tiny model on the CPU: checks the script, times nothing real
+    python scripts/bench_e2e.py --smoke [--arch a14b]   # the tiny model of that family on the CPU: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from diffusers import WanPipeline
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import itertools
+
 import wan.processor
 from nabla import SparsityConfig
 from nabla.attention import attend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
-from scripts.make_random_model import build_random_pipeline
+from scripts.make_random_model import ARCHS, build_random_pipeline
 from wan.api import BLOCK_COMPILE_OPTIONS
-from wan.cache import cache_config, describe_cache, disable_cache, enable_cache
-from wan.patch import patch_transformer, unpatch
+from wan.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
+from wan.experts import EXPERT_NAMES, boundary_step, experts, warmup_steps
+from wan.images import I2V_PIPELINE
+from wan.patch import NablaPatch, patch_transformer, unpatch
 from wan.precision import apply_precision, check_precision
 from wan.state import NablaState
 from wan.stats import step_report
@@ -67,39 +89,73 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def pipeline_inputs(pipe, args) -> dict:
+    """The call's inputs beyond the prompt: an image-to-video pipeline's first frame, random pixels (the weights are
+    random too)."""
+    if type(pipe).__name__ != I2V_PIPELINE:
+        return {}
+    pixels = np.random.RandomState(0).randint(0, 256, (args.height, args.width, 3), np.uint8)
+    return {"image": Image.fromarray(pixels)}
+
+
 def run_steps(pipe, args, steps: int) -> list[float]:
-    """Run the pipeline for `steps` steps (latents out, no VAE); returns seconds per step."""
+    """Run the pipeline for `steps` steps (latents out, no VAE decode); returns seconds per step, counted from the
+    first transformer call (text and image encoding, and I2V's VAE encoding of its condition, stay out)."""
     stamps: list[float] = []
     device = pipe._execution_device
+
+    def on_first_forward(module, inputs):
+        if not stamps:
+            sync(device)
+            stamps.append(time.perf_counter())
 
     def on_step_end(pipe, step, timestep, kwargs):
         sync(device)
         stamps.append(time.perf_counter())
         return kwargs
 
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
-             num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0),
-             output_type="latent", callback_on_step_end=on_step_end)
-    return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+    hooks = [t.register_forward_pre_hook(on_first_forward) for t in experts(pipe, "bench_e2e")]
+    try:
+        with torch.inference_mode():
+            pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
+                 num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0),
+                 output_type="latent", callback_on_step_end=on_step_end, **pipeline_inputs(pipe, args))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def step_experts(pipe, steps: int) -> list[int]:
+    """The expert (0 `transformer`, 1 `transformer_2`) that runs each step of a `steps`-step run."""
+    boundary = boundary_step(pipe, steps)
+    return [int(boundary is not None and step >= boundary) for step in range(steps)]
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop the last variant's garbage and cached blocks: each variant's peak is its own (on CUDA; a CPU run measures
+    no memory)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool = False) -> dict:
-    """Warm up (one step; --cache-warmup-steps when `cached`), then time `args.steps` steps (the
-    --video-steps schedule when `cached`).
+    """Warm up (one step per expert; --cache-warmup-steps per expert when `cached`), then time `args.steps` steps
+    (the --video-steps schedule when `cached`).
 
-    `state`: the NABLA patch's, whose per-pass counters give the steps that computed their blocks.
+    `state`: the NABLA patch's, whose records (reset before the timed run) give the steps that computed their blocks
+    and the expert of each step.
     """
-    cuda = pipe._execution_device.type == "cuda"
+    device = pipe._execution_device
+    free_memory(device)
     start = time.perf_counter()
-    run_steps(pipe, args, args.cache_warmup_steps if cached else 1)
+    run_steps(pipe, args, warmup_steps(pipe, args.cache_warmup_steps if cached else 1)[0])
     first_call = time.perf_counter() - start
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    free_memory(device)
     if state is not None:
-        state.records.passes.clear()
+        state.records.reset()
     torch._dynamo.config.error_on_recompile = True
     try:
         steps = run_steps(pipe, args, args.video_steps if cached else args.steps)
@@ -108,16 +164,18 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     step = sum(steps) / len(steps)
     layers = len(pipe.transformer.blocks)
     computed = len(step_report(state.records.passes, layers)["computed_steps"]) if state is not None else len(steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     video = sum(steps) if cached else step * args.video_steps
     row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
            "peak_gib": peak, "video_s": video}
+    ran = f", experts by step {' '.join(str(state.records.experts[i]) for i in range(len(steps)))}" \
+        if state is not None and getattr(pipe, "transformer_2", None) is not None else ""
     log(f"{name}: {step:.2f} s/step ({', '.join(f'{s:.2f}' for s in steps)}), {computed} of {len(steps)} steps "
-        f"computed, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
+        f"computed{ran}, first call {first_call:.1f} s, peak {row['peak_gib']:.1f} GiB")
     return row
 
 
-def capture_qkv(transformer, pipe, args) -> dict:
+def capture_qkv(pipe, args) -> dict:
     """Layer 0's tile-ordered q, k, v from one more NABLA step, for per-call timing; captured after the
     timed runs so the copies never count in their peak memory."""
     captured: dict = {}
@@ -136,36 +194,58 @@ def capture_qkv(transformer, pipe, args) -> dict:
     return captured
 
 
-def model_args(description: str, steps: int, extra: Callable[[argparse.ArgumentParser], None] | None = None
-               ) -> argparse.Namespace:
+def model_args(description: str, steps: int, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: Sequence[str] | None = None, archs: Sequence[str] = tuple(ARCHS)) -> argparse.Namespace:
     """The options of the end-to-end benchmarks: architecture, video size, timed steps, NABLA budget, --smoke."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["1.3B", "14B"], default="14B")
-    parser.add_argument("--height", type=int, default=720)
-    parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--arch", choices=list(archs), default="14B", help="architecture (default: 14B): " + "; ".join(
+        f"{name}: {ARCHS[name].title}, {ARCHS[name].size[1]}x{ARCHS[name].size[0]} x {ARCHS[name].size[2]} frames"
+        for name in archs))
+    parser.add_argument("--height", type=int, help="default: the architecture's")
+    parser.add_argument("--width", type=int, help="default: the architecture's")
+    parser.add_argument("--frames", type=int, help="default: the architecture's")
     parser.add_argument("--steps", type=int, default=steps, help="timed denoising steps per variant (after warm-up)")
     parser.add_argument("--max-density", type=float, default=0.1, help="NABLA density cap (random weights)")
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--smoke", action="store_true", help="the tiny offline model on CPUs, 64x96 x 9 frames")
+    parser.add_argument("--smoke", action="store_true", help="the tiny offline model of --arch's family on CPUs, "
+                        "64x96 x 9 frames")
     if extra is not None:
         extra(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    spec = ARCHS[args.arch]
     if args.smoke:
-        args.arch, args.height, args.width, args.frames, args.block_size = "tiny", 64, 96, 9, 64
-    elif not torch.cuda.is_available():
+        args.height, args.width, args.frames, args.block_size = 64, 96, 9, 64
+        args.title = f"tiny {spec.tiny_family} (--smoke)"
+        return args
+    if not torch.cuda.is_available():
         parser.error("the real architectures need CUDA; use --smoke on the CPU")
+    for name, default in zip(("height", "width", "frames"), spec.size):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.title = spec.title
     return args
 
 
-def build_pipeline(args: argparse.Namespace, device: str = "cuda") -> WanPipeline:
-    """The tiny model with --smoke, else the real architecture with random weights built on `device`."""
-    if not args.smoke:
-        log(f"building Wan2.1-{args.arch} with random weights on {device}")
-    pipe = build_tiny_pipeline() if args.smoke else build_random_pipeline(args.arch, device)
+def build_pipeline(args: argparse.Namespace, device: str = "cuda"):
+    """The tiny model of --arch's family with --smoke, else the real architecture with random weights built on
+    `device`."""
+    if args.smoke:
+        pipe = build_tiny_pipeline(family=ARCHS[args.arch].tiny_family)
+    else:
+        log(f"building {args.title} with random weights on {device}")
+        pipe = build_random_pipeline(args.arch, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_schedule(pipe, args) -> None:
+    """A two-expert pipeline's timed steps must run both experts: a per-step average over one would say nothing of
+    the other."""
+    if getattr(pipe, "transformer_2", None) is not None and len(set(step_experts(pipe, args.steps))) < 2:
+        sys.exit(f"--steps {args.steps}: every timed step runs one expert; give at least "
+                 f"{warmup_steps(pipe, 1)[0]} steps, so that the schedule crosses boundary_ratio "
+                 f"{pipe.config.boundary_ratio}")
 
 
 #: --block-sizes: tokens per block, or 64-token mask rows run two by two in 128-row kernel query blocks
@@ -183,6 +263,8 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-stock", action="store_true", help="skip the eager dense run")
     parser.add_argument("--skip-dense", action="store_true",
                         help="skip the dense compiled and patched dense runs (their ratios then show '-')")
+    parser.add_argument("--no-compile", action="store_true", help="leave the blocks eager, as generate.py "
+                        "--no-compile does (no dense compiled row; flex_attention stays compiled on CUDA)")
     add_backends_option(parser)
     parser.add_argument("--block-sizes", nargs="+", choices=list(BLOCKINGS), default=["128", "64"],
                         help="NABLA block sizes to time, 64/128 for 64-token mask rows in 128-row kernel query blocks "
@@ -198,40 +280,51 @@ def extra_options(parser: argparse.ArgumentParser) -> None:
                         "fp8+cache runs after the fp8 row, which takes FP8's compilation)")
     parser.add_argument("--video-steps", type=int, help="denoising steps of one video: the schedule that cache rows "
                         "run and time whole, and the last column's steps (default: --steps)")
-    parser.add_argument("--cache-warmup-steps", type=int, default=6, help="untimed warm-up steps of a cache row")
+    parser.add_argument("--cache-warmup-steps", type=int, default=6, help="untimed warm-up steps (per expert) of a "
+                        "cache row")
 
 
-def main() -> None:
-    args = model_args(__doc__, steps=3, extra=extra_options)
-    args.video_steps = args.video_steps or args.steps
-    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
-    cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None
-    pipe = build_pipeline(args)
-    device = pipe._execution_device
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    backends = chosen_backends(args, device)
-    if device.type != "cuda":
-        backends = ["auto"]  # eager flex_attention on the CPU
-    transformer = pipe.transformer
+def patch_experts(transformers: list, config: SparsityConfig) -> NablaPatch:
+    """Patch every expert for `config`, on one step count (as enable_nabla does); returns the first's handle."""
+    handle = None
+    for transformer in transformers:
+        patched = patch_transformer(transformer, config, expert_of=handle)
+        handle = handle or patched
+    return handle
+
+
+def set_config(patch: NablaPatch, config: SparsityConfig) -> None:
+    for handle in patch.experts:
+        handle.set_config(config)
+
+
+def enable_caches(pipe, transformers: list, cache, steps: int) -> None:
+    """The cache on every expert, last, as generate.py puts it: the low-noise expert's schedule counts from its first
+    step of a `steps`-step run."""
+    for transformer, first_step in zip(transformers, [0, boundary_step(pipe, steps)]):
+        enable_cache(transformer, expert_cache(cache, first_step))
+
+
+def nabla_rows(pipe, args, transformers: list, backends: list[str], base: SparsityConfig
+               ) -> tuple[list[dict], NablaPatch]:
+    """The dense compiled rows and a NABLA row per backend and block size; returns them and the patch (made for
+    `base`)."""
     rows = []
-    if not args.skip_stock:
-        rows.append(measure("stock diffusers, dense, eager", pipe, args))
-
-    # regional compilation: one graph for all identical blocks; static shapes, as generate.py compiles them
-    transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+    blocks = "eager" if args.no_compile else "compiled"
+    if not args.no_compile:
+        # regional compilation: one graph for all identical blocks (both experts'); static shapes, as generate.py
+        for transformer in transformers:
+            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+        if not args.skip_dense:
+            rows.append(measure("dense, compiled blocks", pipe, args))
+    patch = patch_experts(transformers, base.replace(dense_steps=10**6))
     if not args.skip_dense:
-        rows.append(measure("dense, compiled blocks", pipe, args))
-
-    base = nabla_config(args, backends[0], args.block_sizes[0])
-    patch = patch_transformer(transformer, base.replace(dense_steps=10**6))
-    if not args.skip_dense:
-        rows.append(measure("NABLA patch, all steps dense, compiled", pipe, args))
+        rows.append(measure(f"NABLA patch, all steps dense, {blocks}", pipe, args))
     for backend in backends:
         for blocking in args.block_sizes:
             cfg = nabla_config(args, backend, blocking)
-            patch.set_config(cfg)
-            patch.state.reset()
-            name = f"NABLA {backend}, block {blocking}, compiled"
+            set_config(patch, cfg)
+            name = f"NABLA {backend}, block {blocking}, {blocks}"
             try:
                 row = measure(name, pipe, args, patch.state)
             except RuntimeError as failure:  # a kernel that refuses this blocking: report it, time the rest
@@ -240,40 +333,52 @@ def main() -> None:
                 continue
             row.update(config=cfg, density=patch.state.mean_density(), kernel_density=patch.state.mean_kernel_density())
             rows.append(row)
+    return rows, patch
 
-    def lever(name: str, cached: bool = False) -> dict:
-        patch.state.reset()
+
+def lever_rows(pipe, args, transformers: list, patch: NablaPatch, base: SparsityConfig, cache) -> list[dict]:
+    """The levers on `base` (the first backend and block size). The cache goes on last, over the compiled and patched
+    blocks, as in generate.py; FP8 replaces the weights in place, so its rows come last."""
+    set_config(patch, base)
+    rows = []
+
+    def lever(name: str, cached: bool = False) -> None:
         row = measure(name, pipe, args, patch.state, cached=cached)
-        return {**row, "config": base, "density": patch.state.mean_density()}
+        rows.append({**row, "config": base, "density": patch.state.mean_density()})
 
-    # The levers on the first backend and block size. The cache goes on last, over the compiled and patched
-    # blocks, as in generate.py; FP8 replaces the weights in place, so its rows come last.
-    patch.set_config(base)
     if cache is not None and "cache" in args.levers:
-        enable_cache(transformer, cache)
-        rows.append(lever(f"NABLA + cache ({describe_cache(cache)})", cached=True))
-        disable_cache(transformer)
+        enable_caches(pipe, transformers, cache, args.video_steps)
+        lever(f"NABLA + cache ({describe_cache(cache)})", cached=True)
+        for transformer in transformers:
+            disable_cache(transformer)
     if args.fp8 and {"fp8", "fp8+cache"} & set(args.levers):
         try:
-            check_precision("fp8", device)
+            check_precision("fp8", pipe._execution_device)
         except ValueError as err:
             log(f"skipping the NABLA + FP8 rows: {err}")
-        else:
+            return rows
+        for transformer in transformers:
             apply_precision(transformer, "fp8")
-            rows.append(lever("NABLA + FP8"))  # also the FP8 compile, which "fp8+cache" would otherwise time
-            if cache is not None and "fp8+cache" in args.levers:
-                enable_cache(transformer, cache)
-                rows.append(lever(f"NABLA + FP8 + cache ({describe_cache(cache)})", cached=True))
+        lever("NABLA + FP8")  # also the FP8 compile, which "fp8+cache" would otherwise time
+        if cache is not None and "fp8+cache" in args.levers:
+            enable_caches(pipe, transformers, cache, args.video_steps)
+            lever(f"NABLA + FP8 + cache ({describe_cache(cache)})", cached=True)
+            for transformer in transformers:
                 disable_cache(transformer)
+    return rows
 
-    # Per-call attention times on layer 0's own q, k, v.
-    patch.set_config(base)
-    captured = capture_qkv(transformer, pipe, args)
+
+def per_call_times(pipe, args, patch: NablaPatch, base: SparsityConfig, rows: list[dict]) -> dict:
+    """Layer 0's q, k, v from one more step under `base`: dense SDPA's ms per call, and each NABLA row's sparse call,
+    mask build and (compiled) block means, into the rows. Returns the capture with dense_ms."""
+    device = pipe._execution_device
+    set_config(patch, base)
+    captured = capture_qkv(pipe, args)
     q, k, v, layout = captured["q"], captured["k"], captured["v"], captured["layout"]
     real = layout.untile(torch.arange(layout.padded_length, device=q.device), dim=0)
     rq, rk, rv = (x[:, :, real] for x in (q, k, v))
     compiled = device.type == "cuda"  # the kernels generate.py runs on this device
-    dense_ms = bench_ms(lambda: F.scaled_dot_product_attention(rq, rk, rv), device, 200, cpu_iters=3)
+    captured["dense_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(rq, rk, rv), device, 200, cpu_iters=3)
     valid = layout.valid_on(device)
     pool = torch.compile(lambda x, bs: pool_blocks(x, bs, valid)[0], dynamic=False) if compiled else None
 
@@ -289,15 +394,48 @@ def main() -> None:
                                       device, 200, cpu_iters=3)
             if pool is not None:  # what the means would cost in kernels of their own (q and k read again)
                 row["pool_ms"] = bench_ms(lambda bs=cfg.block_size: (pool(q, bs), pool(k, bs)), device, 200, 1)
-    calls = 2 * len(transformer.blocks)  # CFG passes x layers
-    unpatch(transformer)
+    return captured
 
+
+def arch_lines(pipe, args, rows: list[dict], calls: int, dense_ms: float) -> list[str]:
+    """What the architecture adds to the report: the experts of the timed steps, per-token timesteps, the image
+    condition, and the self-attention share of the stock step that bounds the speedup."""
+    lines = []
+    if getattr(pipe, "transformer_2", None) is not None:
+        names = [EXPERT_NAMES[e] for e in step_experts(pipe, args.steps)]
+        blocks = "" if args.no_compile else "compiled and "
+        lines.append(f"timed steps' experts (boundary_ratio {pipe.config.boundary_ratio}): {', '.join(names)}; both "
+                     f"{blocks}patched on one step count")
+    if pipe.config.get("expand_timesteps"):
+        lines.append("per-token timesteps (expand_timesteps): the transformer takes a timestep per token, and NABLA "
+                     "its step from their maximum")
+    if type(pipe).__name__ == I2V_PIPELINE:
+        config = pipe.transformer.config
+        lines.append(f"image to video: a random first frame; the transformer reads {config.in_channels} input channels "
+                     "(noise, frame mask, image latents) and the CLIP image tokens beside the text in cross-attention "
+                     "(untouched by NABLA)")
+    for row in rows:
+        if row["name"] in ("stock diffusers, dense, eager", "dense, compiled blocks"):
+            share = dense_ms * calls / 1000 / row["step_s"]
+            bound = f"{1 / (1 - share):.2f}x" if share < 1 else "unbounded"
+            lines.append(f"self-attention (dense SDPA, {calls} calls a step) takes {share:.1%} of the {row['name']} "
+                         f"step: sparse attention can make that step at most {bound} faster (the rest as it runs)")
+    return lines
+
+
+def print_report(pipe, args, rows: list[dict], captured: dict) -> None:
+    """The run's description, then the table, last."""
+    device = pipe._execution_device
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    q, layout, dense_ms = captured["q"], captured["layout"], captured["dense_ms"]
+    calls = 2 * len(pipe.transformer.blocks)  # CFG passes x layers (both experts have as many)
     heads, tokens = q.shape[1], layout.length
-    print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
+    print(f"\n## {args.title} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
           f"{layout.padded_length} in tiles), {heads} heads, {device_name}, torch {torch.__version__}")
-    print(f"timed: {args.steps} denoising steps per variant after a one-step warm-up (both CFG passes per step); "
-          f"no recompilation during the timed steps (error_on_recompile); NABLA threshold {args.threshold}, "
+    print(f"timed: {args.steps} denoising steps per variant after a warm-up of one step per expert (both CFG passes "
+          f"per step); no recompilation during the timed steps (error_on_recompile); NABLA threshold {args.threshold}, "
           f"max_density {args.max_density}")
+    print("\n".join(arch_lines(pipe, args, rows, calls, dense_ms)))
     print(f"per call: dense SDPA {dense_ms:.2f} ms; NABLA per call (mask build from the block means incl.): " + ", ".join(
         f"{r['name']} {r['sparse_ms']:.2f} ms (mask {r['mask_ms']:.2f} ms"
         + (f"; block means in kernels of their own {r['pool_ms']:.2f} ms" if "pool_ms" in r else "") + ")"
@@ -324,6 +462,28 @@ def main() -> None:
         print(f"| {row['name']} | {row['computed']}/{len(row['steps'])} | {row['step_s']:.2f} | {vs_stock} "
               f"| {vs_dense} | {density} | {attn:.1%} | {mask} | {per_call} "
               f"| {row['first_call_s']:.1f} | {row['peak_gib']:.1f} | {row['video_s']:.1f} |")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = model_args(__doc__, steps=3, extra=extra_options, argv=argv)
+    args.video_steps = args.video_steps or args.steps
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
+    cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None
+    pipe = build_pipeline(args)
+    check_schedule(pipe, args)
+    device = pipe._execution_device
+    backends = chosen_backends(args, device)
+    if device.type != "cuda":
+        backends = ["auto"]  # eager flex_attention on the CPU
+    transformers = experts(pipe, "bench_e2e")  # Wan2.2 A14B: both experts, as generate.py runs them
+    base = nabla_config(args, backends[0], args.block_sizes[0])
+    rows = [measure("stock diffusers, dense, eager", pipe, args)] if not args.skip_stock else []
+    nabla, patch = nabla_rows(pipe, args, transformers, backends, base)
+    rows += nabla + lever_rows(pipe, args, transformers, patch, base, cache)
+    captured = per_call_times(pipe, args, patch, base, rows)
+    for transformer in transformers:
+        unpatch(transformer)
+    print_report(pipe, args, rows, captured)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from wan.patch import patch_transformer
 
 
 def main() -> None:
-    args = model_args(__doc__, steps=1)
+    args = model_args(__doc__, steps=1, archs=("1.3B", "14B"))  # one transformer: Wan2.1 T2V
 
     # One mesh for both modes: CFG parallel uses the (cfg) pairs, Ulysses a 2-rank ulysses group.
     cfg_setup = init_parallel(1, cfg_parallel=True)
@@ -67,7 +67,7 @@ def main() -> None:
 
     if rank == 0:
         base = {name: s for layout, name, s in rows if layout == "1 GPU"}
-        print(f"\n## Wan2.1-{args.arch} {args.width}x{args.height} x {args.frames} frames, {device_name}, "
+        print(f"\n## {args.title} {args.width}x{args.height} x {args.frames} frames, {device_name}, "
               f"torch {torch.__version__}; {args.steps} timed step(s) after a one-step warm-up; NABLA max_density "
               f"{args.max_density}, block {args.block_size}; compiled blocks on CUDA\n")
         print("| GPUs | attention | s/step | speedup vs 1 GPU |")

@@ -4,11 +4,15 @@ Device time is short; a script that breaks there wastes it. These runs time noth
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from scripts import bench_e2e, make_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -44,3 +48,72 @@ def test_benchmark_runs_to_its_table(command, header, tmp_path):
         merged = next(row for row in rows if row.startswith("| NABLA auto, block 64/128, compiled"))
         density, kernel = merged.split(" | ")[5].replace("(kernel ", "").rstrip(")").split()
         assert float(kernel) > float(density)
+
+
+E2E_HEADER = ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
+              "| mask / sparse call | first call s | peak GiB | s per video ({steps} steps) |")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run faster on one thread than on two that contend (the subprocesses' OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch, flags, line", [
+    ("a14b", ["--cache", "--video-steps", "6", "--cache-warmup-steps", "2"],
+     "timed steps' experts (boundary_ratio 0.875): transformer, transformer_2; both patched on one step count"),
+    ("ti2v-5b", [], ("per-token timesteps (expand_timesteps): the transformer takes a timestep per token, and NABLA its "
+     "step from their maximum")),
+    ("i2v-14b", [], ("image to video: a random first frame; the transformer reads 36 input channels (noise, frame mask, "
+     "image latents) and the CLIP image tokens beside the text in cross-attention (untouched by NABLA)")),
+], ids=["a14b", "ti2v-5b", "i2v-14b"])
+def test_bench_e2e_runs_each_family(arch, flags, line, one_thread, monkeypatch, capsys):
+    """In this process (a subprocess would import torch and diffusers again, seconds each) and with eager blocks
+    (CPU compilation takes seconds too): the tiny model of each family, 2 steps across A14B's boundary."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    bench_e2e.main(["--smoke", "--arch", arch, "--no-compile", "--skip-dense", "--block-sizes", "128", "--steps", "2",
+                    *flags])
+    lines = capsys.readouterr().out.splitlines()
+    assert line in lines
+    bound = (r"self-attention \(dense SDPA, 4 calls a step\) takes [\d.]+% of the stock diffusers, dense, eager step: "
+             r"sparse attention can make that step at most [\d.]+x faster \(the rest as it runs\)")
+    assert any(re.fullmatch(bound, text) for text in lines)
+    header = E2E_HEADER.format(steps=6 if flags else 2)
+    rows = lines[lines.index(header) + 2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| stock diffusers, dense, eager", "| NABLA auto, block 128, eager"] \
+        + (["| NABLA + cache (TaylorSeer (lite), interval 2, order 1, from step 1)"] if flags else [])
+    if arch == "a14b":  # both experts patched: the NABLA row's 2 steps ran one on each; both cached every other step
+        assert any(" experts by step 0 1, " in text for text in lines)
+        assert "| 3/6 |" in rows[2]  # steps 0 and 1 on the high-noise expert, 2 to 5 on the low-noise one
+
+
+def billions(module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)
+
+
+def test_random_models_are_the_published_architectures():
+    """On the meta device (shapes only: no memory, no time): what the GPU benchmarks build at real size."""
+    a14b, ti2v, i2v = (make_random_model.build_random_pipeline(arch, device="meta") for arch in
+                       ("a14b", "ti2v-5b", "i2v-14b"))
+    assert (type(a14b).__name__, a14b.config.boundary_ratio, a14b.scheduler.config.flow_shift) == ("WanPipeline",
+                                                                                                  0.875, 3.0)
+    assert (billions(a14b.transformer), billions(a14b.transformer_2)) == (14.29, 14.29)
+    assert a14b.transformer.dtype == a14b.transformer_2.dtype == torch.bfloat16
+    config = ti2v.transformer.config
+    assert (config.num_attention_heads, config.attention_head_dim, config.ffn_dim, config.num_layers,
+            config.in_channels, config.out_channels) == (24, 128, 14336, 30, 48, 48)
+    assert (ti2v.config.expand_timesteps, ti2v.scheduler.config.flow_shift, billions(ti2v.transformer)) == (True, 5.0,
+                                                                                                           5.0)
+    assert (ti2v.vae.config.z_dim, ti2v.vae.config.base_dim, ti2v.vae.config.decoder_base_dim,
+            ti2v.vae_scale_factor_spatial, len(ti2v.vae.config.latents_std)) == (48, 160, 256, 16, 48)
+    config = i2v.transformer.config
+    assert (type(i2v).__name__, config.in_channels, config.image_dim, config.added_kv_proj_dim) == (
+        "WanImageToVideoPipeline", 36, 1280, 5120)
+    vision = i2v.image_encoder.config
+    assert (type(i2v.image_encoder).__name__, vision.hidden_size, vision.num_hidden_layers, vision.patch_size,
+            i2v.image_processor.crop_size["height"]) == ("CLIPVisionModelWithProjection", 1280, 32, 14, 224)
+    assert i2v.image_encoder.dtype == torch.float32 and i2v.scheduler.config.flow_shift == 3.0

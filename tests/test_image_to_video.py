@@ -117,7 +117,8 @@ def test_a_hub_model_loads_the_class_its_index_names(i2v_model, images, tmp_path
 
 @pytest.mark.parametrize("model, flags, error", [
     ("tiny", ["--image", "{tmp}/first.png"], ("--image: {tiny} is a text-to-video model (WanPipeline) and takes no "
-     "image; image to video needs a WanImageToVideoPipeline model, such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")),
+     "image; image to video needs a WanImageToVideoPipeline model, such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, or a "
+     "Wan2.2 TI2V one")),
     ("i2v", [], ("--image: {i2v} is an image-to-video model (WanImageToVideoPipeline); give its first frame with --image "
      "PATH")),
     ("i2v", ["--image", "{tmp}/first.png", "--last-image", "{tmp}/last.png"], ("--last-image: {i2v} takes one image, the "

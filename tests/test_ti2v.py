@@ -1,6 +1,6 @@
 """Wan2.2 TI2V-5B on the tiny `wan2.2-ti2v` checkpoint (48-channel 16x VAE, `expand_timesteps`): the step from
 per-token timesteps, NABLA against the stock pipeline through the API and generate.py, a sparse run, TI2V's defaults
-(local folder and hub id) and its size rule."""
+(local folder and hub id), its size rule, and its image mode through generate.py --image."""
 
 import json
 import shutil
@@ -49,6 +49,20 @@ def plan_for(tmp_path, *args):
     """generate.py's checked input (nothing loads)."""
     flags = ["--prompt", "a cat", "--output", tmp_path / "v.npy", *args]
     return wan.cli.resolve(wan.cli.build_parser().parse_args(map(str, flags)))
+
+
+def write_image(path):
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 96, 3), np.uint8)).save(path)
+    return path
+
+
+def round_trip(pipe, image_path) -> np.ndarray:
+    """The image through the VAE and back: what diffusers' TI2V image mode makes the first frame (it holds the first
+    latent frame at the image's latents, and the causal VAE decodes the first frame from that latent frame alone)."""
+    with torch.inference_mode():
+        pixels = pipe.video_processor.preprocess(Image.open(image_path), height=64, width=96).unsqueeze(2)
+        latents = pipe.vae.encode(pixels).latent_dist.mode()
+        return pipe.video_processor.postprocess_video(pipe.vae.decode(latents).sample, output_type="np")[0, 0]
 
 
 def test_the_tiny_checkpoint_is_ti2v_shaped(ti2v_model, tiny_model):
@@ -147,7 +161,7 @@ def test_sizes_off_the_32_pixel_grid_are_refused_before_loading(side, value, nea
 
 def test_a_hub_ti2v_model_gets_its_defaults_once_loaded(ti2v_model, tmp_path, monkeypatch, capsys):
     """A hub id (here from a Hugging Face cache, offline) is known to be TI2V only once loaded: its defaults (fps
-    here, beside the sizes given) and its size rule apply then."""
+    here, beside the sizes given), its size rule and, with --image, its image mode apply then."""
     snapshot = tmp_path / "hub/models--tiny--wan-ti2v/snapshots" / ("0" * 40)
     shutil.copytree(ti2v_model, snapshot)
     (tmp_path / "hub/models--tiny--wan-ti2v/refs").mkdir()
@@ -155,20 +169,52 @@ def test_a_hub_ti2v_model_gets_its_defaults_once_loaded(ti2v_model, tmp_path, mo
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     stats = tmp_path / "s.json"
     common = ["--model", "tiny/wan-ti2v", "--prompt", "a cat", "--config", "nabla-0.7", "--output", tmp_path / "v.npy"]
-    assert run_cli(*common, *SMALL, "--stats", stats) == 0
+    image = write_image(tmp_path / "first.png")
+    assert run_cli(*common, *SMALL, "--image", image, "--stats", stats) == 0  # a WanPipeline would refuse image=
     settings = json.loads(stats.read_text())["settings"]
     assert (settings["height"], settings["width"], settings["frames"], settings["fps"]) == (64, 96, 5, 24)
+    assert settings["image"] == str(image)
     capsys.readouterr()
     assert run_cli(*common, "--height", "48", "--overwrite") == 2
     assert capsys.readouterr().err.endswith(refusal("height", 48, "32 or 64"))
 
 
-def test_an_image_for_ti2v_is_refused_before_loading_with_what_runs_it(ti2v_model, tmp_path, monkeypatch, capsys):
+def test_an_image_loads_the_image_mode(ti2v_model):
+    """A local TI2V folder with an image is diffusers' WanImageToVideoPipeline over its components (no CLIP encoder)."""
+    pipe = wan.loading.load_pipeline(str(ti2v_model), device="cpu", image=True)
+    assert isinstance(pipe, WanImageToVideoPipeline) and pipe.config.expand_timesteps and pipe.image_encoder is None
+    assert type(wan.loading.load_pipeline(str(ti2v_model), device="cpu")) is WanPipeline
+
+
+def test_generate_with_an_image_at_threshold_one_is_the_stock_video(pipe, ti2v_model, tmp_path, capsys):
+    """--compare's stock run is the unpatched image-conditioned video; NABLA at threshold 1.0 gives it again, and the
+    first frame is the image's VAE round trip."""
+    image, config, stats = write_image(tmp_path / "first.png"), tmp_path / "c.yaml", tmp_path / "s.json"
+    config.write_text("sparsity: {mode: nabla, threshold: 1.0}\n")
+    assert run_cli("--model", ti2v_model, "--prompt", "a cat", *SMALL, "--image", image, "--config", config,
+                   "--compare", "--stats", stats, "--output", tmp_path / "v.npy") == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 1.000 |")  # the table's mean mask density
+    full, nabla = np.load(tmp_path / "v.full.npy"), np.load(tmp_path / "v.npy")
+    assert full.shape == (5, 64, 96, 3) and np.abs(nabla - full).max() < 1e-4
+    assert np.abs(full[0] - round_trip(pipe, image)).max() < 1e-4
+    assert json.loads(stats.read_text())["settings"]["image"] == str(image)
+
+
+def test_generate_with_an_image_runs_sparse(pipe, ti2v_model, tmp_path, capsys):
+    image, config = write_image(tmp_path / "first.png"), tmp_path / "c.yaml"
+    config.write_text("sparsity: {mode: nabla, threshold: 0.5}\n")
+    assert run_cli("--model", ti2v_model, "--prompt", "a dog", *SMALL, "--frames", "9", "--seed", "1", "--image", image,
+                   "--config", config, "--output", tmp_path / "v.npy") == 0
+    assert float(capsys.readouterr().out.rsplit("mean mask density: ", 1)[1]) < 1
+    video = np.load(tmp_path / "v.npy")
+    assert video.shape == (9, 64, 96, 3) and np.abs(video[0] - round_trip(pipe, image)).max() < 1e-4
+
+
+def test_a_last_image_for_ti2v_is_refused_before_loading(ti2v_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
-    Image.new("RGB", (64, 64)).save(tmp_path / "first.png")
-    assert run_cli("--model", ti2v_model, "--prompt", "a cat", "--image", tmp_path / "first.png", "--height", "64",
-                   "--width", "64", "--output", tmp_path / "v.npy") == 2
-    assert capsys.readouterr().err == (f"error: --image: {ti2v_model} is a Wan2.2 TI2V model, whose image mode "
-                                       "generate.py does not run yet; drop --image for its text to video, or run it "
-                                       "through diffusers' WanImageToVideoPipeline(**pipe.components, "
-                                       "expand_timesteps=True) with enable_nabla\n")
+    image = write_image(tmp_path / "first.png")
+    assert run_cli("--model", ti2v_model, "--prompt", "a cat", *SMALL, "--image", image, "--last-image", image,
+                   "--output", tmp_path / "v.npy") == 2
+    assert capsys.readouterr().err == (f"error: --last-image: {ti2v_model} is a Wan2.2 TI2V model, whose image mode "
+                                       "takes one image, the first frame; a first and a last frame need a FLF2V model, "
+                                       "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers\n")

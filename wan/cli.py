@@ -67,10 +67,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
                    "i.e. --dtype as loaded)")
     p.add_argument("--model", help="hub id or local folder of a diffusers Wan pipeline: text to video (WanPipeline: "
-                   "Wan2.1, or Wan2.2 A14B, both experts get NABLA) or image to video (WanImageToVideoPipeline, read "
-                   f"from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give --image) (default: {DEFAULT_MODEL})")
+                   "Wan2.1, or Wan2.2 A14B, both experts get NABLA; Wan2.2 TI2V with or without --image) or image to video "
+                   "(WanImageToVideoPipeline, read from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give "
+                   f"--image) (default: {DEFAULT_MODEL})")
     p.add_argument("--image", metavar="PATH", help="image to video: the first frame (an image file PIL reads; resized "
-                   "to --height x --width); needed by, and only for, a WanImageToVideoPipeline model")
+                   "to --height x --width); needed by a WanImageToVideoPipeline model, optional for a Wan2.2 TI2V one "
+                   "(its image mode), refused for the others")
     p.add_argument("--last-image", metavar="PATH", help="the last frame too (first-last-frame to video, with --image): "
                    "for Wan2.1 FLF2V and Wan2.2 I2V models, not Wan2.1 I2V's, whose image encoder takes one image")
     p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
@@ -399,7 +401,7 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
         setup = init_parallel(args.ulysses, args.cfg_parallel)
     device = str(setup.device) if setup else plan.device
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
-                         transformer=args.transformer)
+                         transformer=args.transformer, image=settings.image is not None)
     if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
         from wan.lora import load_lora
 

@@ -3,7 +3,9 @@
 A WanImageToVideoPipeline model needs a first frame (`--image`). Wan2.1 I2V's transformer also reads its CLIP image
 encoder's tokens of that one image; Wan2.1 FLF2V's has position embeddings for two (`pos_embed_seq_len`), the first
 and the last frame (`--last-image`); Wan2.2 I2V's reads no image tokens (`image_dim` None), only the VAE's latents of
-the frames, a last one included. Text-to-video models (WanPipeline) take no image.
+the frames, a last one included. Text-to-video models (WanPipeline) take no image, except Wan2.2 TI2V-5B
+(`expand_timesteps`): given a first frame, it runs as diffusers' WanImageToVideoPipeline over the same components (its
+image mode); a last frame it does not take.
 """
 
 from __future__ import annotations
@@ -53,15 +55,16 @@ def image_frames(pipeline: str, transformer: Mapping[str, Any]) -> int:
 def check_model_images(model: str, pipeline: str, transformer: Mapping[str, Any], image: str | None,
                        last_image: str | None, ti2v: bool = False) -> None:
     """One-line ValueError unless the images given (`image`, `last_image`: paths or None) are what `model` takes;
-    `ti2v`: a Wan2.2 TI2V pipeline (per-token timesteps), whose image mode generate.py does not run yet."""
+    `ti2v`: a Wan2.2 TI2V pipeline (per-token timesteps), text to video or, with `image`, image to video."""
+    if ti2v:
+        if last_image is not None:  # diffusers' TI2V image mode encodes the first frame alone
+            raise ValueError(f"--last-image: {model} is a Wan2.2 TI2V model, whose image mode takes one image, the "
+                             f"first frame; a first and a last frame need a FLF2V model, such as {_FLF2V_EXAMPLE}")
+        return
     frames = image_frames(pipeline, transformer)
-    if ti2v and image is not None:
-        raise ValueError(f"--image: {model} is a Wan2.2 TI2V model, whose image mode generate.py does not run yet; "
-                         f"drop --image for its text to video, or run it through diffusers' {I2V_PIPELINE}"
-                         "(**pipe.components, expand_timesteps=True) with enable_nabla")
     if frames == 0 and image is not None:
         raise ValueError(f"--image: {model} is a text-to-video model ({pipeline}) and takes no image; image to video "
-                         f"needs a {I2V_PIPELINE} model, such as {_I2V_EXAMPLE}")
+                         f"needs a {I2V_PIPELINE} model, such as {_I2V_EXAMPLE}, or a Wan2.2 TI2V one")
     if frames > 0 and image is None:
         raise ValueError(f"--image: {model} is an image-to-video model ({I2V_PIPELINE}); give its first frame with "
                          "--image PATH")

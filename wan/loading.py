@@ -1,5 +1,6 @@
 """Load a Wan pipeline from the hub or a local diffusers-layout folder: a `WanImageToVideoPipeline` where its
-model_index.json names one (image to video), else a `WanPipeline`.
+model_index.json names one (image to video), or where it is Wan2.2 TI2V (`expand_timesteps`) and an image is given (its
+image mode), else a `WanPipeline`.
 
 The transformer can come from elsewhere (`transformer=`): an original-format Wan2.1 checkpoint (the
 layout of the Wan2.1 repository, keys such as `blocks.0.self_attn.q.weight`, as the NABLA-finetuned
@@ -141,9 +142,12 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
     transformer: str | Path | None = None,
+    image: bool = False,
 ) -> WanPipeline | WanImageToVideoPipeline:
     """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), VAE and CLIP image
     encoder in fp32. The class is the one its model_index.json names; a pipeline other than those two is refused.
+    With `image` (a first frame will be given), a Wan2.2 TI2V model is a WanImageToVideoPipeline with
+    `expand_timesteps`: diffusers' image mode of TI2V-5B, over the same components.
 
     With `transformer`, the pipeline's transformer is loaded from that checkpoint instead (see
     `load_transformer`); the stock transformer weights are then never read. With `cpu_offload`,
@@ -164,10 +168,12 @@ def load_pipeline(
         if transformer is not None:
             components["transformer"] = load_transformer(transformer, model, dtype)
         pipeline = WanPipeline
-        if local_config(str(path)).get("_class_name") == I2V_PIPELINE:
+        index = local_config(str(path))
+        if index.get("_class_name") == I2V_PIPELINE or (image and index.get("expand_timesteps")):
             # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
             from diffusers import WanImageToVideoPipeline as pipeline
-        pipe = pipeline.from_pretrained(str(path), dtype=dtypes, **components)  # real load errors are not "not found"
+        # real load errors are not "not found"; a TI2V index's expand_timesteps reaches the I2V class as it does WanPipeline
+        pipe = pipeline.from_pretrained(str(path), dtype=dtypes, **components)
     else:
         pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
         pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
@@ -182,6 +188,10 @@ def load_pipeline(
         if not isinstance(pipe, WanPipeline) and type(pipe).__name__ != I2V_PIPELINE:
             raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
                              f"{I2V_PIPELINE} (image to video) model")
+        if image and isinstance(pipe, WanPipeline) and pipe.config.get("expand_timesteps"):  # TI2V, known only now
+            from diffusers import WanImageToVideoPipeline
+
+            pipe = WanImageToVideoPipeline(**pipe.components, expand_timesteps=True)
 
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
