@@ -52,14 +52,16 @@ from nabla.layout import TileLayout
 from nabla.masks import cdf_keep_sorted, density_bounds, pooled_logits
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
-for grid in ((3, 10, 13), (1, 16, 16)):  # 12 tiles with padding, 4 without
+CONFIGS = (SparsityConfig(mode="nabla", threshold=0.5), SparsityConfig(mode="nabla", threshold=1.0),
+           SparsityConfig(mode="nabla", threshold=0.9, max_density=0.3, block_size=128),
+           SparsityConfig(mode="nabla", threshold=0.05, min_density=0.4),
+           SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 3, 3)))
+# 12 tiles with padding: every config; 4 without: a plain cut and the STA union (the interpreter is slow)
+for grid, configs in (((3, 10, 13), CONFIGS), ((1, 16, 16), CONFIGS[::4])):
     layout = TileLayout(*grid)
-    for config in (SparsityConfig(mode="nabla", threshold=0.5), SparsityConfig(mode="nabla", threshold=1.0),
-                   SparsityConfig(mode="nabla", threshold=0.9, max_density=0.3, block_size=128),
-                   SparsityConfig(mode="nabla", threshold=0.05, min_density=0.4),
-                   SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 3, 3))):
+    for config in configs:
         bs = config.block_size
-        q, k = (torch.randn(2, 3, layout.padded_length, 16) * 3 for _ in range(2))
+        q, k = (torch.randn(2, 2, layout.padded_length, 16) * 3 for _ in range(2))
         logits, empty = pooled_logits(q, k, bs, layout.valid)
         nb = logits.shape[-1]
         low, high = density_bounds(nb, config.min_density, config.max_density)
@@ -96,7 +98,7 @@ print("checked", checked)
 
 
 def test_fused_mask_kernel_matches_the_torch_path():
-    assert "checked 18" in run_interpreted(CHECK_INDICES)
+    assert "checked 13" in run_interpreted(CHECK_INDICES)
 
 
 def test_kernels_compile_for_hopper():

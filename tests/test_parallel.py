@@ -53,8 +53,9 @@ def torchrun(tmp_path, model, config, out, *extra, procs, size=("64", "96")):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-@pytest.mark.parametrize("config, mode", [("full", "ulysses"), ("nabla", "ulysses"), ("nabla", "cfg"),
-                                          ("cached", "ulysses")])
+# Full attention under Ulysses: test_odd_sequence_full_attention; NABLA under Ulysses: the cached case and the
+# four-process one (each process run costs the CI machine about 12 s).
+@pytest.mark.parametrize("config, mode", [("nabla", "cfg"), ("cached", "ulysses")])
 def test_two_processes_match_one(tiny_model, tmp_path, single, config, mode, capsys):
     flags = ["--ulysses", "2"] if mode == "ulysses" else ["--cfg-parallel"]
     multi = torchrun(tmp_path, tiny_model, config, tmp_path / "two.npy", *flags, procs=2)
