@@ -6,6 +6,7 @@ and the two-process test compare against.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,17 +136,24 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
-    """torchrun, 2 gloo processes, FSDP2: batch 1 each (the same global batch of 4) gives the reference losses."""
-    config = write_config(tmp_path, batch_size=1)
+    """torchrun, 2 gloo processes, FSDP2: batch 1 each (the same global batch of 4) gives the reference losses; resumed
+    under FSDP from its step-4 checkpoint (gathered, written by rank 0, read back into each rank's shards), too."""
+    config, run = write_config(tmp_path, batch_size=1), tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
-               *train_args(tiny_model, data, config, tmp_path / "run")]
+               *train_args(tiny_model, data, config, run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
-    got, want = read_log(tmp_path / "run"), reference[1]
-    assert [e["step"] for e in got] == list(range(1, 7))
-    np.testing.assert_allclose([e["loss"] for e in got], [e["loss"] for e in want], rtol=1e-4)
+    want, logs = [e["loss"] for e in reference[1]], []
+    for extra in ([], ["--resume"]):
+        result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                                check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
+        got = read_log(run)
+        assert [e["step"] for e in got] == list(range(1, 7))
+        np.testing.assert_allclose([e["loss"] for e in got], want, rtol=1e-4)
+        shutil.rmtree(run / "checkpoints" / "step-00000006")  # the resume starts at step 4
+        logs.append(got)
+    assert logs[1][:4] == logs[0][:4]  # steps 1-4 kept as logged (their times too), not run again
 
 
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, data, tmp_path):
