@@ -163,15 +163,8 @@ def resolve(args: argparse.Namespace) -> Plan:
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "fps": args.fps, "image": args.image, "last_image": args.last_image,
     }
-    entries = None
-    if args.prompts is not None:
-        if args.prompt is not None:
-            raise ValueError("--prompt and --prompts: give one (--prompts FILE holds the prompt of every video)")
-        if args.compare or args.stats is not None:
-            raise ValueError("--compare and --stats report on one video; run them with --prompt, not --prompts")
-        if args.ulysses > 1 or args.cfg_parallel:
-            raise ValueError("--prompts runs on one process; drop --ulysses/--cfg-parallel")
-        entries = read_prompts(args.prompts)
+    entries = _prompts_file(args)
+    if entries is not None:
         overrides["prompt"] = entries[0].values["prompt"]
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
     given = given_keys(data.get("generation"), overrides)
@@ -188,6 +181,37 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.compare and not sparse and precision == "bf16" and cache is None:
         raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
                          "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
+    jobs, full_output = _outputs(args, settings, entries)
+    if args.transformer is not None:
+        from wan.loading import check_transformer_path
+
+        check_transformer_path(args.transformer)
+    check_lora_args(args)
+    for config in (sparsity, sparsity_2 or sparsity):
+        if config.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
+            from nabla.backend import resolve_backend
+
+            resolve_backend(config.backend, device, DTYPES.get(args.dtype))
+    _check_parallel(args, settings, ti2v)
+    return Plan(sparsity, sparsity_2, settings, given, ti2v, jobs, full_output, precision, cache, device)
+
+
+def _prompts_file(args: argparse.Namespace) -> list | None:
+    """The entries of --prompts FILE (None without it), and the flags that cannot go with it."""
+    if args.prompts is None:
+        return None
+    if args.prompt is not None:
+        raise ValueError("--prompt and --prompts: give one (--prompts FILE holds the prompt of every video)")
+    if args.compare or args.stats is not None:
+        raise ValueError("--compare and --stats report on one video; run them with --prompt, not --prompts")
+    if args.ulysses > 1 or args.cfg_parallel:
+        raise ValueError("--prompts runs on one process; drop --ulysses/--cfg-parallel")
+    return read_prompts(args.prompts)
+
+
+def _outputs(args: argparse.Namespace, settings: GenerationSettings, entries: list | None) -> tuple[list[Job], Path | None]:
+    """The videos to make (one, or one per --prompts entry) and --compare's reference output, all checked writable;
+    the --stats path too."""
     if entries is None:
         jobs = [Job(settings, check_output_path(args.output, args.overwrite), str(args.output))]
     else:
@@ -197,30 +221,26 @@ def resolve(args: argparse.Namespace) -> Plan:
         full_output = check_output_path(args.output.with_suffix(".full" + args.output.suffix), args.overwrite)
     if args.stats is not None:
         check_stats_path(args.stats, args.overwrite)
-    if args.transformer is not None:
-        from wan.loading import check_transformer_path
+    return jobs, full_output
 
-        check_transformer_path(args.transformer)
-    check_lora_args(args)
+
+def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, ti2v: bool) -> None:
+    """--ulysses / --cfg-parallel: the degree, the flags that run on one process, CFG's two passes, and a token
+    count that the degree divides (raster) or the tiled sequence that it then splits."""
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
-    for config in (sparsity, sparsity_2 or sparsity):
-        if config.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
-            from nabla.backend import resolve_backend
+    if args.ulysses == 1 and not args.cfg_parallel:
+        return
+    if args.compare or args.cpu_offload:
+        raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
+    if args.cfg_parallel and settings.guidance_scale <= 1:
+        raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
+    from wan.parallel import check_sequence
 
-            resolve_backend(config.backend, device, DTYPES.get(args.dtype))
-    if args.ulysses > 1 or args.cfg_parallel:
-        if args.compare or args.cpu_offload:
-            raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
-        if args.cfg_parallel and settings.guidance_scale <= 1:
-            raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
-        from wan.parallel import check_sequence
-
-        # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
-        grid = token_grid(settings, TI2V_PIXELS_PER_TOKEN if ti2v else 16)
-        if math.prod(grid) % args.ulysses:
-            check_sequence(TileLayout(*grid).padded_length, args.ulysses, "tokens of the tiled sequence")
-    return Plan(sparsity, sparsity_2, settings, given, ti2v, jobs, full_output, precision, cache, device)
+    # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles
+    grid = token_grid(settings, TI2V_PIXELS_PER_TOKEN if ti2v else 16)
+    if math.prod(grid) % args.ulysses:
+        check_sequence(TileLayout(*grid).padded_length, args.ulysses, "tokens of the tiled sequence")
 
 
 def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple[str, object]:
@@ -386,51 +406,80 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace, plan: Plan) -> Session:
     """Load the pipeline, run --compare's stock reference, then apply the levers (FP8, NABLA, parallelism, the
     cache) to every expert and warm up."""
-    settings = plan.settings
-    from wan.api import disable_nabla, enable_nabla  # heavy imports only once the input is known to be good
-    from wan.cache import enable_cache, expert_cache
-    from wan.experts import EXPERT_NAMES, boundary_step, experts
-    from wan.loading import load_pipeline
-    from wan.precision import apply_precision
-    from wan.run import generate
+    from wan.experts import EXPERT_NAMES
 
     setup = None
     if args.ulysses > 1 or args.cfg_parallel:
-        from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses, init_parallel
+        from wan.parallel import init_parallel
 
         setup = init_parallel(args.ulysses, args.cfg_parallel)
     device = str(setup.device) if setup else plan.device
-    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
-                         transformer=args.transformer, image=settings.image is not None)
-    if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
-        from wan.lora import load_lora
-
-        load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
-    pipe.set_progress_bar_config(disable=not (setup is None or setup.is_main))
-    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
-    if plan.ti2v is None and pipe.config.get("expand_timesteps"):  # a hub id's Wan2.2 TI2V: its defaults now
-        plan.settings = settings = for_ti2v(settings, plan.given)
-        plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given)) for job in plan.jobs]
-    # a hub model's pipeline and experts are known only now
-    check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
-                       settings.last_image, bool(getattr(pipe.config, "expand_timesteps", False)))
-    if plan.sparsity_2 is not None:
-        check_low_noise_model(settings.model, len(transformers))
-    check_one_expert(settings.model, one_expert_flags(args), len(transformers))
+    pipe, transformers = _load(args, plan, device, setup is None or setup.is_main)
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup
     compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
     session = Session(pipe, None, EXPERT_NAMES[:len(transformers)], False, device, setup is None or setup.is_main,
                       None, None)
     if args.compare:
-        enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)  # stock attention, blocks compiled alike
-        if warmup:
-            generate(pipe, settings, steps=1)
-        full_frames, full_seconds = generate(pipe, settings)
-        session.full = full_frames, session.save(full_frames, plan.full_output, settings.fps), full_seconds
-        disable_nabla(pipe)
+        _run_reference(session, plan, warmup, compile_blocks)
+    _apply_levers(session, transformers, plan, setup, compile_blocks)
+    if warmup:
+        warm_up(pipe, session.patch, plan.settings, device)
+    if args.stats is not None and session.patch:
+        from wan.stats import StatsRecorder, default_mask_steps
 
-    # The reference above is the stock model; now the levers: FP8 weights, then NABLA, parallelism, the cache.
+        session.recorder = StatsRecorder(default_mask_steps(plan.sparsity.dense_steps, plan.settings.steps))
+    return session
+
+
+def _load(args: argparse.Namespace, plan: Plan, device: str, main: bool) -> tuple[Any, list]:
+    """The pipeline (with --lora fused) and its transformers, and the checks that need the loaded model: a hub id's
+    pipeline class, experts and TI2V defaults are known only now."""
+    from wan.experts import experts
+    from wan.loading import load_pipeline
+
+    settings = plan.settings
+    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
+                         transformer=args.transformer, image=settings.image is not None)
+    if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
+        from wan.lora import load_lora
+
+        load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
+    pipe.set_progress_bar_config(disable=not main)
+    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
+    if plan.ti2v is None and pipe.config.get("expand_timesteps"):  # a hub id's Wan2.2 TI2V: its defaults now
+        plan.settings = settings = for_ti2v(settings, plan.given)
+        plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given)) for job in plan.jobs]
+    check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
+                       settings.last_image, bool(getattr(pipe.config, "expand_timesteps", False)))
+    if plan.sparsity_2 is not None:
+        check_low_noise_model(settings.model, len(transformers))
+    check_one_expert(settings.model, one_expert_flags(args), len(transformers))
+    return pipe, transformers
+
+
+def _run_reference(session: Session, plan: Plan, warmup: bool, compile_blocks: bool | None) -> None:
+    """--compare's reference: the stock model (full attention, no FP8, no cache), its blocks compiled alike."""
+    from wan.api import disable_nabla, enable_nabla
+    from wan.run import generate
+
+    pipe, settings = session.pipe, plan.settings
+    enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)
+    if warmup:
+        generate(pipe, settings, steps=1)
+    full_frames, full_seconds = generate(pipe, settings)
+    session.full = full_frames, session.save(full_frames, plan.full_output, settings.fps), full_seconds
+    disable_nabla(pipe)
+
+
+def _apply_levers(session: Session, transformers: list, plan: Plan, setup: Any, compile_blocks: bool | None) -> None:
+    """FP8 weights, then NABLA, parallelism and the cache, on every expert, in the order their hooks need."""
+    from wan.api import enable_nabla
+    from wan.cache import enable_cache, expert_cache
+    from wan.experts import boundary_step
+    from wan.precision import apply_precision
+
+    pipe, settings = session.pipe, plan.settings
     for transformer in transformers:
         apply_precision(transformer, plan.precision)
     pixels = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
@@ -441,6 +490,8 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
                                  pad_dense=uneven, always=plan.cache is not None)
     session.compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
     if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
+        from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses
+
         for transformer in transformers:
             check_degree(transformer.config.num_attention_heads, setup.ulysses)
             enable_ulysses(transformer, setup)
@@ -452,13 +503,6 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
     first_steps = [0, boundary_step(pipe, settings.steps)][:len(transformers)]
     for transformer, first_step in zip(transformers, first_steps):
         enable_cache(transformer, expert_cache(plan.cache, first_step))
-    if warmup:
-        warm_up(pipe, session.patch, settings, device)
-    if args.stats is not None and session.patch:
-        from wan.stats import StatsRecorder, default_mask_steps
-
-        session.recorder = StatsRecorder(default_mask_steps(plan.sparsity.dense_steps, settings.steps))
-    return session
 
 
 @dataclasses.dataclass
