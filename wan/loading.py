@@ -135,6 +135,45 @@ def _hub_reason(err: BaseException) -> str:
         if cause is not err else reason
 
 
+def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image: bool) -> DiffusionPipeline:
+    """A local folder's pipeline, the class its model_index.json names (or TI2V's image mode, with `image`)."""
+    path = Path(model).expanduser().absolute()
+    if not (path / "model_index.json").is_file():
+        what = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
+        raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
+    components = {} if transformer is None else {"transformer": load_transformer(transformer, model, dtypes["default"])}
+    pipeline = WanPipeline
+    index = local_config(str(path))
+    if index.get("_class_name") == I2V_PIPELINE or (image and index.get("expand_timesteps")):
+        # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
+        from diffusers import WanImageToVideoPipeline as pipeline
+    # real load errors are not "not found"; a TI2V index's expand_timesteps reaches the I2V class as it does WanPipeline
+    return pipeline.from_pretrained(str(path), dtype=dtypes, **components)
+
+
+def _load_hub(model: str, dtypes: dict, transformer: str | Path | None, image: bool) -> DiffusionPipeline:
+    """A hub id's pipeline (the class its index names: WanPipeline or WanImageToVideoPipeline, others refused), or
+    TI2V's image mode over its components, with `image`."""
+    pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+    pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
+    try:
+        components = {} if transformer is None else {"transformer": load_transformer(transformer, model,
+                                                                                     dtypes["default"])}
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, **components)  # the class its index names
+    except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
+        raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
+    finally:
+        pipeline_logger.removeFilter(_drop_hub_fallback_warning)
+    if not isinstance(pipe, WanPipeline) and type(pipe).__name__ != I2V_PIPELINE:
+        raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
+                         f"{I2V_PIPELINE} (image to video) model")
+    if image and isinstance(pipe, WanPipeline) and pipe.config.get("expand_timesteps"):  # TI2V, known only now
+        from diffusers import WanImageToVideoPipeline
+
+        pipe = WanImageToVideoPipeline(**pipe.components, expand_timesteps=True)
+    return pipe
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     *,
@@ -158,41 +197,8 @@ def load_pipeline(
     # Wan's VAE is run in fp32 in the reference code and diffusers' examples; bf16 degrades decoding. The image
     # encoder (I2V) runs once a video, in fp32 as in diffusers' examples.
     dtypes = {"vae": torch.float32, "image_encoder": torch.float32, "default": dtype}
-    components = {}
-
-    if _looks_local(model):
-        path = Path(model).expanduser().absolute()
-        if not (path / "model_index.json").is_file():
-            what = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
-            raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
-        if transformer is not None:
-            components["transformer"] = load_transformer(transformer, model, dtype)
-        pipeline = WanPipeline
-        index = local_config(str(path))
-        if index.get("_class_name") == I2V_PIPELINE or (image and index.get("expand_timesteps")):
-            # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
-            from diffusers import WanImageToVideoPipeline as pipeline
-        # real load errors are not "not found"; a TI2V index's expand_timesteps reaches the I2V class as it does WanPipeline
-        pipe = pipeline.from_pretrained(str(path), dtype=dtypes, **components)
-    else:
-        pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
-        pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
-        try:
-            if transformer is not None:
-                components["transformer"] = load_transformer(transformer, model, dtype)
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, **components)  # the class its index names
-        except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
-            raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
-        finally:
-            pipeline_logger.removeFilter(_drop_hub_fallback_warning)
-        if not isinstance(pipe, WanPipeline) and type(pipe).__name__ != I2V_PIPELINE:
-            raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
-                             f"{I2V_PIPELINE} (image to video) model")
-        if image and isinstance(pipe, WanPipeline) and pipe.config.get("expand_timesteps"):  # TI2V, known only now
-            from diffusers import WanImageToVideoPipeline
-
-            pipe = WanImageToVideoPipeline(**pipe.components, expand_timesteps=True)
-
+    load = _load_local if _looks_local(model) else _load_hub
+    pipe = load(model, dtypes, transformer, image)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
