@@ -72,6 +72,22 @@ def test_compile_flag_compiles_blocks_and_disable_undoes_it(user_pipe):
     assert all(b._compiled_call_impl is None for b in blocks) and user_pipe.transformer._nabla_patch is None
 
 
+def test_a_transformer_in_training_mode_compiles_for_its_backward(user_pipe, monkeypatch):
+    """Training mode (`.train()`) compiles without inductor's mix-order reduction, which gets Wan's scale_shift_table
+    gradient wrong (pytorch#193061); inference keeps the options it was measured with."""
+    from wan.api import BLOCK_COMPILE_OPTIONS, TRAINING_COMPILE_OPTIONS
+
+    transformer, seen = user_pipe.transformer, []
+    monkeypatch.setattr(transformer, "compile_repeated_blocks", lambda **kwargs: seen.append(kwargs["options"]))
+    for train in (False, True):
+        transformer.train(train)
+        enable_nabla(transformer, SparsityConfig(mode="nabla"), compile=True)
+        disable_nabla(transformer)
+    transformer.eval()
+    assert seen == [BLOCK_COMPILE_OPTIONS, TRAINING_COMPILE_OPTIONS]
+    assert TRAINING_COMPILE_OPTIONS["triton.mix_order_reduction"] is False
+
+
 @pytest.mark.parametrize("args, message", [
     (("not a pipeline", SparsityConfig()), "enable_nabla: str is not supported; pass a WanPipeline, "),
     ((None, 0.7), "enable_nabla: config 0.7 is not allowed; pass a SparsityConfig, a YAML path or a shipped config's name"),

@@ -60,12 +60,13 @@ BLOCK_COMPILE_OPTIONS = {"allow_buffer_reuse": False}
 TRAINING_COMPILE_OPTIONS = {**BLOCK_COMPILE_OPTIONS, "triton.mix_order_reduction": False}
 
 
-def compile_blocks(transformer: WanTransformer3DModel, options: dict | None = None) -> None:
-    """Compile the transformer's repeated blocks as enable_nabla does (`options`: inductor's, default
-    BLOCK_COMPILE_OPTIONS; TRAINING_COMPILE_OPTIONS for blocks that run a backward); disable_nabla drops them."""
+def compile_blocks(transformer: WanTransformer3DModel) -> None:
+    """Compile the transformer's repeated blocks: with TRAINING_COMPILE_OPTIONS where it is in training mode (`.train()`,
+    a backward will run), else BLOCK_COMPILE_OPTIONS (inference's, as measured); disable_nabla drops them."""
     # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape change must
     # give a second static graph, not one graph with dynamic shapes (slower kernels).
-    transformer.compile_repeated_blocks(dynamic=False, options=options or BLOCK_COMPILE_OPTIONS)
+    options = TRAINING_COMPILE_OPTIONS if transformer.training else BLOCK_COMPILE_OPTIONS
+    transformer.compile_repeated_blocks(dynamic=False, options=options)
     transformer._nabla_compiled = True
 
 
@@ -86,9 +87,8 @@ def enable_nabla(
     `config`, the low-noise `transformer_2` takes `config_2`, else the YAML's `sparsity_2:` merged over `sparsity:`,
     else `config`. Their states share one step count and one record of the run; where one expert is sparse, every
     expert is patched (mode full ones in raster order, the stock computation) so that the count sees every step.
-    `compile=None` compiles the transformers' repeated blocks
-    (`transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)`) when they run on CUDA;
-    True forces it, False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
+    `compile=None` compiles the transformers' repeated blocks (`compile_blocks`: training mode, `.train()` before this
+    call, gets the options that give right gradients) when they run on CUDA; True forces it, False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
     Returns the first transformer's handle (wan.patch.NablaPatch; `handle.experts` lists every expert's, this one
     first, and `handle.state.mean_density()` is over the whole run), or None where every config is mode full:
     nothing is patched then, but the blocks are still compiled when asked. `pad_dense` (sequence parallelism) and

@@ -33,14 +33,11 @@ class SparseAttention:
 
     def __init__(self, transformer: torch.nn.Module, target: SparsityConfig, schedule: SparsitySchedule,
                  compile: bool) -> None:
-        from wan.api import TRAINING_COMPILE_OPTIONS, compile_blocks, enable_nabla  # imports the attention kernels
-        from wan.experts import experts
+        from wan.api import enable_nabla  # the patch imports the attention kernels: only when training starts
 
         self.target, self.schedule = target, schedule
-        self.handle = enable_nabla(transformer, target, compile=False)
-        if compile:
-            for expert in experts(transformer, "training"):
-                compile_blocks(expert, TRAINING_COMPILE_OPTIONS)
+        # in training mode (make_trainable), compiled blocks take wan.api.TRAINING_COMPILE_OPTIONS
+        self.handle = enable_nabla(transformer, target, compile=compile)
         self.current: SparsityConfig | None = None
 
     def start_step(self, step: int) -> SparsityConfig:
