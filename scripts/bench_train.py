@@ -3,6 +3,8 @@
     python scripts/bench_train.py --arch 14B --height 720 --width 1280 --frames 81 --methods lora
     python scripts/bench_train.py --arch 1.3B --height 480 --width 832 --frames 81 --methods lora full
     python scripts/bench_train.py --smoke     # the tiny model on the CPU, dense only: checks the script
+    torchrun --nproc_per_node=2 scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2
+    python scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2   # its 1-GPU baseline
 
 One optimizer step is what finetune.py runs (wan.trainer.optimizer_step): forward, backward and AdamW update,
 gradient checkpointing on, batch 1, compiled blocks on CUDA. Random weights at the real Wan2.1 sizes
@@ -11,6 +13,11 @@ Random weights give random attention, so NABLA's density is set by max_density 0
 with a float32 adapter; full fine-tuning float32 master weights with bf16 compute. Each variant runs one
 untimed first step (compilation included; its time is reported), then `--steps` timed steps; peak memory is
 the allocator's peak over the whole variant. The table is printed last.
+
+Under torchrun the transformer is sharded by FSDP2 as finetune.py shards it and each rank takes its share of the
+global batch (`--batch`, samples per optimizer step): one process runs it as gradient accumulation, N processes as
+`--batch / N` micro-batches each, the same samples (noise and timesteps from the trainer's sample numbers), so the
+losses of the first steps (printed) match across GPU counts within bf16 tolerance. Peak memory is rank 0's.
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
 from scripts.make_random_model import build_random_transformer
-from wan.data_parallel import DataParallel
+from wan.data_parallel import DataParallel, close, init_data_parallel, shard_transformer
 from wan.sparsity_schedule import SparseAttention
 from wan.tiny import build_tiny_pipeline
 from wan.train_config import SparsitySchedule, TrainingConfig
-from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_step
+from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_step, sample_numbers
 
 NABLA = SparsityConfig(mode="nabla", threshold=0.7, max_density=0.1, block_size=128, backend="flash")
-HEADER = "| model | video | method | attention | s/step | speedup vs dense | density | peak GiB | first step s |"
+HEADER = ("| model | video | method | attention | s/step | speedup vs dense | density | peak GiB | first step s "
+          "| GPUs | global batch | losses |")
 
 
 def sync(device: torch.device) -> None:
@@ -54,33 +62,39 @@ def synthetic_entry(args: argparse.Namespace, text_dim: int) -> dict[str, torch.
     return {"latents": torch.randn(latent), "prompt_embeds": torch.randn(512, text_dim)}
 
 
-def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig, device: torch.device) -> dict:
+def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig, parallel: DataParallel) -> dict:
+    device = parallel.device
     training = TrainingConfig(method=method, height=args.height, width=args.width, frames=args.frames,
-                              rank=args.rank, alpha=args.rank, steps=args.steps + 1, batch_size=1)
+                              rank=args.rank, alpha=args.rank, steps=args.steps + 1, batch_size=1,
+                              gradient_accumulation=args.batch // parallel.world_size)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)  # the same LoRA on every rank and in every run
     transformer = make_trainable(build(args.arch, method, device), training)
     attention = SparseAttention(transformer, sparsity, SparsitySchedule(), compile=device.type == "cuda")
+    if parallel.distributed:
+        shard_transformer(transformer, dtype)
     optimizer, scheduler = build_optimizer(transformer, training)
-    parallel = DataParallel(0, 1, device)
     entries = [synthetic_entry(args, transformer.config.text_dim)]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, losses = [], []
     for step in range(args.steps + 1):
         attention.start_step(step)
-        batch = make_batch(entries, range(step, step + 1), training, 3.0, device, dtype)
+        batches = [make_batch(entries, sample_numbers(step, micro, training, parallel), training, 3.0, device, dtype)
+                   for micro in range(training.gradient_accumulation)]
         sync(device)
         start = time.perf_counter()
-        optimizer_step(transformer, optimizer, scheduler, iter([batch]), training.max_grad_norm, parallel)
+        loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
         sync(device)
         times.append(time.perf_counter() - start)
+        losses.append(loss)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     density = attention.mean_density()
     del transformer, optimizer, scheduler, attention
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"s": sum(times[1:]) / args.steps, "first": times[0], "peak": peak, "density": density}
+    return {"s": sum(times[1:]) / args.steps, "first": times[0], "peak": peak, "density": density, "losses": losses}
 
 
 def main() -> None:
@@ -92,30 +106,41 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=["lora", "full"], default=["lora"])
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank) (default: 32)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (default: 3)")
+    parser.add_argument("--batch", type=int, default=1, help="samples per optimizer step over all processes, a "
+                        "multiple of their number (default: 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 32x32x9, CPU, dense only")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.arch, args.height, args.width, args.frames, args.steps = "tiny", 32, 32, 9, 2
         args.methods, args.rank = ["lora", "full"], 4
+    parallel = init_data_parallel("cpu" if args.smoke else None)
+    if args.batch < 1 or args.batch % parallel.world_size:
+        parser.error(f"--batch {args.batch}: a positive multiple of the {parallel.world_size} processes")
     variants = [("dense", SparsityConfig())]
-    if device.type == "cuda":
+    if parallel.device.type == "cuda":
         variants.append(("NABLA 10%, block 128, flash", NABLA))
-    else:
+    elif parallel.is_main:
         print("skipping the NABLA rows: they run FLASH, on CUDA")
-    rows = []
-    for method in args.methods:
-        dense = None
-        for name, sparsity in variants:
-            result = run_variant(args, method, sparsity, device)
-            dense = dense or result["s"]
-            rows.append(f"| {args.arch} | {args.width}x{args.height}x{args.frames} | {method} | {name} | "
-                        f"{result['s']:.3f} | {dense / result['s']:.2f}x | {result['density']:.3f} | "
-                        f"{result['peak']:.1f} | {result['first']:.1f} |")
-            print(rows[-1], flush=True)
-    print(f"\n{HEADER}\n|{'---|' * (HEADER.count('|') - 1)}")
-    print("\n".join(rows))
+    rows = [row for method in args.methods for row in method_rows(args, method, variants, parallel)]
+    if parallel.is_main:
+        print(f"\n{HEADER}\n|{'---|' * (HEADER.count('|') - 1)}")
+        print("\n".join(rows))
+    close(parallel)
 
+
+def method_rows(args: argparse.Namespace, method: str, variants: list, parallel: DataParallel) -> list[str]:
+    """One table row per attention variant of `method`, the first (dense) the speedups' reference."""
+    rows, dense = [], None
+    for name, sparsity in variants:
+        result = run_variant(args, method, sparsity, parallel)
+        dense = dense or result["s"]
+        losses = ", ".join(f"{loss:.4f}" for loss in result["losses"])
+        rows.append(f"| {args.arch} | {args.width}x{args.height}x{args.frames} | {method} | {name} | "
+                    f"{result['s']:.3f} | {dense / result['s']:.2f}x | {result['density']:.3f} | "
+                    f"{result['peak']:.1f} | {result['first']:.1f} | {parallel.world_size} | {args.batch} | {losses} |")
+        if parallel.is_main:
+            print(rows[-1], flush=True)
+    return rows
 
 if __name__ == "__main__":
     main()
