@@ -3,6 +3,8 @@ table (device time is short; a script that breaks there wastes it). The times me
 
 import sys
 
+import pytest
+
 from scripts import bench_train
 
 
@@ -14,3 +16,27 @@ def test_bench_train_smoke(monkeypatch, capsys):
     rows = lines[lines.index(bench_train.HEADER) + 2:]
     assert [row.split(" | ")[2:4] for row in rows] == [["lora", "dense"], ["full", "dense"]]
     assert all(float(row.split(" | ")[4]) > 0 for row in rows)
+
+
+def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys):
+    """Two gloo processes (FSDP2), the global batch of 2 split between them, against one process (here) accumulating
+    it: the same losses (the two-GPU run of issue 27 is this command on NCCL)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    def table(lines: list[str]) -> list[list[str]]:
+        return [row.split(" | ") for row in lines[lines.index(bench_train.HEADER) + 2:]]
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "scripts/bench_train.py", "--smoke", "--batch", "2"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", command[-4:])
+    bench_train.main()
+    two, one = table(result.stdout.splitlines()), table(capsys.readouterr().out.splitlines())
+    assert [row[9] for row in two] == ["2", "2"] and [row[9] for row in one] == ["1", "1"]
+    for a, b in zip(two, one):
+        assert [float(x) for x in a[11].strip(" |").split(", ")] == pytest.approx(
+            [float(x) for x in b[11].strip(" |").split(", ")], rel=1e-4)
