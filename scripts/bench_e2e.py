@@ -71,7 +71,7 @@ from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
 from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
 from scripts.make_random_model import ARCHS, build_random_pipeline
-from wan.api import BLOCK_COMPILE_OPTIONS
+from wan.api import compile_blocks
 from wan.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
 from wan.experts import EXPERT_NAMES, boundary_step, experts, warmup_steps
 from wan.images import I2V_PIPELINE
@@ -314,7 +314,7 @@ def nabla_rows(pipe, args, transformers: list, backends: list[str], base: Sparsi
     if not args.no_compile:
         # regional compilation: one graph for all identical blocks (both experts'); static shapes, as generate.py
         for transformer in transformers:
-            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+            compile_blocks(transformer)
         if not args.skip_dense:
             rows.append(measure("dense, compiled blocks", pipe, args))
     patch = patch_experts(transformers, base.replace(dense_steps=10**6))

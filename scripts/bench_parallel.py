@@ -22,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
 from scripts.bench_e2e import build_pipeline, model_args, run_steps
-from wan.api import BLOCK_COMPILE_OPTIONS
+from wan.api import compile_blocks
 from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
 from wan.patch import patch_transformer
 
@@ -41,7 +41,7 @@ def main() -> None:
     dense = SparsityConfig(mode="full")
     patch = patch_transformer(pipe.transformer, nabla)
     if cfg_setup.device.type == "cuda":  # what generate.py runs there; the CPU smoke only checks the script
-        pipe.transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+        compile_blocks(pipe.transformer)
     rows: list[tuple[str, str, float]] = []
 
     def timed(layout: str, name: str, config: SparsityConfig, ranks: list[int]) -> None:

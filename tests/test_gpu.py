@@ -194,7 +194,7 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
     """The patched transformer with compiled blocks (the processor's gathers, rotary and block means in inductor's
     kernels) against the same blocks run eagerly, float32 so that both keep the same blocks; a padded grid."""
 
-    from wan.api import BLOCK_COMPILE_OPTIONS
+    from wan.api import compile_blocks
     from wan.patch import patch_transformer, unpatch
 
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
             eager = transformer(latents, timestep, text, return_dict=False)[0]
             eager_density = handle.state.mean_density()
             handle.state.reset()
-            transformer.compile_repeated_blocks(dynamic=False, options=BLOCK_COMPILE_OPTIONS)
+            compile_blocks(transformer)
             compiled = transformer(latents, timestep, text, return_dict=False)[0]
     finally:
         unpatch(transformer)
