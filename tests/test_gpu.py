@@ -326,14 +326,6 @@ def test_compiled_patched_blocks_train_without_recompiles():
     assert 0.05 < handle.state.mean_density() < 0.5
 
 
-def training_batch() -> dict[str, torch.Tensor]:
-    """A trainer's batch for `small_transformer`: 3 latent frames of 90 x 64 (45 x 32 tokens, padded to 48 rows)."""
-    with torch.device("cuda"):
-        return {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
-                "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
-                "target": torch.randn(1, 16, 3, 90, 64)}
-
-
 @cuda
 @pytest.mark.parametrize("mode", ["full", "sta", "nabla"])
 def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
@@ -349,7 +341,11 @@ def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
     from wan.trainer import sample_losses
 
     torch.manual_seed(0)
-    eager, batch = small_transformer(heads=2).cuda().train(), training_batch()
+    with torch.device("cuda"):
+        eager = small_transformer(heads=2).train()
+        batch = {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
+                 "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                 "target": torch.randn(1, 16, 3, 90, 64)}
     compiled = copy.deepcopy(eager)
     sparsity = {"full": SparsityConfig(), "sta": SparsityConfig(mode="sta", sta_window=(1, 3, 3), block_size=128),
                 "nabla": SparsityConfig(mode="nabla", threshold=0.5, max_density=0.3, block_size=128)}[mode]
@@ -395,7 +391,11 @@ def test_nabla_training_saves_no_more_than_dense():
     from wan.train_config import SparsitySchedule
 
     torch.manual_seed(0)
-    stock, batch = small_transformer(heads=4).cuda().train(), training_batch()
+    with torch.device("cuda"):
+        stock = small_transformer(heads=4).train()
+        batch = {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
+                 "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                 "target": torch.randn(1, 16, 3, 90, 64)}
     patched = copy.deepcopy(stock)
     nabla = SparsityConfig(mode="nabla", threshold=0.5, max_density=0.3, block_size=128, backend="auto")
     sizes = []
