@@ -214,13 +214,6 @@ class NablaWanAttnProcessor:
         tiled = tiles is not None
         if torch.is_grad_enabled():  # the op has no autograd: a graph break instead, with flex_attention's backward
             out = self_attention(self.state, self.layer, query, key, value, tiled, means)
-            if tiled:
-                # The projection reads the attention's output as it is (padded tile order, a view of the tensor that
-                # flex_attention saves for its backward), so the block saves one copy of it, not two (0.72 GiB at
-                # 14B 720p, where the raster copy made NABLA's training step 0.4 GiB above dense's); then to raster
-                # order. Padding rows are finite (never a row without keys) and get zero gradients.
-                projected = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
-                return projected.index_select(1, tiles.scatter)
         else:
             out = wan_self_attention(query, key, value, *(means or (None, None)), self.state.key, self.layer, tiled)
         if tiled:  # back to raster order (padding dropped) before the output projection, whose input it writes
