@@ -3,6 +3,7 @@
     python scripts/bench_train.py --arch 14B --height 720 --width 1280 --frames 81 --methods lora
     python scripts/bench_train.py --arch 1.3B --height 480 --width 832 --frames 81 --methods lora full
     python scripts/bench_train.py --smoke     # the tiny model on the CPU, dense only: checks the script
+    python scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --layers 2 --trace-memory
     torchrun --nproc_per_node=2 scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2
     python scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2   # its 1-GPU baseline
 
@@ -14,6 +15,11 @@ with a float32 adapter; full fine-tuning float32 master weights with bf16 comput
 untimed first step (compilation included; its time is reported), then `--steps` timed steps; peak memory is
 the allocator's peak over the whole variant. The table is printed last.
 
+`--layers N` builds the architecture with N blocks (a block's time and memory at the real widths in a fraction of
+the run: with checkpointing the whole model's peak is its weights and block inputs plus one block's, so a difference
+between variants is the same); `--trace-memory` records the allocations of the last timed step and prints, per
+variant, what is alive at its peak by tensor size (scripts/memory_trace.py).
+
 Under torchrun the transformer is sharded by FSDP2 as finetune.py shards it and each rank takes its share of the
 global batch (`--batch`, samples per optimizer step): one process runs it as gradient accumulation, N processes as
 `--batch / N` micro-batches each, the same samples (noise and timesteps from the trainer's sample numbers), so the
@@ -23,6 +29,7 @@ losses of the first steps (printed) match across GPU counts within bf16 toleranc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -32,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
+from scripts import memory_trace
 from scripts.make_random_model import build_random_transformer
 from wan.data_parallel import DataParallel, close, init_data_parallel, shard_transformer
 from wan.sparsity_schedule import SparseAttention
@@ -49,11 +57,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(arch: str, method: str, device: torch.device) -> torch.nn.Module:
+def build(arch: str, method: str, device: torch.device, layers: int | None = None) -> torch.nn.Module:
     if arch == "tiny":
-        return build_tiny_pipeline().transformer.to(device)
+        transformer = build_tiny_pipeline().transformer.to(device)
+        if layers is not None:
+            transformer.blocks = transformer.blocks[:layers]
+        return transformer
     # LoRA: bf16 base weights; full fine-tuning: float32 master weights (bf16 compute under autocast)
-    return build_random_transformer(arch, str(device), torch.bfloat16 if method == "lora" else torch.float32)
+    return build_random_transformer(arch, str(device), torch.bfloat16 if method == "lora" else torch.float32, layers)
 
 
 def synthetic_entry(args: argparse.Namespace, text_dim: int) -> dict[str, torch.Tensor]:
@@ -69,7 +80,7 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
                               gradient_accumulation=args.batch // parallel.world_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)  # the same LoRA on every rank and in every run
-    transformer = make_trainable(build(args.arch, method, device), training)
+    transformer = make_trainable(build(args.arch, method, device, args.layers), training)
     attention = SparseAttention(transformer, sparsity, SparsitySchedule(), compile=device.type == "cuda")
     if parallel.distributed:
         shard_transformer(transformer, dtype)
@@ -84,12 +95,15 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
                    for micro in range(training.gradient_accumulation)]
         sync(device)
         start = time.perf_counter()
-        loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
+        with memory_trace.recording() if args.trace_memory and step == args.steps else contextlib.nullcontext() as trace:
+            loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
         sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     density = attention.mean_density()
+    if args.trace_memory and parallel.is_main:
+        print(memory_trace.report(trace[0]), flush=True)
     del transformer, optimizer, scheduler, attention
     gc.collect()
     if device.type == "cuda":
@@ -108,12 +122,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (default: 3)")
     parser.add_argument("--batch", type=int, default=1, help="samples per optimizer step over all processes, a "
                         "multiple of their number (default: 1)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks to build instead of the architecture's")
+    parser.add_argument("--trace-memory", action="store_true", help="CUDA: print what is alive at the last timed "
+                        "step's memory peak, by tensor size")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 32x32x9, CPU, dense only")
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.height, args.width, args.frames, args.steps = "tiny", 32, 32, 9, 2
         args.methods, args.rank = ["lora", "full"], 4
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers {args.layers}: a positive number of blocks")
     parallel = init_data_parallel("cpu" if args.smoke else None)
+    if args.trace_memory and parallel.device.type != "cuda":
+        parser.error(f"--trace-memory records CUDA allocations; this run is on {parallel.device.type}")
     if args.batch < 1 or args.batch % parallel.world_size:
         parser.error(f"--batch {args.batch}: a positive multiple of the {parallel.world_size} processes")
     variants = [("dense", SparsityConfig())]

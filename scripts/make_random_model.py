@@ -116,9 +116,12 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:
+def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                             num_layers: int | None = None) -> WanTransformer3DModel:
+    """`arch`'s transformer with random weights; `num_layers` blocks instead of its own where given."""
+    layers = {} if num_layers is None else {"num_layers": num_layers}
     with torch.device(device), default_dtype(dtype):  # initialise on the GPU: seconds instead of minutes on the CPU
-        model = WanTransformer3DModel(**{**COMMON, **ARCHS[arch].transformer}).eval()
+        model = WanTransformer3DModel(**{**COMMON, **ARCHS[arch].transformer, **layers}).eval()
     return keep_fp32_modules(model)  # as from_pretrained does
 
 

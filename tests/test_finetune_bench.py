@@ -9,7 +9,7 @@ from scripts import bench_train
 
 
 def test_bench_train_smoke(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--smoke"])
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--smoke", "--layers", "1"])
     bench_train.main()
     lines = capsys.readouterr().out.splitlines()
     assert "skipping the NABLA rows: they run FLASH, on CUDA" in lines
@@ -40,3 +40,20 @@ def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys
     for a, b in zip(two, one):
         assert [float(x) for x in a[11].strip(" |").split(", ")] == pytest.approx(
             [float(x) for x in b[11].strip(" |").split(", ")], rel=1e-4)
+
+
+def test_memory_trace_lists_what_is_alive_at_the_peak():
+    from collections import Counter
+
+    from scripts.memory_trace import alive_at_peak, report
+
+    def event(action, addr, size):
+        return {"action": action, "addr": addr, "size": size * 2**20}
+
+    events = [event("alloc", 1, 100), event("alloc", 2, 50), event("free_requested", 1, 100),
+              event("free_completed", 1, 100), event("alloc", 3, 120), event("alloc", 4, 10),
+              event("free_completed", 3, 120), event("alloc", 5, 170), event("free_completed", 2, 50)]
+    snapshot = {"device_traces": [events]}
+    # totals 100, 150, 50, 170, 180, 60, 230, 180: the peak is 230 with 2, 4 and 5 alive
+    assert alive_at_peak(snapshot) == (230 * 2**20, Counter({50 * 2**20: 1, 10 * 2**20: 1, 170 * 2**20: 1}))
+    assert report(snapshot, top=2).splitlines()[1:] == ["    1 x    170.00 MiB", "    1 x     50.00 MiB"]
