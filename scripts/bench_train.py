@@ -18,7 +18,8 @@ the allocator's peak over the whole variant. The table is printed last.
 `--layers N` builds the architecture with N blocks (a block's time and memory at the real widths in a fraction of
 the run: with checkpointing the whole model's peak is its weights and block inputs plus one block's, so a difference
 between variants is the same); `--trace-memory` records the allocations of the last timed step and prints, per
-variant, what is alive at its peak by tensor size (scripts/memory_trace.py).
+variant, what is alive at its peak by tensor size (scripts/memory_trace.py; that step's time then includes the
+recording).
 
 Under torchrun the transformer is sharded by FSDP2 as finetune.py shards it and each rank takes its share of the
 global batch (`--batch`, samples per optimizer step): one process runs it as gradient accumulation, N processes as
