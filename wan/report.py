@@ -23,6 +23,7 @@ def _per_expert(names: tuple[str, ...], densities: list[float | None]) -> str:
 
 
 def describe(config: SparsityConfig, backend: str | None = None) -> str:
+    """The sparsity in a few words ("nabla, threshold 0.7, 128-token blocks, flash kernel")."""
     if config.mode == "full":
         return "full attention"
     parts = [config.mode]
