@@ -326,6 +326,14 @@ def test_compiled_patched_blocks_train_without_recompiles():
     assert 0.05 < handle.state.mean_density() < 0.5
 
 
+def training_batch() -> dict[str, torch.Tensor]:
+    """A trainer's batch for `small_transformer`: 3 latent frames of 90 x 64 (45 x 32 tokens, padded to 48 rows)."""
+    with torch.device("cuda"):
+        return {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
+                "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                "target": torch.randn(1, 16, 3, 90, 64)}
+
+
 @cuda
 @pytest.mark.parametrize("mode", ["full", "sta", "nabla"])
 def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
@@ -343,9 +351,7 @@ def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
     torch.manual_seed(0)
     with torch.device("cuda"):
         eager = small_transformer(heads=2).train()
-        batch = {"hidden_states": torch.randn(1, 16, 3, 90, 64, dtype=torch.bfloat16), "timestep": torch.tensor([700.0]),
-                 "encoder_hidden_states": torch.randn(1, 16, 64, dtype=torch.bfloat16),
-                 "target": torch.randn(1, 16, 3, 90, 64)}
+    batch = training_batch()
     compiled = copy.deepcopy(eager)
     sparsity = {"full": SparsityConfig(), "sta": SparsityConfig(mode="sta", sta_window=(1, 3, 3), block_size=128),
                 "nabla": SparsityConfig(mode="nabla", threshold=0.5, max_density=0.3, block_size=128)}[mode]
@@ -359,3 +365,76 @@ def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
         assert grad is not None and torch.isfinite(grad).all(), name
         if mode != "nabla":
             assert (grad - grads[0][name]).norm() <= 0.05 * grads[0][name].norm(), name
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_qk_backward_matches_the_torch_path_at_the_14b_shape(dtype):
+    """The q/k kernels' input gradient (from their output: the projections are not kept) against autograd through the
+    processor's torch path, at 14B 720p's head layout on 3 frames (45 token rows padded to 48)."""
+    from nabla.layout import gather_tiles
+    from wan.processor import _apply_rotary_pairwise
+    from wan.tiled_qk import tiled_qk
+
+    torch.manual_seed(0)
+    layout, heads, dim = TileLayout(3, 45, 80), 40, 128
+    L, C = layout.length, heads * dim
+    x = (torch.randn(1, L, C, device="cuda") * 3).to(dtype).requires_grad_()
+    norm = torch.nn.RMSNorm(C, eps=1e-6).to("cuda", dtype).requires_grad_(False)
+    norm.weight.data = (torch.rand(C, device="cuda") + 0.5).to(dtype)
+    angles = torch.rand(1, L, 1, dim // 2, device="cuda") * 6.3
+    cos, sin = (layout.tile(f(angles).repeat_interleave(2, -1), dim=1) for f in (torch.cos, torch.sin))
+    out, _ = tiled_qk(x, norm, (cos, sin), layout.raster_index.cuda(), heads, 128, True)
+    weights = torch.randn(out.shape, device="cuda") * layout.valid.cuda()[None, :, None, None]
+    (out.float() * weights).sum().backward()
+    ref_x = x.detach().float().requires_grad_()  # the float32 reference
+    ref = _apply_rotary_pairwise(norm.float()(gather_tiles(ref_x, layout.raster_index.cuda(), dim=1))
+                                 .unflatten(2, (heads, -1)), cos, sin)
+    (ref * weights).sum().backward()
+    err, scale = (x.grad.float() - ref_x.grad).abs().max(), ref_x.grad.abs().max()
+    assert err <= {torch.float32: 1e-4, torch.bfloat16: 0.02}[dtype] * scale, (float(err), float(scale))
+
+
+def saved_bytes(transformer, batch) -> int:
+    """Bytes of the distinct storages that one forward saves for its backward, the weights left out."""
+    from wan.trainer import sample_losses
+
+    weights = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = sample_losses(transformer, batch).mean()
+    loss.backward()
+    return sum(saved.values())
+
+
+@cuda
+def test_nabla_lora_training_saves_less_than_dense():
+    """A compiled block training a LoRA under NABLA saves less than the stock compiled block, on a padded grid (45
+    token rows a frame, 48 in tile order): the q/k kernels' backward keeps no copy of q's and k's projections, which
+    outweighs the padding of q, k, v and the output and the BlockMask's index rows."""
+    import copy
+
+    from wan.sparsity_schedule import SparseAttention
+    from wan.train_config import SparsitySchedule, TrainingConfig
+    from wan.trainer import make_trainable
+
+    torch.manual_seed(0)
+    training = TrainingConfig(method="lora", rank=4, alpha=4, height=180, width=128, frames=9,
+                              gradient_checkpointing=False)
+    stock = make_trainable(small_transformer(heads=4).cuda().to(torch.bfloat16), training)
+    patched = copy.deepcopy(stock)
+    batch = training_batch()
+    nabla = SparsityConfig(mode="nabla", threshold=0.5, max_density=0.3, block_size=128, backend="auto")
+    sizes = []
+    for transformer, sparsity in ((stock, SparsityConfig()), (patched, nabla)):
+        SparseAttention(transformer, sparsity, SparsitySchedule(), compile=True).start_step(0)
+        saved_bytes(transformer, batch)  # compiles
+        sizes.append(saved_bytes(transformer, batch))
+    assert sizes[1] < sizes[0], sizes

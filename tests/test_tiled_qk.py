@@ -27,7 +27,7 @@ for grid, batch, heads, dim, block_size, dtype, affine, eps in (  # batch 2 once
         norm.weight.data = torch.randn(C).to(dtype)
     cos, sin = (layout.tile(torch.randn(1, L, 1, dim), dim=1) for _ in range(2))
     gather = layout.raster_index
-    out, means = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather,
+    out, means, _ = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather,
                            eps if eps is not None else torch.finfo(torch.float32).eps, heads, block_size, True)
     ref = _apply_rotary_pairwise(norm(gather_tiles(x, gather, dim=1)).unflatten(2, (heads, -1)), cos, sin)
     ref_means = block_means(out, block_size, layout.valid)  # the means of what it wrote (compared to ref below)
@@ -52,6 +52,52 @@ def test_tiled_qk_kernel_matches_the_torch_path():
     assert "checked 4" in run_interpreted(CHECK)
 
 
+CHECK_GRAD = r"""
+import torch
+from nabla.layout import TileLayout, gather_tiles
+from wan.processor import _apply_rotary_pairwise
+from wan.tiled_qk import _tiled_qk
+torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+checked = 0
+for grid, heads, dim, dtype, affine in (
+    ((3, 10, 13), 2, 16, torch.float32, True),  # padded rows and columns
+    ((2, 16, 16), 3, 12, torch.float32, False),  # no padding, no weight
+    ((3, 10, 13), 2, 16, torch.bfloat16, True),
+):
+    layout = TileLayout(*grid)
+    L, S, C = layout.length, layout.padded_length, heads * dim
+    x = (torch.randn(1, L, C) * 3 + 0.5).to(dtype).requires_grad_()
+    norm = torch.nn.RMSNorm(C, eps=1e-6, elementwise_affine=affine).to(dtype).requires_grad_(False)
+    if affine:
+        norm.weight.data = (torch.randn(C).abs() + 0.2).to(dtype) * torch.sign(torch.randn(C)).to(dtype)
+    cos, sin = (layout.tile(torch.randn(1, L, 1, dim), dim=1) for _ in range(2))
+    gather = layout.raster_index
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather, 1e-6, heads, 64, True)[0]
+    # what the backward keeps: the output, not the input (nor a copy of it)
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() and t.numel() != x.numel()
+               or t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in saved), grid
+    assert any(t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for t in saved), grid
+    weights = torch.randn(out.shape) * layout.valid[None, :, None, None]  # padding rows are never read
+    (out.float() * weights).sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ref = _apply_rotary_pairwise(norm(gather_tiles(ref_x, gather, dim=1)).unflatten(2, (heads, -1)), cos, sin)
+    (ref.float() * weights).sum().backward()
+    err, scale = float((x.grad.float() - ref_x.grad.float()).abs().max()), float(ref_x.grad.float().abs().max())
+    assert err <= {torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype] * scale, (grid, dtype, err, scale)
+    checked += 1
+print("checked", checked)
+"""
+
+
+def test_tiled_qk_backward_matches_the_torch_path_and_keeps_no_input_copy():
+    """The op's input gradient (the rotation undone on the output, the norm's input as its output over the weight)
+    against autograd through the torch path, on padded grids, with and without a weight; and what it saves for the
+    backward is its output, never its input."""
+    assert "checked 3" in run_interpreted(CHECK_GRAD)
+
+
 def test_tiled_qk_kernels_compile_for_hopper():
     """What the interpreter runs must also compile to Triton IR (the interpreter accepts code the compiler refuses)."""
     from wan.tiled_qk import _rms_kernel, _tiled_qk_kernel
@@ -72,27 +118,33 @@ def test_tiled_qk_kernels_compile_for_hopper():
 
 
 # The processor with the kernels (forced on the CPU) against its torch path: same video, same masks.
-CHECK_PROCESSOR = r"""
+# What both runs below share: `force_kernels()` makes the processor take the kernels on the CPU, recording each check.
+FORCED = r"""
 import sys, torch
 import wan.processor, wan.tiled_qk
 from nabla import SparsityConfig
 from wan.loading import load_pipeline
 from wan.patch import patch_transformer, unpatch
+calls = []
+
+def on_cpu(x, norm, rotary):
+    calls.append(x)
+    return rotary is not None and isinstance(norm, torch.nn.RMSNorm)
+
+def force_kernels():
+    wan.processor.fused_applies = wan.tiled_qk.fused_applies = on_cpu
+"""
+
+CHECK_PROCESSOR = FORCED + r"""
 from wan.run import generate
 from wan.settings import GenerationSettings
 
 settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=9, steps=2, guidance_scale=4.0)
 pipe = load_pipeline(sys.argv[1], device="cpu")
-calls = []
-
-def on_cpu(x, norm, rotary):
-    calls.append(x.shape)
-    return rotary is not None and isinstance(norm, torch.nn.RMSNorm)
-
 results = []
 for fused in (False, True):
     if fused:
-        wan.processor.fused_applies = wan.tiled_qk.fused_applies = on_cpu
+        force_kernels()
     # step 0 dense (raster order through the kernels), step 1 sparse (tile order)
     handle = patch_transformer(pipe.transformer, SparsityConfig(mode="nabla", threshold=0.5, dense_steps=1))
     frames, _ = generate(pipe, settings)
@@ -109,6 +161,43 @@ print("fused", len(calls), "max diff", err)
 
 def test_processor_with_the_kernels_matches_its_torch_path(tiny_model):
     assert "fused" in run_interpreted(CHECK_PROCESSOR, str(tiny_model))
+
+
+# Training through the kernels (forced on the CPU; frozen norms, as under LoRA) against the torch path: the same loss
+# and parameter gradients.
+CHECK_TRAINING = FORCED + r"""
+transformer = load_pipeline(sys.argv[1], device="cpu").transformer
+for block in transformer.blocks:
+    block.attn1.norm_q.requires_grad_(False)
+    block.attn1.norm_k.requires_grad_(False)
+gen = torch.Generator().manual_seed(0)
+inputs = (torch.randn(2, 16, 3, 16, 20, generator=gen), torch.tensor([700.0, 150.0]), torch.randn(2, 9, 32, generator=gen))
+target = torch.randn(2, 16, 3, 16, 20, generator=gen)
+results = []
+for fused in (False, True):
+    if fused:
+        force_kernels()
+    handle = patch_transformer(transformer, SparsityConfig(mode="nabla", threshold=0.4))
+    assert all(block.attn1.processor.invertible_norms for block in transformer.blocks)
+    transformer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(transformer(*inputs, return_dict=False)[0], target)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+    results.append((loss.detach(), grads, torch.stack([d for _, _, d in handle.state.records.densities])))
+    unpatch(transformer)
+(loss, grads, density), (f_loss, f_grads, f_density) = results
+assert calls and all(x.requires_grad for x in calls)  # the kernels ran, under autograd
+assert torch.equal(density, f_density) and float(density.mean()) < 0.9, (density, f_density)
+torch.testing.assert_close(f_loss, loss, atol=1e-6, rtol=1e-5)
+assert grads.keys() == f_grads.keys() and len(grads) > 20
+for name, grad in grads.items():
+    torch.testing.assert_close(f_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+print("trained", len(calls))
+"""
+
+
+def test_training_through_the_kernels_matches_the_torch_path(tiny_model):
+    assert "trained" in run_interpreted(CHECK_TRAINING, str(tiny_model))
 
 
 def test_tiled_qk_refuses_what_it_does_not_compute():

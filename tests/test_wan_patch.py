@@ -176,3 +176,18 @@ def test_cross_attention_untouched_and_unpatch_restores(pipe):
 def test_full_mode_leaves_the_model_alone(pipe):
     assert patch_transformer(pipe.transformer, SparsityConfig(mode="full")) is None
     assert getattr(pipe.transformer, "_nabla_patch", None) is None
+
+
+def test_a_zero_norm_weight_keeps_that_block_off_the_kernels_backward(tiny_model):
+    """The q/k kernels' backward recovers the norm's input as its output over the weight: a block whose norm_q or
+    norm_k weight holds a zero is marked at patch time (it then trains by the torch path)."""
+    from wan.processor import invertible
+
+    transformer = load_pipeline(str(tiny_model), device="cpu").transformer
+    transformer.blocks[1].attn1.norm_k.weight.data[3] = 0.0
+    handle = patch_transformer(transformer, SparsityConfig(mode="nabla", threshold=0.5))
+    try:
+        assert [block.attn1.processor.invertible_norms for block in transformer.blocks] == [True, False]
+    finally:
+        unpatch(transformer)
+    assert handle is not None and invertible(torch.nn.RMSNorm(4, elementwise_affine=False))

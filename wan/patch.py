@@ -22,7 +22,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from nabla import SparsityConfig
-from wan.processor import NablaWanAttnProcessor, no_custom_op_check
+from wan.processor import NablaWanAttnProcessor, invertible, no_custom_op_check
 from wan.state import NablaState
 
 
@@ -94,7 +94,7 @@ def patch_transformer(
     _tile_rotary_tables(transformer, state)
     processors = [block.attn1.processor for block in transformer.blocks]
     for layer, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(NablaWanAttnProcessor(state, layer))
+        block.attn1.set_processor(NablaWanAttnProcessor(state, layer, invertible(block.attn1.norm_q, block.attn1.norm_k)))
     handle = NablaPatch(transformer, state, hooks, processors, expert_of.experts if expert_of is not None else [])
     transformer._nabla_patch = handle
     return handle

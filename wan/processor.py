@@ -1,10 +1,11 @@
 """The self-attention processor of a NABLA-patched WanTransformer3DModel, and the attention op it calls.
 
 Each block's attn1 (self-attention; attn2, the cross-attention to text, is left alone) gets a processor that
-computes q, k, v like diffusers' WanAttnProcessor, but writes them in tile order (padded to whole tiles): on CUDA at
-inference q and k by Triton kernels that read the projected raster rows, normalise, rotate, write tile order and
-take NABLA's block means in one pass (wan/tiled_qk.py), elsewhere (and under autograd: those kernels have no
-backward) by gathering the rows before the norm and the rotary embedding. `self_attention` then applies the run's
+computes q, k, v like diffusers' WanAttnProcessor, but writes them in tile order (padded to whole tiles): on CUDA q
+and k by Triton kernels that read the projected raster rows, normalise, rotate, write tile order and take NABLA's
+block means in one pass (wan/tiled_qk.py; under autograd too where the norms are frozen and their weights hold no
+zero: their backward keeps no copy of the projections), elsewhere by gathering the rows before the norm and the
+rotary embedding. `self_attention` then applies the run's
 policy (dense steps, dense fallback) around `nabla.attention.attend` and records the call. At inference it runs in
 one custom op inside the compiled block (`nabla::wan_self_attention`), not a graph break, so the block's activations
 are freed as in the stock compiled block; under autograd it is called directly (a graph break), and its backward is
@@ -111,6 +112,11 @@ def no_custom_op_check():
     return contextlib.nullcontext()
 
 
+def invertible(*norms: torch.nn.Module) -> bool:
+    """Whether the q/k kernels' backward can recover these norms' inputs from their outputs: no weight holds a zero."""
+    return all(getattr(norm, "weight", None) is None or bool((norm.weight != 0).all()) for norm in norms)
+
+
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
     """NABLA's block means [B, H, nb, D] (float32) of tile-ordered x [B, S, H, D]: `pool_blocks` on the heads-first
     view, so that in a compiled block they reduce in the graph that writes x."""
@@ -139,10 +145,13 @@ class NablaWanAttnProcessor:
 
     _parallel_config = None
 
-    def __init__(self, state: NablaState, layer: int) -> None:
+    def __init__(self, state: NablaState, layer: int, invertible_norms: bool = False) -> None:
         # a tensor, not an int: compiled blocks guard on int attributes (one graph per layer, past dynamo's limit of
         # 8 graphs), while a tensor is an input to the one graph all blocks share
         self.state, self.layer = state, torch.tensor(layer)
+        # the q/k kernels' backward recovers the norms' inputs from their outputs over the weights: none may be 0
+        # (`invertible`, checked when patching; a frozen weight keeps its values)
+        self.invertible_norms = invertible_norms
 
     def _attend(self, ctx, query, key, value, *args, **kwargs) -> torch.Tensor:
         """[B, S, H, D] in and out; the signature of a diffusers templated-attention `forward_op`."""
@@ -154,11 +163,12 @@ class NablaWanAttnProcessor:
             query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
         )
 
-    @staticmethod
-    def _fused(attn: Any, query: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
-        # the kernels have no backward
-        return (fused_applies is not None and not query.requires_grad
-                and all(fused_applies(query, norm, rotary_emb) for norm in (attn.norm_q, attn.norm_k)))
+    def _fused(self, attn: Any, query: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        norms = (attn.norm_q, attn.norm_k)
+        # under autograd the kernels' backward serves frozen norms without zeros (it gives the weights no gradient)
+        trains = self.invertible_norms and all(n.weight is None or not n.weight.requires_grad for n in norms)
+        return (fused_applies is not None and (not query.requires_grad or trains)
+                and all(fused_applies(query, norm, rotary_emb) for norm in norms))
 
     def __call__(
         self,

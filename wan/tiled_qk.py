@@ -6,6 +6,11 @@ order, normalises, rotates, writes them and sums the block means on the way (0.7
 step, two warps: the fastest of 16/32/64 x 2/4/8 on the probe). Same arithmetic as the torch path (diffusers'
 RMSNorm and WanAttnProcessor's rotary: float32, rounded to the input dtype after the norm and after the rotation),
 up to the order of float32 sums.
+
+The op has a backward that keeps no copy of its input: the rotation is undone on the output and the norm's input is
+the output over the norm's weight (and the RMS the forward took). Under training the output is what flex_attention
+saves anyway, so a block keeps neither q's nor k's projections (2 x 738 MiB a block at 14B 720p). It gives the
+weight no gradient and needs it free of zeros (`wan.processor.invertible`).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def _tiled_qk_kernel(x_ptr, rstd_ptr, w_ptr, cos_ptr, sin_ptr, gather_ptr, out_p
 @torch.library.custom_op("nabla::wan_tiled_qk", mutates_args=())
 def _tiled_qk(x: torch.Tensor, weight: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,  # noqa: UP045
               gather: torch.Tensor, eps: float, heads: int, block_size: int, with_means: bool,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, C = x.shape
     S, D = gather.numel(), C // heads
     if x.stride(-1) != 1:
@@ -94,16 +99,51 @@ def _tiled_qk(x: torch.Tensor, weight: Optional[torch.Tensor], cos: torch.Tensor
         x, rstd, weight if weight is not None else x, cos.contiguous(), sin.contiguous(), gather, out, means,
         L, S, nb, x.stride(0), x.stride(1), H=heads, D=D, D_P2=triton.next_power_of_2(D), BLOCK=block_size,
         SUB=16, HAS_WEIGHT=weight is not None, HAS_MEANS=with_means, num_warps=2)
-    return out, means
+    return out, means, rstd
 
 
 @_tiled_qk.register_fake
 def _(x, weight, cos, sin, gather, eps, heads, block_size, with_means):
-    B, _, C = x.shape
+    B, L, C = x.shape
     S, D = gather.numel(), C // heads
     nb = -(-S // block_size)
     out = x.new_empty(B, S, heads, D)
-    return out, x.new_empty((B, heads, nb, D) if with_means else (0,), dtype=torch.float32)
+    means = x.new_empty((B, heads, nb, D) if with_means else (0,), dtype=torch.float32)
+    return out, means, x.new_empty(B, L, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, weight, cos, sin, gather, *_ = inputs
+    out, means, rstd = output
+    ctx.mark_non_differentiable(means, rstd)  # the means choose the mask, which takes no gradient
+    ctx.save_for_backward(out, rstd, weight, cos, sin, gather)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_means, grad_rstd):
+    out, rstd, weight, cos, sin, gather = ctx.saved_tensors
+    B, S, _, D = out.shape
+    L = rstd.shape[1]
+    c, s = cos.view(1, S, 1, D)[..., 0::2], sin.view(1, S, 1, D)[..., 1::2]
+
+    def transpose(t: torch.Tensor) -> torch.Tensor:  # the rotation's transpose: (a, b) -> (a c + b s, b c - a s)
+        a, b = t.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((a * c + b * s, b * c - a * s), -1)
+
+    # RMSNorm's output, by the rotation's inverse (its transpose over c^2 + s^2, 1 for rotary tables), and the gradient
+    # there, by its transpose: [B, S, C]
+    normed = (transpose(out) / (c * c + s * s).unsqueeze(-1)).flatten(-3)
+    grad_normed = transpose(grad_out).flatten(-3)
+    w = weight.float() if weight is not None else torch.ones((), device=out.device)
+    # d/dx of x r w (r = 1 / rms(x)): r (g - x r mean(g x r)) with g = grad w, where x r = normed / w
+    mean = (grad_normed * normed).mean(-1, keepdim=True)
+    r = rstd.gather(1, gather.clamp(max=L - 1).expand(B, S)).unsqueeze(-1)  # padding slots: their gradient is dropped
+    grad_tiles = r * (grad_normed * w - normed / w * mean)
+    # back to raster order: row l from the slot that holds it (gather holds each row once, then L for padding)
+    slots = torch.argsort(gather, stable=True)[:L]
+    return grad_tiles.index_select(1, slots).to(out.dtype), None, None, None, None, None, None, None, None
+
+
+_tiled_qk.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_applies(x: torch.Tensor, norm: torch.nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
@@ -135,5 +175,5 @@ def tiled_qk(
                          "float32 tables")
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # torch's default: its compute dtype
     cos, sin = (t.reshape(gather.numel(), -1) for t in rotary)
-    out, means = _tiled_qk(x, norm.weight, cos, sin, gather, eps, heads, block_size, with_means)
+    out, means, _ = _tiled_qk(x, norm.weight, cos, sin, gather, eps, heads, block_size, with_means)
     return out, means if with_means else None
