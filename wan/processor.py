@@ -170,6 +170,41 @@ class NablaWanAttnProcessor:
         return (fused_applies is not None and (not query.requires_grad or trains)
                 and all(fused_applies(query, norm, rotary_emb) for norm in norms))
 
+    def _qkv_by_kernels(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        rotary_emb: tuple[torch.Tensor, torch.Tensor], tiles: Any, with_means: bool) -> tuple:
+        """q, k (normalised, rotated) and v [B, S, H, D] from the projections by the Triton kernels, in tile order
+        where `tiles` is given (else raster), and the block means of q and k where `with_means` (else None)."""
+        block_size = self.state.config.block_size
+        rows = tiles.gather if tiles is not None else torch.arange(query.shape[1], device=query.device)
+        query, query_means = tiled_qk(query, attn.norm_q, rotary_emb, rows, attn.heads, block_size, with_means)
+        key, key_means = tiled_qk(key, attn.norm_k, rotary_emb, rows, attn.heads, block_size, with_means)
+        if tiles is not None:
+            value = value.index_select(1, tiles.gather_values)
+        return query, key, value.unflatten(2, (attn.heads, -1)), (query_means, key_means) if with_means else None
+
+    def _qkv_by_torch(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, tiles: Any, with_means: bool) -> tuple:
+        """What `_qkv_by_kernels` gives, by torch ops (compiled with the block where it is)."""
+        if tiles is not None:
+            # Tile order from here: q and k are gathered before the norm and the rotary embedding (per-token ops; the
+            # patched rope.forward gave its tables in tile order), so that in a compiled block their kernels read
+            # raster rows and write tile order. q, k and v read no input in common (k has its own index and tables,
+            # v its own index): inductor fuses kernels that share an input, and one kernel writing q, k and v in tile
+            # order holds all three projections and all three tiled copies at once (+0.9 GiB at 14B 720p); apart,
+            # each projection is freed as its tiled copy is written.
+            query, key = gather_tiles(query, tiles.gather, dim=1), gather_tiles(key, tiles.gather_keys, dim=1)
+            value = value.index_select(1, tiles.gather_values)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        if rotary_emb is not None:  # diffusers' arithmetic, without the stack that inductor writes out
+            query = _apply_rotary_pairwise(query, *rotary_emb)
+            # k's own copy of the tiled tables at inference; under autograd (and in the recomputation of gradient
+            # checkpointing, after the forward dropped that copy) the tables the block was given
+            key = _apply_rotary_pairwise(key, *(self.state.key_rotary or rotary_emb))
+        block_size = self.state.config.block_size
+        means = tuple(block_means(x, block_size, tiles.valid) for x in (query, key)) if with_means else None
+        return query, key, value, means
+
     def __call__(
         self,
         attn: Any,
@@ -182,39 +217,15 @@ class NablaWanAttnProcessor:
             raise ValueError("NablaWanAttnProcessor is for self-attention without a mask (attn1)")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         tiles = self.state.tile_indices if self._parallel_config is None else None
-        config, means = self.state.config, None
+        config = self.state.config
         with_means = tiles is not None and config.uses_nabla
         # On CUDA, q and k each by two Triton kernels that also take the block means (wan/tiled_qk.py); on the dense
         # steps of a sparse run too, in raster order (mode "full" stays diffusers' computation, bit for bit)
         if (self._parallel_config is None and (tiles is not None or config.is_sparse)
                 and self._fused(attn, query, rotary_emb)):
-            rows = tiles.gather if tiles is not None else torch.arange(query.shape[1], device=query.device)
-            query, query_means = tiled_qk(query, attn.norm_q, rotary_emb, rows, attn.heads, config.block_size,
-                                          with_means)
-            key, key_means = tiled_qk(key, attn.norm_k, rotary_emb, rows, attn.heads, config.block_size, with_means)
-            if tiles is not None:
-                value = value.index_select(1, tiles.gather_values)
-            value = value.unflatten(2, (attn.heads, -1))
-            means = (query_means, key_means) if with_means else None
+            query, key, value, means = self._qkv_by_kernels(attn, query, key, value, rotary_emb, tiles, with_means)
         else:
-            if tiles is not None:
-                # Tile order from here: q and k are gathered before the norm and the rotary embedding (per-token
-                # ops; the patched rope.forward gave its tables in tile order), so that in a compiled block their
-                # kernels read raster rows and write tile order. q, k and v read no input in common (k has its own
-                # index and tables, v its own index): inductor fuses kernels that share an input, and one kernel
-                # writing q, k and v in tile order holds all three projections and all three tiled copies at once
-                # (+0.9 GiB at 14B 720p); apart, each projection is freed as its tiled copy is written.
-                query, key = gather_tiles(query, tiles.gather, dim=1), gather_tiles(key, tiles.gather_keys, dim=1)
-                value = value.index_select(1, tiles.gather_values)
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            if rotary_emb is not None:  # diffusers' arithmetic, without the stack that inductor writes out
-                query = _apply_rotary_pairwise(query, *rotary_emb)
-                # k's own copy of the tiled tables at inference; under autograd (and in the recomputation of
-                # gradient checkpointing, after the forward dropped that copy) the tables the block was given
-                key = _apply_rotary_pairwise(key, *(self.state.key_rotary or rotary_emb))
-            if with_means:
-                means = tuple(block_means(x, config.block_size, tiles.valid) for x in (query, key))
+            query, key, value, means = self._qkv_by_torch(attn, query, key, value, rotary_emb, tiles, with_means)
         if self._parallel_config is not None:
             cp = self._parallel_config.context_parallel_config
             if cp.ring_degree != 1 or cp.ulysses_anything:
