@@ -191,3 +191,4 @@ def test_a_zero_norm_weight_keeps_that_block_off_the_kernels_backward(tiny_model
     finally:
         unpatch(transformer)
     assert handle is not None and invertible(torch.nn.RMSNorm(4, elementwise_affine=False))
+    assert not invertible(torch.nn.RMSNorm(4, device="meta"))  # offloaded: unknown values

@@ -113,8 +113,10 @@ def no_custom_op_check():
 
 
 def invertible(*norms: torch.nn.Module) -> bool:
-    """Whether the q/k kernels' backward can recover these norms' inputs from their outputs: no weight holds a zero."""
-    return all(getattr(norm, "weight", None) is None or bool((norm.weight != 0).all()) for norm in norms)
+    """Whether the q/k kernels' backward can recover these norms' inputs from their outputs: no weight holds a zero
+    (a weight not in memory, as under sequential CPU offload, cannot be checked: False)."""
+    weights = [getattr(norm, "weight", None) for norm in norms]
+    return all(w is None or (not w.is_meta and bool((w != 0).all())) for w in weights)
 
 
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
