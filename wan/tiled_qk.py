@@ -121,7 +121,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: torch.Tensor, grad_means, grad_rstd):
     out, rstd, weight, cos, sin, gather = ctx.saved_tensors
-    B, S, _, D = out.shape
+    S, D = out.shape[1], out.shape[3]
     L = rstd.shape[1]
     c, s = cos.view(1, S, 1, D)[..., 0::2], sin.view(1, S, 1, D)[..., 1::2]
 
@@ -129,18 +129,16 @@ def _backward(ctx, grad_out: torch.Tensor, grad_means, grad_rstd):
         a, b = t.float().unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack((a * c + b * s, b * c - a * s), -1)
 
-    # RMSNorm's output, by the rotation's inverse (its transpose over c^2 + s^2, 1 for rotary tables), and the gradient
-    # there, by its transpose: [B, S, C]
-    normed = (transpose(out) / (c * c + s * s).unsqueeze(-1)).flatten(-3)
-    grad_normed = transpose(grad_out).flatten(-3)
+    # in raster order (row l from the slot holding it: gather holds each row once, then L for padding) RMSNorm's
+    # output, by the rotation's inverse (its transpose over c^2 + s^2, 1 for rotary tables), and the gradient there
+    slots = torch.argsort(gather, stable=True)[:L]
+    normed = (transpose(out) / (c * c + s * s).unsqueeze(-1)).flatten(-3).index_select(1, slots)
+    grad_normed = transpose(grad_out).flatten(-3).index_select(1, slots)
     w = weight.float() if weight is not None else torch.ones((), device=out.device)
     # d/dx of x r w (r = 1 / rms(x)): r (g - x r mean(g x r)) with g = grad w, where x r = normed / w
     mean = (grad_normed * normed).mean(-1, keepdim=True)
-    r = rstd.gather(1, gather.clamp(max=L - 1).expand(B, S)).unsqueeze(-1)  # padding slots: their gradient is dropped
-    grad_tiles = r * (grad_normed * w - normed / w * mean)
-    # back to raster order: row l from the slot that holds it (gather holds each row once, then L for padding)
-    slots = torch.argsort(gather, stable=True)[:L]
-    return grad_tiles.index_select(1, slots).to(out.dtype), None, None, None, None, None, None, None, None
+    grad_x = rstd.unsqueeze(-1) * (grad_normed * w - normed / w * mean)
+    return grad_x.to(out.dtype), None, None, None, None, None, None, None, None
 
 
 _tiled_qk.register_autograd(_backward, setup_context=_setup_context)
