@@ -5,11 +5,11 @@ computes q, k, v like diffusers' WanAttnProcessor, but writes them in tile order
 and k by Triton kernels that read the projected raster rows, normalise, rotate, write tile order and take NABLA's
 block means in one pass (wan/tiled_qk.py; under autograd too where the norms are frozen and their weights hold no
 zero: their backward keeps no copy of the projections), elsewhere by gathering the rows before the norm and the
-rotary embedding. `self_attention` then applies the run's
-policy (dense steps, dense fallback) around `nabla.attention.attend` and records the call. At inference it runs in
-one custom op inside the compiled block (`nabla::wan_self_attention`), not a graph break, so the block's activations
-are freed as in the stock compiled block; under autograd it is called directly (a graph break), and its backward is
-flex_attention's (on the CPU, SDPA's under the token-level mask).
+rotary embedding. `self_attention` then applies the run's policy (dense steps, dense fallback) around
+`nabla.attention.attend` and records the call. At inference it runs in one custom op inside the compiled block
+(`nabla::wan_self_attention`), not a graph break, so the block's activations are freed as in the stock compiled
+block; under autograd it is called directly (a graph break), and its backward is flex_attention's (on the CPU,
+SDPA's under the token-level mask).
 """
 
 from __future__ import annotations
