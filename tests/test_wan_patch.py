@@ -192,3 +192,23 @@ def test_a_zero_norm_weight_keeps_that_block_off_the_kernels_backward(tiny_model
         unpatch(transformer)
     assert handle is not None and invertible(torch.nn.RMSNorm(4, elementwise_affine=False))
     assert not invertible(torch.nn.RMSNorm(4, device="meta"))  # offloaded: unknown values
+
+
+def test_the_kernels_serve_training_only_with_frozen_invertible_norms(monkeypatch):
+    """Under autograd (q's or k's projection trains) the q/k kernels' backward gives the norm weights no gradient and
+    needs them free of zeros: the processor takes the kernels only then (here their device check is forced)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(wan.processor, "fused_applies", lambda x, norm, rotary: True)
+    attn = SimpleNamespace(norm_q=torch.nn.RMSNorm(8), norm_k=torch.nn.RMSNorm(8))
+    plain, trains = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8, requires_grad=True)
+
+    def fused(invertible, query, key, frozen=True):
+        attn.norm_q.requires_grad_(False)
+        attn.norm_k.requires_grad_(not frozen)
+        return NablaWanAttnProcessor(None, 0, invertible)._fused(attn, query, key, None)
+
+    assert fused(False, plain, plain, frozen=False)  # inference: any norm
+    assert fused(True, plain, trains) and fused(True, trains, plain)
+    assert not fused(True, plain, trains, frozen=False)  # a norm weight that trains
+    assert not fused(False, trains, plain)  # a zero in a norm weight

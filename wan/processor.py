@@ -165,11 +165,13 @@ class NablaWanAttnProcessor:
             query, key, value, None, 0.0, False, None, False, False, self._attend, None, self._parallel_config
         )
 
-    def _fused(self, attn: Any, query: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    def _fused(self, attn: Any, query: torch.Tensor, key: torch.Tensor,
+               rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
         norms = (attn.norm_q, attn.norm_k)
-        # under autograd the kernels' backward serves frozen norms without zeros (it gives the weights no gradient)
+        # under autograd (q's or k's projection trains) the kernels' backward serves frozen norms without zeros: it
+        # gives the weights no gradient
         trains = self.invertible_norms and all(n.weight is None or not n.weight.requires_grad for n in norms)
-        return (fused_applies is not None and (not query.requires_grad or trains)
+        return (fused_applies is not None and (not (query.requires_grad or key.requires_grad) or trains)
                 and all(fused_applies(query, norm, rotary_emb) for norm in norms))
 
     def _qkv_by_kernels(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -224,7 +226,7 @@ class NablaWanAttnProcessor:
         # On CUDA, q and k each by two Triton kernels that also take the block means (wan/tiled_qk.py); on the dense
         # steps of a sparse run too, in raster order (mode "full" stays diffusers' computation, bit for bit)
         if (self._parallel_config is None and (tiles is not None or config.is_sparse)
-                and self._fused(attn, query, rotary_emb)):
+                and self._fused(attn, query, key, rotary_emb)):
             query, key, value, means = self._qkv_by_kernels(attn, query, key, value, rotary_emb, tiles, with_means)
         else:
             query, key, value, means = self._qkv_by_torch(attn, query, key, value, rotary_emb, tiles, with_means)
