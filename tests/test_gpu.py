@@ -427,7 +427,7 @@ def test_nabla_lora_training_saves_less_than_dense():
     from wan.trainer import make_trainable
 
     torch.manual_seed(0)
-    training = TrainingConfig(method="lora", rank=4, alpha=4, height=180, width=128, frames=9,
+    training = TrainingConfig(method="lora", rank=4, alpha=4, height=720, width=512, frames=9,
                               gradient_checkpointing=False)
     # bf16 weights, the modules that from_pretrained keeps in float32 (rope's tables among them) kept so
     stock = make_trainable(keep_fp32_modules(small_transformer(heads=4).cuda().to(torch.bfloat16)), training)
