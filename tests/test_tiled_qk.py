@@ -28,7 +28,7 @@ for grid, batch, heads, dim, block_size, dtype, affine, eps in (  # batch 2 once
     cos, sin = (layout.tile(torch.randn(1, L, 1, dim), dim=1) for _ in range(2))
     gather = layout.raster_index
     out, means, _ = _tiled_qk(x, norm.weight, cos.reshape(S, dim), sin.reshape(S, dim), gather,
-                           eps if eps is not None else torch.finfo(torch.float32).eps, heads, block_size, True)
+                              eps if eps is not None else torch.finfo(torch.float32).eps, heads, block_size, True)
     ref = _apply_rotary_pairwise(norm(gather_tiles(x, gather, dim=1)).unflatten(2, (heads, -1)), cos, sin)
     ref_means = block_means(out, block_size, layout.valid)  # the means of what it wrote (compared to ref below)
     assert out.shape == ref.shape and out.dtype == dtype and means.shape == ref_means.shape, (grid, out.shape, means.shape)
