@@ -159,7 +159,7 @@ def method_rows(args: argparse.Namespace, method: str, variants: list, parallel:
         losses = ", ".join(f"{loss:.4f}" for loss in result["losses"])
         rows.append(f"| {args.arch} | {args.width}x{args.height}x{args.frames} | {method} | {name} | "
                     f"{result['s']:.3f} | {dense / result['s']:.2f}x | {result['density']:.3f} | "
-                    f"{result['peak']:.1f} | {result['first']:.1f} | {parallel.world_size} | {args.batch} | {losses} |")
+                    f"{result['peak']:.2f} | {result['first']:.1f} | {parallel.world_size} | {args.batch} | {losses} |")
         if parallel.is_main:
             print(rows[-1], flush=True)
     return rows
