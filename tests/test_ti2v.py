@@ -14,6 +14,7 @@ from PIL import Image
 
 import wan.cli
 import wan.loading
+import wan.plan
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
 from wan.model_index import local_ti2v
@@ -48,7 +49,7 @@ def sample(pipe, steps: int = 2, **image) -> np.ndarray:
 def plan_for(tmp_path, *args):
     """generate.py's checked input (nothing loads)."""
     flags = ["--prompt", "a cat", "--output", tmp_path / "v.npy", *args]
-    return wan.cli.resolve(wan.cli.build_parser().parse_args(map(str, flags)))
+    return wan.plan.resolve(wan.cli.build_parser().parse_args(map(str, flags)))
 
 
 def write_image(path):

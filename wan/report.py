@@ -14,7 +14,8 @@ from wan.cache import describe_cache
 from wan.settings import GenerationSettings
 
 if TYPE_CHECKING:  # the CLI's plan and loaded session; wan.cli imports this module
-    from wan.cli import Plan, Session
+    from wan.cli import Session
+    from wan.plan import Plan
 
 
 def _per_expert(names: tuple[str, ...], densities: list[float | None]) -> str:
