@@ -164,5 +164,6 @@ def method_rows(args: argparse.Namespace, method: str, variants: list, parallel:
             print(rows[-1], flush=True)
     return rows
 
+
 if __name__ == "__main__":
     main()

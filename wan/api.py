@@ -88,7 +88,8 @@ def enable_nabla(
     else `config`. Their states share one step count and one record of the run; where one expert is sparse, every
     expert is patched (mode full ones in raster order, the stock computation) so that the count sees every step.
     `compile=None` compiles the transformers' repeated blocks (`compile_blocks`: training mode, `.train()` before this
-    call, gets the options that give right gradients) when they run on CUDA; True forces it, False never. A `backend: flash` that cannot run on that device is a one-line ValueError.
+    call, gets the options that give right gradients) when they run on CUDA; True forces it, False never. A
+    `backend: flash` that cannot run on that device is a one-line ValueError.
     Returns the first transformer's handle (wan.patch.NablaPatch; `handle.experts` lists every expert's, this one
     first, and `handle.state.mean_density()` is over the whole run), or None where every config is mode full:
     nothing is patched then, but the blocks are still compiled when asked. `pad_dense` (sequence parallelism) and
