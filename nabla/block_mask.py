@@ -76,15 +76,38 @@ def kernel_block_indices(keep: torch.Tensor, partial_cols: torch.Tensor, merge: 
     return (*_compact(kept & partial_cols), *_compact(kept & ~partial_cols))
 
 
+def q_block_indices(
+    keep: torch.Tensor, partial_cols: torch.Tensor, merge: int = 1, compiled: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The transpose of `kernel_block_indices`, which flex_attention's backward reads: per key block, (count,
+    ascending indices) of the kernel query blocks attending it where the key block holds padding, then where it
+    is full (a row is one or the other: whether mask_mod runs depends on the key block only)."""
+    with enough_recompiles():
+        return (_compiled_q_side() if compiled else _q_side)(keep.transpose(-1, -2).contiguous(), partial_cols, merge)
+
+
+def _q_side(keep_t: torch.Tensor, partial_cols: torch.Tensor, merge: int) -> tuple[torch.Tensor, ...]:
+    # keep_t: keep transposed into a buffer of its own: inductor (torch 2.11, CUDA) fails to generate a cumsum
+    # that reads a transposed view ("list indices must be integers or slices, not NoneType")
+    attended = _unions(keep_t, merge, -1)
+    partial = partial_cols.unsqueeze(-1)  # the key blocks are the rows here
+    return tuple(t.contiguous() for t in (*_compact(attended & partial), *_compact(attended & ~partial)))
+
+
 def _row_unions(keep: torch.Tensor, merge: int) -> torch.Tensor:
     """[B, H, ceil(nb / merge), nb]: the union of each `merge` consecutive rows of `keep` (a last, shorter group
     is the union of the rows it has)."""
+    return _unions(keep, merge, -2)
+
+
+def _unions(keep: torch.Tensor, merge: int, dim: int) -> torch.Tensor:
+    """The union of each `merge` consecutive entries of `keep` along `dim` (-2 or -1)."""
     if merge == 1:
         return keep
-    extra = -keep.shape[-2] % merge
-    if extra:  # repeating the last row leaves its group's union as it is
-        keep = torch.cat([keep, keep[..., -1:, :].expand(*keep.shape[:-2], extra, keep.shape[-1])], -2)
-    return keep.unflatten(-2, (-1, merge)).any(-2)
+    extra = -keep.shape[dim] % merge
+    if extra:  # repeating the last entry leaves its group's union as it is
+        keep = torch.cat([keep, *[keep.narrow(dim, keep.shape[dim] - 1, 1)] * extra], dim)
+    return keep.unflatten(dim, (-1, merge)).any(dim)
 
 
 def attended_mask(keep: torch.Tensor, merge: int = 1) -> torch.Tensor:
@@ -96,6 +119,11 @@ def attended_mask(keep: torch.Tensor, merge: int = 1) -> torch.Tensor:
 @cache
 def _compiled_block_mask_tensors():
     return torch.compile(_block_mask_tensors, dynamic=False)
+
+
+@cache
+def _compiled_q_side():
+    return torch.compile(_q_side, dynamic=False)
 
 
 def mask_inputs(layout: TileLayout, config: SparsityConfig, device: torch.device, compact: bool = False) -> MaskInputs:
@@ -145,32 +173,35 @@ def make_block_mask(
 
     `means`: the block means of q and k [B, H, nb, D] (`pool_blocks`) where the caller has them (a compiled
     caller computes them in the graph that writes q and k), else they are pooled here from q, k [B, H, S, D].
-    `for_backward`: the BlockMask also holds the q indices that flex_attention's backward reads, from index
-    rows of every key block (the compact FLASH rows of inference cannot be transposed into them).
+    `for_backward`: the BlockMask also holds the q indices that flex_attention's backward reads (`q_block_indices`,
+    compiled, where `BlockMask.from_kv_blocks` would sort every row eagerly: BENCHMARKS.md, seventh session).
     """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
-    compact = (compiled and q.is_cuda and not for_backward
-               and resolve_backend(config.backend, q.device, q.dtype) == "flash")
+    compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device, q.dtype) == "flash"
     with enough_recompiles():
-        keep, *indices = build(*(means or (q, k)), means is not None, mask_inputs(layout, config, q.device, compact))
-    mask = _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled, for_backward)
-    return mask, keep
+        inputs = mask_inputs(layout, config, q.device, compact)
+        keep, *indices = build(*(means or (q, k)), means is not None, inputs)
+    if for_backward:
+        indices += q_block_indices(keep, inputs.partial_cols, config.query_merge, compiled)
+    return _from_indices(indices, keep, layout, config.block_size, config.query_merge, not compiled), keep
 
 
 def _from_indices(
     indices: list[torch.Tensor], keep: torch.Tensor, layout: TileLayout, block_size: int, merge: int,
-    exact_mask_mod: bool, q_indices: bool = False,
+    exact_mask_mod: bool,
 ) -> BlockMask:
-    """BlockMask from (count, indices) of the partial and of the full key blocks per kernel query block."""
+    """BlockMask from (count, indices) of the partial and of the full key blocks per kernel query block, then, where
+    given (for a backward), of the kernel query blocks per key block (`q_block_indices`)."""
     if exact_mask_mod:
         mask_mod = _exact_mask_mod(attended_mask(keep, merge), layout, block_size)
     else:
         mask_mod = _padding_mask_mod(layout, block_size, keep.device)
     S = layout.padded_length
-    return BlockMask.from_kv_blocks(
-        *indices, BLOCK_SIZE=(block_size * merge, block_size), mask_mod=mask_mod, seq_lengths=(S, S),
-        compute_q_blocks=q_indices,
-    )
+    mask = BlockMask.from_kv_blocks(*indices[:4], BLOCK_SIZE=(block_size * merge, block_size), mask_mod=mask_mod,
+                                    seq_lengths=(S, S), compute_q_blocks=False)
+    if len(indices) == 8:  # set after construction: BlockMask's constructor differs between torch releases
+        mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices = indices[4:]
+    return mask
 
 
 @lru_cache(maxsize=32)

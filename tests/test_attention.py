@@ -288,3 +288,39 @@ def test_merged_kernel_block_indices(gen):
         either = keep[b, h, 2 * r : 2 * r + 2].any(0)
         assert partial_idx[b, h, r, : partial_count[b, h, r]].tolist() == (either & partial).nonzero().flatten().tolist()
         assert full_idx[b, h, r, : full_count[b, h, r]].tolist() == (either & ~partial).nonzero().flatten().tolist()
+
+
+def dense_rows(counts, indices, columns):
+    """bool [..., rows, columns] from FlexAttention's (count, indices) per row (entries past count are junk)."""
+    taken = torch.arange(indices.shape[-1]) < counts.unsqueeze(-1)
+    return torch.zeros(*indices.shape[:-1], columns + 1, dtype=torch.bool).scatter_(
+        -1, torch.where(taken, indices, columns).long(), True)[..., :columns]
+
+
+@pytest.mark.parametrize("config", [SparsityConfig(mode="nabla", threshold=0.4, block_size=128),
+                                    SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 1, 1)),
+                                    SparsityConfig(mode="nabla", threshold=0.4, query_block_size=128)],
+                         ids=["nabla-128", "nabla+sta-64", "64-in-128"])
+def test_backward_q_indices_are_torchs_transpose_of_the_kv_indices(config, gen):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = TileLayout(3, 10, 24)  # full key blocks and partial ones
+    q, k = (torch.randn(2, 3, layout.padded_length, 8, generator=gen) for _ in range(2))
+    mask, keep = make_block_mask(q, k, layout, config, compiled=False, for_backward=True)
+    reference = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                         mask.full_kv_indices, BLOCK_SIZE=mask.BLOCK_SIZE,
+                                         seq_lengths=mask.seq_lengths, compute_q_blocks=True)
+    query_blocks, attended = mask.kv_indices.shape[-2], 0
+    for side in ("", "full_"):
+        counts, indices = getattr(mask, f"{side}q_num_blocks"), getattr(mask, f"{side}q_indices")
+        assert indices.is_contiguous() and indices.dtype == counts.dtype == torch.int32
+        ours = dense_rows(counts, indices, query_blocks)
+        assert torch.equal(ours, dense_rows(getattr(reference, f"{side}q_num_blocks"),
+                                            getattr(reference, f"{side}q_indices"), query_blocks))
+        taken = torch.arange(indices.shape[-1]) < counts.unsqueeze(-1)  # ascending, as the kernels walk them
+        assert (indices.diff(dim=-1)[taken[..., 1:]] > 0).all()
+        attended += int(ours.sum())
+    assert attended == int(attended_mask(keep, config.query_merge)[..., :: config.query_merge, :].sum())
+    assert 0 < attended < mask.kv_indices.shape[-1] * query_blocks * 6
+    no_q_side = make_block_mask(q, k, layout, config, compiled=False)[0]
+    assert no_q_side.q_indices is None and torch.equal(no_q_side.kv_indices, mask.kv_indices)
