@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,28 +26,10 @@ from nabla.attention import attend
 from nabla.backend import resolve_backend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
-from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, local_part
+from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, gpu_ms, local_part
 
 #: (block_size, query_block_size): 128-token blocks, 64-token blocks, 64-token rows in 128-row kernel blocks
 BLOCKINGS = ((128, None), (64, None), (64, 128))
-
-
-def gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float:
-    """Milliseconds per call with the launches hidden: the calls wait in the queue behind ~40 ms of matmuls."""
-    if device.type != "cuda":
-        return bench_ms(fn, device, 100, cpu_iters=1)
-    busy = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    fn()
-    torch.cuda.synchronize(device)
-    for _ in range(30):
-        busy @ busy
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / calls
 
 
 def config_for(inputs: str, block_size: int, query_block_size: int | None, backend: str) -> SparsityConfig:

@@ -27,7 +27,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
       "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
     ([sys.executable, "scripts/bench_backward.py", "--smoke"],
-     "| shape | kernel | forward ms | forward + backward ms | vs dense SDPA | note |"),
+     "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"),
     ([sys.executable, "scripts/bench_mask.py", "--smoke"],
      ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
       "| block means in kernels of their own ms |")),
