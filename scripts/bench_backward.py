@@ -4,9 +4,10 @@ Each sparse row is one call of `nabla.attention.attend` on the padded tile-order
 build included, then `torch.autograd.grad` of its output; dense rows are SDPA on the real tokens in raster order.
 Sparse rows keep a fixed 10% of the blocks (NABLA with min = max density). Each is timed two ways: "wall",
 `bench_ms` per call (`triton.testing.do_bench`: the GPU waits while the CPU launches the call's first kernels); and
-"GPU", ten calls queued behind some 40 ms of matmuls (`gpu_ms`: launches hidden, as inside a training step). Before timing, the gradients of each
-backend are checked against a float32 SDPA under the same token-level mask on 2 heads of the same sequence. The
-markdown table is printed last and, when $OUT is set, also written to $OUT/bench_backward.md.
+"GPU", ten calls queued behind some 40 ms of matmuls (`gpu_ms`: launches hidden, as inside a training step). Before
+timing, the gradients of each backend are checked against a float32 SDPA under the same token-level mask on 2 heads
+of the same sequence. The markdown table is printed last and, when $OUT is set, also written to
+$OUT/bench_backward.md.
 
     python scripts/bench_backward.py                       # both shapes, 128- and 64-token blocks, on CUDA
     python scripts/bench_backward.py --shapes 14B-720p --backends flash
@@ -148,8 +149,8 @@ def render(rows: list[Row], device_name: str) -> str:
             lines.append(f"- {row.shape}: wall {row.speedup:.2f}x, GPU {row.gpu_speedup:.2f}x (target >= {target}x: "
                          f"wall {'PASS' if row.speedup >= target else 'FAIL'}, "
                          f"GPU {'PASS' if row.gpu_speedup >= target else 'FAIL'})")
-    lines += ["", "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |",
-              "|---|---|---:|---:|---:|---|"]
+    header = "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"
+    lines += ["", header, "|---|---|---:|---:|---:|---|"]
     lines += [f"| {r.shape} | {r.kernel} | {fmt(r.forward_ms, '.1f')} | {fmt(r.total_ms, '.1f')} / "
               f"{fmt(r.gpu_total_ms, '.1f')} | {speedups(r)} | {r.note} |" for r in rows]
     return "\n".join(lines) + "\n"
