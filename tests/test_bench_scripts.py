@@ -63,6 +63,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def keeps_tf32():
+    """bench_e2e.main turns TF32 matmuls on for the process; put the setting back. Not by monkeypatch: from pytest
+    9.2 it sees no `allow_tf32` attribute on torch's cuBLAS module (its __getattr__ serves it) and deletes it on undo."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("arch, flags, line", [
     ("a14b", ["--cache", "--video-steps", "6", "--cache-warmup-steps", "2"],
      "timed steps' experts (boundary_ratio 0.875): transformer, transformer_2; both patched on one step count"),
@@ -71,10 +80,9 @@ def one_thread():
     ("i2v-14b", [], ("image to video: a random first frame; the transformer reads 36 input channels (noise, frame mask, "
      "image latents) and the CLIP image tokens beside the text in cross-attention (untouched by NABLA)")),
 ], ids=["a14b", "ti2v-5b", "i2v-14b"])
-def test_bench_e2e_runs_each_family(arch, flags, line, one_thread, monkeypatch, capsys):
+def test_bench_e2e_runs_each_family(arch, flags, line, one_thread, keeps_tf32, capsys):
     """In this process (a subprocess would import torch and diffusers again, seconds each) and with eager blocks
     (CPU compilation takes seconds too): the tiny model of each family, 2 steps across A14B's boundary."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     bench_e2e.main(["--smoke", "--arch", arch, "--no-compile", "--skip-dense", "--block-sizes", "128", "--steps", "2",
                     *flags])
     lines = capsys.readouterr().out.splitlines()
