@@ -1,6 +1,8 @@
 """The CUDA Triton kernel for NABLA's CDF binarization, run by Triton's interpreter on the CPU."""
 
-from tests.triton_helpers import make_hopper_ir, run_interpreted
+import pytest
+
+from tests.triton_helpers import make_hopper_ir, side_by_side
 
 CHECK = r"""
 import math, torch
@@ -38,8 +40,15 @@ print("checked", checked)
 """
 
 
-def test_triton_kernel_matches_sorting():
-    assert "checked 54" in run_interpreted(CHECK)
+@pytest.fixture(scope="module")
+def interpreted():
+    """This file's two interpreted checks, started together on first use (their scripts are beside the tests)."""
+    with side_by_side(cut=(CHECK,), indices=(CHECK_INDICES,)) as output:
+        yield output
+
+
+def test_triton_kernel_matches_sorting(interpreted):
+    assert "checked 54" in interpreted("cut")
 
 
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
@@ -97,8 +106,8 @@ print("checked", checked)
 """
 
 
-def test_fused_mask_kernel_matches_the_torch_path():
-    assert "checked 13" in run_interpreted(CHECK_INDICES)
+def test_fused_mask_kernel_matches_the_torch_path(interpreted):
+    assert "checked 13" in interpreted("indices")
 
 
 def test_kernels_compile_for_hopper():

@@ -71,25 +71,33 @@ def test_installed_command_outside_the_checkout(tmp_path):
     work = _mkdir(tmp_path / "work")
     command = venv / "bin" / "nabla-wan"
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([command, *args], cwd=work, capture_output=True, text=True, check=False)
+    def start(*args) -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def run(*args) -> tuple[int, str, str]:
+        process = start(*args)
+        out, err = process.communicate(timeout=300)
+        return process.returncode, out, err
+
+    # the import probe and the refused device need no model: they run beside the model's making (seconds of imports)
     probe = "import importlib.metadata as m, wan, nabla; print(wan.__file__, nabla.__file__, wan.__version__, " \
             "m.metadata('nabla-wan')['License-Expression'])"
-    where = subprocess.run([python, "-c", probe], cwd=work, capture_output=True, text=True, check=True).stdout.split()
-    assert all(path.startswith(str(venv)) for path in where[:2]) and where[2:] == [wan.__version__, "Apache-2.0"]
-    installed = Path(where[0]).parent / "configs"
-    assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
-    made = run("make-tiny-model", "tw")
-    assert made.returncode == 0 and (work / "tw" / "model_index.json").is_file(), made.stderr
+    probing, refusing = start(python, "-c", probe), start(command, "generate", "--prompt", "a cat", "--device", "gpu")
+    made = run(command, "make-tiny-model", "tw")
+    assert made[0] == 0 and (work / "tw" / "model_index.json").is_file(), made[2]
     args = ["generate", "--model", "tw", "--prompt", "a cat", "--config", "nabla-0.7", "--height", "32", "--width",
             "32", "--frames", "5", "--steps", "2", "--output", "v.npy"]
-    video = run(*args)
-    assert video.returncode == 0, video.stderr
-    assert "nabla, threshold 0.7" in video.stdout and np.load(work / "v.npy").shape == (5, 32, 32, 3)
-    bad = run("generate", "--prompt", "a cat", "--device", "gpu")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --device 'gpu' is not allowed") \
-        and bad.stderr.count("\n") == 1
+    code, out, err = run(command, *args)
+    assert code == 0, err
+    assert "nabla, threshold 0.7" in out and np.load(work / "v.npy").shape == (5, 32, 32, 3)
+    where, _ = probing.communicate(timeout=300)
+    where = where.split()
+    assert probing.returncode == 0 and all(path.startswith(str(venv)) for path in where[:2])
+    assert where[2:] == [wan.__version__, "Apache-2.0"]
+    installed = Path(where[0]).parent / "configs"
+    assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
+    _, bad = refusing.communicate(timeout=300)
+    assert refusing.returncode == 2 and bad.startswith("error: --device 'gpu' is not allowed") and bad.count("\n") == 1
 
 
 def _mkdir(path: Path) -> Path:

@@ -4,7 +4,7 @@ CPU, against the processor's torch path (gather, RMSNorm, rotary, pool_blocks)."
 import pytest
 import torch
 
-from tests.triton_helpers import make_hopper_ir, run_interpreted
+from tests.triton_helpers import make_hopper_ir, side_by_side
 
 CHECK = r"""
 import torch
@@ -48,8 +48,16 @@ print("checked", checked)
 """
 
 
-def test_tiled_qk_kernel_matches_the_torch_path():
-    assert "checked 4" in run_interpreted(CHECK)
+@pytest.fixture(scope="module")
+def interpreted(tiny_model):
+    """This file's four interpreted checks, started together on first use (their scripts are below)."""
+    with side_by_side(forward=(CHECK,), backward=(CHECK_GRAD,), processor=(CHECK_PROCESSOR, str(tiny_model)),
+                      training=(CHECK_TRAINING, str(tiny_model))) as output:
+        yield output
+
+
+def test_tiled_qk_kernel_matches_the_torch_path(interpreted):
+    assert "checked 4" in interpreted("forward")
 
 
 CHECK_GRAD = r"""
@@ -91,11 +99,11 @@ print("checked", checked)
 """
 
 
-def test_tiled_qk_backward_matches_the_torch_path_and_keeps_no_input_copy():
+def test_tiled_qk_backward_matches_the_torch_path_and_keeps_no_input_copy(interpreted):
     """The op's input gradient (the rotation undone on the output, the norm's input as its output over the weight)
     against autograd through the torch path, on padded grids, with and without a weight; and what it saves for the
     backward is its output, never its input."""
-    assert "checked 3" in run_interpreted(CHECK_GRAD)
+    assert "checked 3" in interpreted("backward")
 
 
 def test_tiled_qk_kernels_compile_for_hopper():
@@ -159,8 +167,8 @@ print("fused", len(calls), "max diff", err)
 """
 
 
-def test_processor_with_the_kernels_matches_its_torch_path(tiny_model):
-    assert "fused" in run_interpreted(CHECK_PROCESSOR, str(tiny_model))
+def test_processor_with_the_kernels_matches_its_torch_path(interpreted):
+    assert "fused" in interpreted("processor")
 
 
 # Training through the kernels (forced on the CPU; frozen norms, as under LoRA) against the torch path: the same loss
@@ -196,8 +204,8 @@ print("trained", len(calls))
 """
 
 
-def test_training_through_the_kernels_matches_the_torch_path(tiny_model):
-    assert "trained" in run_interpreted(CHECK_TRAINING, str(tiny_model))
+def test_training_through_the_kernels_matches_the_torch_path(interpreted):
+    assert "trained" in interpreted("training")
 
 
 def test_tiled_qk_refuses_what_it_does_not_compute():
