@@ -128,7 +128,7 @@ def _compiled_q_side():
 
 def mask_inputs(layout: TileLayout, config: SparsityConfig, device: torch.device, compact: bool = False) -> MaskInputs:
     """The mask build's inputs for `layout` and `config` on `device` (cached tensors: no host copies per call);
-    `compact`: index rows only as wide as the density cap allows (FLASH inference)."""
+    `compact`: index rows only as wide as the density cap allows (FLASH, which reads a row's first count only)."""
     padded_valid = _padded_valid(layout, config.block_size, device)
     return MaskInputs(
         layout.valid_on(device), _empty_cols(padded_valid, config.block_size), _partial_cols(padded_valid, config.block_size),
