@@ -130,8 +130,10 @@ def _backward(ctx, grad_out: torch.Tensor, grad_means, grad_rstd):
         return torch.stack((a * c + b * s, b * c - a * s), -1)
 
     # in raster order (row l from the slot holding it: gather holds each row once, then L for padding) RMSNorm's
-    # output, by the rotation's inverse (its transpose over c^2 + s^2, 1 for rotary tables), and the gradient there
-    slots = torch.argsort(gather, stable=True)[:L]
+    # output, by the rotation's inverse (its transpose over c^2 + s^2, 1 for rotary tables), and the gradient there;
+    # the slots by one scatter (padding slots all land on the dropped entry L), not a sort
+    slots = torch.empty(L + 1, dtype=torch.long, device=gather.device).scatter_(
+        0, gather.long(), torch.arange(S, device=gather.device))[:L]
     normed = (transpose(out) / (c * c + s * s).unsqueeze(-1)).flatten(-3).index_select(1, slots)
     grad_normed = transpose(grad_out).flatten(-3).index_select(1, slots)
     w = weight.float() if weight is not None else torch.ones((), device=out.device)
