@@ -6,7 +6,7 @@
 The mask build starts from the block means of q and k (`make_block_mask(..., means=...)`), which the compiled
 block takes in the graph that writes q and k; the sparse call is that plus `flex_attention` on the mask. Each is
 timed two ways: "wall", bench_attention.py's `bench_ms` (`triton.testing.do_bench`) per call; and "GPU", ten
-calls queued behind some 40 ms of matmuls, so that the CPU launches them all before the GPU reaches them
+calls queued behind as many matmuls as it takes for the CPU to launch them all before the GPU reaches them
 (launch overhead hidden, as in a busy pipeline). Inputs: random q, k at a 10% cap (threshold 0.7, `max_density` 0.1, bench_e2e's setting), and
 bench_attention.py's locally coherent q, k at a fixed 10% (min = max density; peaked rows, every bisection runs).
 The last column is the block means in kernels of their own, what they would cost outside the block.
