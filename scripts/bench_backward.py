@@ -114,13 +114,13 @@ def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[st
     dense = Row(name, "dense SDPA")
     dense.forward_ms, dense.total_ms, dense.gpu_total_ms = timed(lambda: F.scaled_dot_product_attention(*raster),
                                                                  raster, grad_raster)
-    # The 9.48x came from dense SDPA on the padded tile-ordered sequence (80,640 tokens at 14B 720p);
-    # the speedups here are against dense on the real tokens, which is what the unpatched model runs.
+    # The first probe's 9.48x (docs/GPU-FACTS.md) was against dense SDPA on the padded tile-ordered sequence (80,640
+    # tokens at 14B 720p); the speedups here are against dense on the real tokens, which the unpatched model runs.
     padded = Row(name, "dense SDPA on the padded tokens")
     padded.forward_ms, padded.total_ms, padded.gpu_total_ms = timed(lambda: F.scaled_dot_product_attention(*tiled),
                                                                     tiled, grad_tiled)
     padded.speedup, padded.gpu_speedup = dense.total_ms / padded.total_ms, dense.gpu_total_ms / padded.gpu_total_ms
-    padded.note = f"{layout.padded_length} tokens, as the issue's 9.48x was measured"
+    padded.note = f"{layout.padded_length} tokens: the length the sparse kernel runs"
     rows = [dense, padded]
     for backend in backends:
         for block in (128, 64):
