@@ -6,11 +6,12 @@ Sparse rows keep a fixed 10% of the blocks (NABLA with min = max density). Each 
 `bench_ms` per call (`triton.testing.do_bench`: the GPU waits while the CPU launches the call's first kernels); and
 "GPU", ten calls queued behind matmuls that outlast their launches (`gpu_ms`: as inside a training step). Before
 timing, the gradients of each backend are checked against a float32 SDPA under the same token-level mask on 2 heads
-of the same sequence. The markdown table is printed last and, when $OUT is set, also written to
-$OUT/bench_backward.md.
+of the same sequence. `--profile` adds where one lone call's time goes (torch.profiler: the kernels by name, and the
+time the device sat idle between the call's start and its last kernel). The markdown tables are printed last and,
+when $OUT is set, also written to $OUT/bench_backward.md.
 
     python scripts/bench_backward.py                       # both shapes, 128- and 64-token blocks, on CUDA
-    python scripts/bench_backward.py --shapes 14B-720p --backends flash
+    python scripts/bench_backward.py --shapes 14B-720p --backends flash --profile
     python scripts/bench_backward.py --smoke               # tiny shape, few iterations (runs on CPU)
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from scripts.bench_attention import (
     fixed_density,
     gpu_ms,
     log,
+    sync,
     warm_up,
 )
 
@@ -59,6 +62,58 @@ class Row:
     gpu_total_ms: float | None = None  # the same, launches hidden (`gpu_ms`)
     gpu_speedup: float | None = None
     note: str = ""
+    profile: Profile | None = None  # --profile
+
+
+@dataclass
+class Profile:
+    """One lone forward + backward call as the device ran it."""
+
+    kernel_ms: float  # the call's kernels, end to end minus idle
+    idle_ms: float  # the device idle between the call's start and its last kernel (waiting for launches)
+    parts: dict[str, float]  # kernel_ms by `kernel_label`, largest first
+
+
+def kernel_label(name: str) -> str:
+    """A short name for a kernel of the call: FA4's by their part, the rest by their own name."""
+    for pattern, label in (("bwd_preprocess", "FA4 backward pre"), ("bwd_postprocess", "FA4 backward post"),
+                           ("flash_bwd", "FA4 backward"), ("flash_fwd", "FA4 forward")):
+        if pattern in name:
+            return label
+    return re.sub(r"_+\d+$", "", name)[:48]
+
+
+def timeline(spans: list[tuple[str, float, float]]) -> Profile:
+    """`Profile` of (name, start us, end us) spans on one device queue: the first is a marker queued just before the
+    call, so the time from its end to the first kernel is the call's first launch."""
+    marker, *kernels = sorted(spans, key=lambda span: span[1])
+    parts: dict[str, float] = {}
+    idle, last = 0.0, marker[2]
+    for name, start, end in kernels:
+        idle += max(0.0, start - last)
+        last = max(last, end)
+        parts[kernel_label(name)] = parts.get(kernel_label(name), 0.0) + (end - start) / 1e3
+    busy = (last - marker[2] - idle) / 1e3
+    return Profile(busy, idle / 1e3, dict(sorted(parts.items(), key=lambda item: -item[1])))
+
+
+def profile_call(fn, device: torch.device, calls: int = 3) -> Profile:
+    """`timeline` of the last of `calls` lone calls (synchronised before and after each), as torch.profiler saw it:
+    on CUDA the device's kernels; on the CPU, where there is no device queue, the top-level operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    marker = torch.zeros(1, device=device)
+    for _ in range(calls - 1):
+        fn()
+    sync(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        marker.add_(1)
+        fn()
+        sync(device)
+    on_device = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == on_device and (device.type == "cuda" or e.cpu_parent is None)]
+    return timeline([(e.name, e.time_range.start, e.time_range.end) for e in events])
 
 
 def masked_reference(q, k, v, keep, layout, config, grad_out, chunk: int = 4096):
@@ -92,7 +147,9 @@ def grad_check(config: SparsityConfig, shape: Shape, device: torch.device) -> fl
     return max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, refs))
 
 
-def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[str], rep_ms: int) -> list[Row]:
+def bench_shape(
+    name: str, shape: Shape, device: torch.device, backends: list[str], rep_ms: int, profiled: bool = False
+) -> list[Row]:
     layout = TileLayout(shape.T, shape.H, shape.W)
     log(f"{name}: {shape.heads} heads, {layout.length} tokens ({layout.padded_length} padded)")
     raster = [torch.randn(1, shape.heads, layout.length, HEAD_DIM, device=device, dtype=torch.bfloat16,
@@ -100,7 +157,7 @@ def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[st
     tiled = [layout.tile(x.detach(), dim=2).requires_grad_() for x in raster]
     grad_raster, grad_tiled = torch.randn_like(raster[0]), torch.randn_like(tiled[0])
 
-    def timed(forward, inputs, grad_out) -> tuple[float, float, float]:
+    def timed(row: Row, forward, inputs, grad_out) -> None:
         def both():
             torch.autograd.grad(forward(), inputs, grad_out)
 
@@ -108,17 +165,16 @@ def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[st
             warm_up(forward, device)
         warm_up(both, device)
         with torch.no_grad():
-            fwd = bench_ms(forward, device, rep_ms, cpu_iters=2)
-        return fwd, bench_ms(both, device, rep_ms, cpu_iters=2), gpu_ms(both, device)
+            row.forward_ms = bench_ms(forward, device, rep_ms, cpu_iters=2)
+        row.total_ms, row.gpu_total_ms = bench_ms(both, device, rep_ms, cpu_iters=2), gpu_ms(both, device)
+        row.profile = profile_call(both, device) if profiled else None
 
     dense = Row(name, "dense SDPA")
-    dense.forward_ms, dense.total_ms, dense.gpu_total_ms = timed(lambda: F.scaled_dot_product_attention(*raster),
-                                                                 raster, grad_raster)
+    timed(dense, lambda: F.scaled_dot_product_attention(*raster), raster, grad_raster)
     # The first probe's 9.48x (docs/GPU-FACTS.md) was against dense SDPA on the padded tile-ordered sequence (80,640
     # tokens at 14B 720p); the speedups here are against dense on the real tokens, which the unpatched model runs.
     padded = Row(name, "dense SDPA on the padded tokens")
-    padded.forward_ms, padded.total_ms, padded.gpu_total_ms = timed(lambda: F.scaled_dot_product_attention(*tiled),
-                                                                    tiled, grad_tiled)
+    timed(padded, lambda: F.scaled_dot_product_attention(*tiled), tiled, grad_tiled)
     padded.speedup, padded.gpu_speedup = dense.total_ms / padded.total_ms, dense.gpu_total_ms / padded.gpu_total_ms
     padded.note = f"{layout.padded_length} tokens: the length the sparse kernel runs"
     rows = [dense, padded]
@@ -128,8 +184,7 @@ def bench_shape(name: str, shape: Shape, device: torch.device, backends: list[st
             row = Row(name, f"{backend} NABLA {DENSITY:.0%}, block {block}")
             try:
                 error = grad_check(config, Shape(2, shape.T, shape.H, shape.W), device)
-                row.forward_ms, row.total_ms, row.gpu_total_ms = timed(lambda c=config: attend(*tiled, layout, c).out,
-                                                                       tiled, grad_tiled)
+                timed(row, lambda c=config: attend(*tiled, layout, c).out, tiled, grad_tiled)
                 row.speedup, row.gpu_speedup = dense.total_ms / row.total_ms, dense.gpu_total_ms / row.gpu_total_ms
                 row.note = f"grads within {error:.1e} of float32 (relative to max)"
             except (ValueError, RuntimeError) as failure:  # a refused block size, a kernel that cannot compile
@@ -163,6 +218,13 @@ def render(rows: list[Row], device_name: str) -> str:
     lines += ["", header, "|---|---|---:|---:|---:|---|"]
     lines += [f"| {r.shape} | {r.kernel} | {fmt(r.forward_ms, '.1f')} | {fmt(r.total_ms, '.1f')} / "
               f"{fmt(r.gpu_total_ms, '.1f')} | {speedups(r)} | {r.note} |" for r in rows]
+    profiled = [r for r in rows if r.profile]
+    if profiled:
+        lines += ["", "Where one lone forward + backward call goes (torch.profiler; the last of 3 calls):", "",
+                  "| shape | kernel | kernels ms | idle ms | kernels by name, ms |", "|---|---|---:|---:|---|"]
+        lines += [f"| {r.shape} | {r.kernel} | {r.profile.kernel_ms:.2f} | {r.profile.idle_ms:.2f} | "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in list(r.profile.parts.items())[:6]) + " |"
+                  for r in profiled]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape and few iterations instead (runs on CPU)")
+    parser.add_argument("--profile", action="store_true", help="also where one lone call's time goes (torch.profiler)")
     add_backends_option(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,8 +242,8 @@ def main() -> None:
     torch.manual_seed(0)
     backends = chosen_backends(args, device) if device.type == "cuda" else ["auto"]  # the CPU path
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
-    rows = [row for name, shape in shapes.items() for row in bench_shape(name, shape, device, backends,
-                                                                         20 if args.smoke else 200)]
+    rows = [row for name, shape in shapes.items()
+            for row in bench_shape(name, shape, device, backends, 20 if args.smoke else 200, args.profile)]
     markdown = render(rows, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "bench_backward.md").write_text(markdown)

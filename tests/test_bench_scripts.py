@@ -3,6 +3,7 @@
 Device time is short; a script that breaks there wastes it. These runs time nothing that matters.
 """
 
+import itertools
 import os
 import re
 import subprocess
@@ -26,7 +27,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
      ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
       "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
     ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
-    ([sys.executable, "scripts/bench_backward.py", "--smoke"],
+    ([sys.executable, "scripts/bench_backward.py", "--smoke", "--profile"],
      "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"),
     ([sys.executable, "scripts/bench_mask.py", "--smoke"],
      ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
@@ -38,8 +39,15 @@ def test_benchmark_runs_to_its_table(command, header, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert header in lines
-    rows = lines[lines.index(header) + 2:]
-    assert len(rows) >= 3 and all(row.startswith("| ") for row in rows)
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
+    rest = lines[lines.index(header) + 2 + len(rows):]
+    assert len(rows) >= 3
+    if "--profile" in command:  # then where one lone call of each row went (on the CPU every row runs)
+        assert rest[3:5] == ["| shape | kernel | kernels ms | idle ms | kernels by name, ms |", "|---|---|---:|---:|---|"]
+        profiles = rest[5:]
+        assert len(profiles) == len(rows) and all(float(row.split(" | ")[2]) > 0 for row in profiles)
+    else:
+        assert rest == []
     if "--cache" in command:  # the cache row computes fewer steps than it runs; FP8 rows need a GPU of 8.9+
         # the whole 5-step schedule: step 0 computed, then interval 2 (steps 1 and 3 computed, 2 and 4 cached)
         assert any(row.startswith("| NABLA + cache") and "| 3/5 |" in row for row in rows)
@@ -125,3 +133,15 @@ def test_random_models_are_the_published_architectures():
     assert (type(i2v.image_encoder).__name__, vision.hidden_size, vision.num_hidden_layers, vision.patch_size,
             i2v.image_processor.crop_size["height"]) == ("CLIPVisionModelWithProjection", 1280, 32, 14, 224)
     assert i2v.image_encoder.dtype == torch.float32 and i2v.scheduler.config.flow_shift == 3.0
+
+
+def test_timeline_counts_idle_gaps_and_groups_kernels():
+    from scripts.bench_backward import timeline
+
+    spans = [("kernel_cutlass_flash_fwd_sm90_x", 50.0, 70.0), ("aten::add_", 0.0, 10.0), ("triton_red_fused_1", 15.0, 25.0),
+             ("kernel_cutlass_flash_bwd_postprocess_y", 72.0, 73.0), ("triton_red_fused_2", 24.0, 40.0)]
+    profile = timeline(spans)  # the marker is the earliest; gaps 10-15, 40-50, 70-72; 24-25 overlaps
+    assert profile.idle_ms == pytest.approx(0.017)
+    assert profile.kernel_ms == pytest.approx((73 - 10 - 17) / 1e3)
+    assert profile.parts == pytest.approx({"triton_red_fused": 0.026, "FA4 forward": 0.020, "FA4 backward post": 0.001})
+    assert list(profile.parts) == ["triton_red_fused", "FA4 forward", "FA4 backward post"]
