@@ -186,7 +186,7 @@ def gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> f
     busy = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for cover in (30, 120, 480):  # matmuls of ~1.4 ms on the H100
+    for cover in (30, 120, 480):  # matmuls of ~1.4 ms on an H100 or H200
         torch.cuda.synchronize(device)
         for _ in range(cover):
             busy @ busy

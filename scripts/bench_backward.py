@@ -1,10 +1,11 @@
 """Benchmark NABLA attention forward + backward (training) against dense SDPA forward + backward at Wan2.1 shapes.
 
 Each sparse row is one call of `nabla.attention.attend` on the padded tile-ordered q, k, v that require grad, mask
-build included, then `torch.autograd.grad` of its output; dense rows are SDPA on the real tokens in raster order.
+build included, then `torch.autograd.grad` of its output; dense rows are SDPA on the real tokens in raster order,
+and on the padded tile-ordered sequence (the length the sparse kernel runs).
 Sparse rows keep a fixed 10% of the blocks (NABLA with min = max density). Each is timed two ways: "wall",
-`bench_ms` per call (`triton.testing.do_bench`: the GPU waits while the CPU launches the call's first kernels); and
-"GPU", ten calls queued behind matmuls that outlast their launches (`gpu_ms`: as inside a training step). Before
+`bench_ms` per call (`triton.testing.do_bench`: calls queued back to back, so launches show only where a call's CPU
+time nears its GPU time); and "GPU", ten calls queued behind matmuls that outlast their launches (`gpu_ms`). Before
 timing, the gradients of each backend are checked against a float32 SDPA under the same token-level mask on 2 heads
 of the same sequence. `--profile` adds where one lone call's time goes (torch.profiler: the kernels by name, and the
 time the device sat idle between the call's start and its last kernel). The markdown tables are printed last and,
@@ -98,8 +99,8 @@ def timeline(spans: list[tuple[str, float, float]]) -> Profile:
 
 
 def profile_call(fn, device: torch.device, calls: int = 3) -> Profile:
-    """`timeline` of the last of `calls` lone calls (synchronised before and after each), as torch.profiler saw it:
-    on CUDA the device's kernels; on the CPU, where there is no device queue, the top-level operators."""
+    """`timeline` of the last of `calls` calls, alone (synchronised before and after), as torch.profiler saw it: on
+    CUDA the device's kernels; on the CPU, where there is no device queue, the top-level operators."""
     from torch.profiler import ProfilerActivity, profile
 
     marker = torch.zeros(1, device=device)
