@@ -43,6 +43,7 @@ from nabla import SparsityConfig
 from scripts import memory_trace
 from scripts.make_random_model import build_random_transformer
 from wan.data_parallel import DataParallel, close, init_data_parallel, shard_transformer
+from wan.run import synchronize
 from wan.sparsity_schedule import SparseAttention
 from wan.tiny import build_tiny_pipeline
 from wan.train_config import SparsitySchedule, TrainingConfig
@@ -51,11 +52,6 @@ from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_s
 NABLA = SparsityConfig(mode="nabla", threshold=0.7, max_density=0.1, block_size=128, backend="flash")
 HEADER = ("| model | video | method | attention | s/step | speedup vs dense | density | peak GiB | first step s "
           "| GPUs | global batch | losses |")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(arch: str, method: str, device: torch.device, layers: int | None = None) -> torch.nn.Module:
@@ -94,11 +90,11 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
         attention.start_step(step)
         batches = [make_batch(entries, sample_numbers(step, micro, training, parallel), training, 3.0, device, dtype)
                    for micro in range(training.gradient_accumulation)]
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with memory_trace.recording() if args.trace_memory and step == args.steps else contextlib.nullcontext() as trace:
             loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
         losses.append(loss)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
