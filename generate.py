@@ -1,8 +1,8 @@
-"""`python generate.py ...` in a checkout: the same command as `nabla-wan generate ...` (wan/cli.py)."""
+"""`python generate.py ...` in a checkout: the same command as `nabla-wan generate ...` (wan/generate/cli.py)."""
 
 import sys
 
-from wan.cli import main
+from wan.generate.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

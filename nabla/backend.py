@@ -10,12 +10,11 @@ import torch
 from nabla.config import SparsityConfig
 
 # Density of the blocks the kernel computes above which the sparse kernel no longer beats dense cuDNN
-# attention on the H100, per (backend, block size, kernel query block size): scripts/bench_attention.py,
-# 2026-11-23 (BENCHMARKS.md, "where sparse stops winning"), mask build included; the lower of the two Wan
-# shapes' crossovers (1.3B 480p / 14B 720p: triton 128 0.63 / 0.77, 64 0.36 / 0.42; flash 128 0.81 / 0.90,
-# 64 0.54 / 0.65), rounded down. 64-token mask rows in 128-row kernel blocks: flash 0.80 measured at 14B; the
-# 1.3B values scale the 128-token crossovers by the measured cost of those kernels per computed block (1.23x
-# flash, 1.19x triton: flash 0.66, triton 0.53).
+# attention, per (backend, block size, kernel query block size), mask build included. Where the sparse kernel
+# loses, a layer is better off running dense, so these are the crossovers of scripts/bench_attention.py, the
+# lower of the two Wan shapes' (1.3B 480p, 14B 720p) rounded down: a layer never takes the slower kernel. For
+# 64-token mask rows in 128-row kernel blocks the crossover scales the 128-token one by what those kernels cost
+# per computed block. The measured values: docs/GPU-FACTS.md ("Moved from code comments").
 DENSE_ABOVE = {
     ("triton", 128, 128): 0.6, ("triton", 64, 64): 0.35, ("triton", 64, 128): 0.5,
     ("flash", 128, 128): 0.8, ("flash", 64, 64): 0.5, ("flash", 64, 128): 0.6,
@@ -70,11 +69,11 @@ def kernel_options(
         return {"BACKEND": "FLASH"}
     q_block, kv_block = block_size
     if dtype.itemsize > 2:
-        # float32 tiles of 128 x 128 in three stages ask for 320 KB of shared memory (the H100 has 227 KB): 64 x 64
-        # tiles divide both block sizes
+        # float32 tiles of 128 x 128 in three stages ask for more shared memory than the GPU has
+        # (docs/GPU-FACTS.md): 64 x 64 tiles fit and divide both block sizes
         return {"BACKEND": "TRITON", "BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "num_warps": 4}
-    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). On the H100, TMA
-    # loads took the 10%-dense 14B 720p kernel from 32.8 to 30.7 ms (docs/GPU-FACTS.md).
+    # Tiles must divide the blocks (the default 128x64 tiles refuse 64-token query blocks). Where the GPU has TMA
+    # (compute capability 9 and up), TMA loads make the sparse kernel faster (docs/GPU-FACTS.md).
     options: dict = {"BACKEND": "TRITON", "BLOCK_M": q_block, "BLOCK_N": kv_block}
     if torch.cuda.get_device_capability(device)[0] >= 9:
         options["USE_TMA"] = True

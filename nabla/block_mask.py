@@ -174,7 +174,7 @@ def make_block_mask(
     `means`: the block means of q and k [B, H, nb, D] (`pool_blocks`) where the caller has them (a compiled
     caller computes them in the graph that writes q and k), else they are pooled here from q, k [B, H, S, D].
     `for_backward`: the BlockMask also holds the q indices that flex_attention's backward reads (`q_block_indices`,
-    compiled, where `BlockMask.from_kv_blocks` would sort every row eagerly: BENCHMARKS.md, seventh session).
+    compiled, where `BlockMask.from_kv_blocks` would sort every row eagerly: docs/HISTORY.md).
     """
     build = _compiled_block_mask_tensors() if compiled else _block_mask_tensors
     compact = compiled and q.is_cuda and resolve_backend(config.backend, q.device, q.dtype) == "flash"

@@ -26,8 +26,7 @@ ONE_BITS = 0x3F800000  # bit pattern of 1.0f: no probability lies above it
 
 # A row of n entries is held in two chunks of powers of two, A (the largest below n) and B (the rest, rounded
 # up): n = 1260 takes 1024 + 256 lanes instead of 2048; lanes past the row would cost as much as entries.
-# Measured on the H200 (BENCHMARKS.md), a row's fixed work (softmax, scans, stores) costs about as much as its
-# bisections: the kernels below take one scan per chunk for both index lists and scan for ties only where a row
+# A row's fixed work (softmax, scans, stores) costs about as much as its bisections (docs/GPU-FACTS.md): the kernels below take one scan per chunk for both index lists and scan for ties only where a row
 # has them; the count search stops once a test lands on exactly k entries (~10 steps instead of ~21 on random
 # rows), and both searches check a peaked row's answer first (1 step instead of 29).
 
@@ -275,7 +274,7 @@ def row_chunks(n: int) -> tuple[int, int]:
 def _meta(n: int, low: int, high: int) -> dict:
     block_a, block_b = row_chunks(n)
     # The bisections are chains of row-wide sums: fewer warps per row mean fewer cross-warp syncs per sum and
-    # more rows in flight. Fastest on the H100 and the H200 at both Wan shapes: one warp up to 1024 entries, two
-    # at 2048.
+    # more rows in flight: one warp up to 1024 entries, two at 2048 (the fastest at both Wan shapes,
+    # docs/GPU-FACTS.md).
     return {"BLOCK_A": block_a, "BLOCK_B": block_b, "ONE": ONE_BITS, "CAP_HIGH": high < n, "RAISE_LOW": low > 1,
             "num_warps": max(1, triton.next_power_of_2(n) // 1024)}

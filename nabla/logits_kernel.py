@@ -1,10 +1,10 @@
 """NABLA's pooled logits on CUDA: a float32-accurate batched q_means @ k_means^T on tensor cores.
 
-NABLA.md asks for float32 in the mask build. cuBLAS runs float32 matmuls on the CUDA cores: at 14B 720p
-with 64-token blocks (40 heads, 1260 x 1260 x 128) that took 0.53-0.58 ms on the H200, a third of the mask
-build; this kernel 0.29 ms. Triton's "tf32x3" dot splits each float32 operand into a TF32 high part and the
-rest and sums three TF32 products (the two small ones first), which keeps float32's accuracy on the tensor
-cores (plain TF32: 0.14 ms, but 500x float32's error).
+NABLA.md asks for float32 in the mask build. cuBLAS runs float32 matmuls on the CUDA cores, where with
+64-token blocks at 720p they take a large share of the mask build. Triton's "tf32x3" dot splits each float32
+operand into a TF32 high part and the rest and sums three TF32 products (the two small ones first), which keeps
+float32's accuracy on the tensor cores; plain TF32 would be faster but is not float32-accurate. The timings and
+errors behind this choice: docs/GPU-FACTS.md ("Moved from code comments").
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def means_logits_tf32x3(q_means: torch.Tensor, k_means: torch.Tensor) -> torch.T
         raise ValueError(f"means_logits_tf32x3: head dim {D}; allowed: a power of two from 16 to 256")
     q_means, k_means = q_means.contiguous(), k_means.contiguous()
     out = q_means.new_empty((*batch, n, n))
-    # the fastest of 48 tile shapes on the H200 at 14B 720p with 64-token blocks (1260 x 1260 x 128, 40 heads)
+    # the tile shape a sweep found fastest at the largest Wan mask (14B 720p, 64-token blocks; docs/GPU-FACTS.md)
     grid = (triton.cdiv(n, 128), triton.cdiv(n, 64), math.prod(batch))
     torch.library.wrap_triton(_means_logits_kernel)[grid](
         q_means, k_means, out, n, 1.0 / math.sqrt(D), D=D, BLOCK_M=128, BLOCK_N=64, BLOCK_D=min(D, 32),

@@ -12,9 +12,9 @@ is set, also written to $OUT/bench_attention.md.
 
 `--inputs random` (default) draws q, k, v at random: the pooled maps are noise, so neighbouring query
 blocks share few key blocks. `--inputs local` adds to q and k a smooth function of the token's position
-(random Fourier features of (t, h, w), length scale LOCAL_SCALE tiles), so that, as in trained video
-models, a query block's largest pooled logits are its neighbours', and neighbouring query blocks share
-most of their key blocks; that decides what 64-token rows run in 128-row kernel blocks cost.
+(random Fourier features of (t, h, w), length scale LOCAL_SCALE tiles: `wan.benchmarking.local_part`), so
+that, as in trained video models, a query block's largest pooled logits are its neighbours', and neighbouring
+query blocks share most of their key blocks; that decides what 64-token rows run in 128-row kernel blocks cost.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import contextlib
 import gc
 import json
 import os
-import statistics
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,47 +34,29 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_attention.py` from anywhere
-
 from nabla.attention import sparse_attention
-from nabla.backend import flash_unavailable_reason
 from nabla.block_mask import attended_mask, make_block_mask
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
 from nabla.masks import cdf_keep_sorted, nabla_block_mask, pool_blocks
+from wan.benchmarking import (
+    HEAD_DIM,
+    SHAPES,
+    SMOKE_SHAPES,
+    Shape,
+    add_backends_option,
+    bench_ms,
+    chosen_backends,
+    fixed_density,
+    local_part,
+    log,
+    warm_up,
+)
 
-HEAD_DIM = 128
 BATCH = 1
 TARGET_SPEEDUP = 6.5
 TARGET_MASK_SHARE = 0.05
 CHECK_TOLERANCE = 2e-2  # max abs error allowed, relative to max |reference|: bf16 rounding is ~0.4%
-LOCAL_SCALE = 2.0  # --inputs local: length scale, in tiles, of the positional part of q and k
-
-
-@dataclass(frozen=True)
-class Shape:
-    heads: int
-    T: int
-    H: int
-    W: int
-
-
-SHAPES = {
-    "1.3B-480p": Shape(heads=12, T=21, H=30, W=52),
-    "14B-720p": Shape(heads=40, T=21, H=45, W=80),
-}
-# Padded in both H and W (12x20 -> 16x24), so the padding paths run too.
-SMOKE_SHAPES = {"smoke": Shape(heads=2, T=2, H=12, W=20)}
-
-
-def fixed_density(density: float, block_size: int, backend: str) -> SparsityConfig:
-    # The threshold keeps nearly every block; min = max density then clamps each row to ceil(d * nb) blocks.
-    # dense_above 1.0: time the sparse kernel itself, never the dense fallback.
-    return SparsityConfig(
-        mode="nabla", threshold=0.99, block_size=block_size, min_density=density, max_density=density,
-        backend=backend, dense_above=1.0,
-    )
-
 
 BLOCK_SIZES = (128, 64)
 DENSITIES = (0.1, 0.5)
@@ -141,64 +120,7 @@ class Check:
         )
 
 
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def warm_up(fn: Callable[[], object], device: torch.device) -> object:
-    """One call, to compile and autotune before timing."""
-    out = fn()
-    sync(device)
-    return out
-
-
 Bench = Callable[[Callable[[], object]], float]
-
-
-def bench_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, cpu_iters: int) -> float:
-    """Median milliseconds per call of an already warmed-up `fn`."""
-    if device.type == "cuda":
-        from triton.testing import do_bench  # triton ships with CUDA torch only
-
-        return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    times = []
-    for _ in range(cpu_iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> float:
-    """Milliseconds per call with the launches hidden: the calls wait in the queue behind matmuls, as many as it
-    takes for the GPU to be still busy with them when the last call has been queued (else it would wait for the
-    CPU, as 1.3B 480p's forward + backward did behind 40 ms)."""
-    if device.type != "cuda":
-        return bench_ms(fn, device, 100, cpu_iters=1)
-    busy = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for cover in (30, 120, 480):  # matmuls of ~1.4 ms on an H100 or H200
-        torch.cuda.synchronize(device)
-        for _ in range(cover):
-            busy @ busy
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        hidden = not start.query()  # the GPU has not reached the first call yet
-        torch.cuda.synchronize(device)
-        if hidden:
-            break
-    return start.elapsed_time(end) / calls
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -280,16 +202,6 @@ def attempt(row: Row, measure: Callable[[Row], None]) -> Row:
     return row
 
 
-def local_part(shape: Shape, device: torch.device) -> torch.Tensor:
-    """[S, HEAD_DIM] a smooth function of each raster token's (t, h, w), in tiles, whose dot products fall
-    off with distance (random Fourier features of a Gaussian kernel of length scale LOCAL_SCALE tiles)."""
-    t, h, w = torch.meshgrid(*(torch.arange(n, device=device) for n in (shape.T, shape.H, shape.W)), indexing="ij")
-    position = torch.stack([t, h / 8, w / 8], -1).flatten(0, 2).float()  # tiles are 1 x 8 x 8 tokens
-    frequencies = torch.randn(3, HEAD_DIM, device=device) / LOCAL_SCALE
-    phases = torch.rand(HEAD_DIM, device=device) * 2 * torch.pi
-    return torch.cos(position @ frequencies + phases) * 2 * HEAD_DIM**0.5  # pooled logits ~ 4x the kernel
-
-
 def bench_shape(
     name: str, shape: Shape, device: torch.device, dtype: torch.dtype, bench: Bench, backends: list[str],
     inputs: str = "random",
@@ -338,16 +250,6 @@ def bench_shape(
         if fastest is not None and r.total_ms is not None:
             r.speedup = fastest / r.total_ms
     return rows, check
-
-
-def add_backends_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", nargs="+", choices=["triton", "flash"], help="default: triton, and flash "
-                        "where FlashAttention-4 runs")
-
-
-def chosen_backends(args: argparse.Namespace, device: torch.device) -> list[str]:
-    """--backends, else triton and, where FlashAttention-4 runs, flash."""
-    return args.backends or ["triton"] + (["flash"] if flash_unavailable_reason(device) is None else [])
 
 
 def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:

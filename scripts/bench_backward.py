@@ -21,20 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/bench_backward.py` from anywhere
-
 from nabla.attention import attend
-from nabla.block_mask import attended_mask
 from nabla.config import SparsityConfig
 from nabla.layout import TileLayout
-from scripts.bench_attention import (
+from wan.benchmarking import (
     HEAD_DIM,
     SHAPES,
     SMOKE_SHAPES,
@@ -45,6 +41,7 @@ from scripts.bench_attention import (
     fixed_density,
     gpu_ms,
     log,
+    masked_reference,
     sync,
     warm_up,
 )
@@ -115,24 +112,6 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> Profile:
     on_device = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == on_device and (device.type == "cuda" or e.cpu_parent is None)]
     return timeline([(e.name, e.time_range.start, e.time_range.end) for e in events])
-
-
-def masked_reference(q, k, v, keep, layout, config, grad_out, chunk: int = 4096):
-    """float32 attention of the real query rows under the block mask `keep`, written out chunk by chunk of rows (a
-    whole S x S mask at 14B 720p has more than 2**31 entries, past what SDPA's masked kernels index), and the
-    gradients of <out, grad_out> with respect to q, k, v: (out of the real rows, [dq, dk, dv])."""
-    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
-    valid = layout.valid_on(q.device)
-    blocks = attended_mask(keep, config.query_merge)
-    outs = []
-    for rows in valid.nonzero().flatten().split(chunk):
-        allowed = blocks[:, :, rows // config.block_size].repeat_interleave(config.block_size, -1)
-        allowed = allowed[..., : layout.padded_length] & valid
-        scores = (q[:, :, rows] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-        out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-        (out * grad_out[:, :, rows].float()).sum().backward()
-        outs.append(out.detach())
-    return torch.cat(outs, 2), [q.grad, k.grad, v.grad]
 
 
 def grad_check(config: SparsityConfig, shape: Shape, device: torch.device) -> float:

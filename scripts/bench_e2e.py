@@ -11,7 +11,7 @@ and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache), for ever
     python scripts/bench_e2e.py --arch ti2v-5b --steps 3 --backends flash --block-sizes 128            # 1280x704 x 121
     python scripts/bench_e2e.py --arch i2v-14b --steps 3 --backends flash --block-sizes 128            # 832x480 x 81
 
-Architectures (`--arch`, scripts/make_random_model.py's ARCHS; without --height/--width/--frames, each its own
+Architectures (`--arch`, wan/models/random.py's ARCHS; without --height/--width/--frames, each its own
 video): Wan2.1 T2V 1.3B and 14B; `a14b`, Wan2.2 T2V-A14B, whose two 14B experts are both compiled, patched (one step
 count, as generate.py patches them), quantised and cached: the timed --steps must cross the boundary (timestep
 0.875 x 1000; 4 steps run 2 on each expert), the warm-up runs each expert, and the expert of every timed step is
@@ -52,78 +52,29 @@ import argparse
 import gc
 import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import itertools
-
-import wan.processor
+import wan.attention.processor
 from nabla import SparsityConfig
 from nabla.attention import attend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
-from scripts.bench_attention import add_backends_option, bench_ms, chosen_backends, sync
-from scripts.make_random_model import ARCHS, build_random_pipeline
 from wan.api import compile_blocks
-from wan.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
-from wan.experts import EXPERT_NAMES, boundary_step, experts, warmup_steps
-from wan.images import I2V_PIPELINE
-from wan.patch import NablaPatch, patch_transformer, unpatch
-from wan.precision import apply_precision, check_precision
-from wan.state import NablaState
-from wan.stats import step_report
-from wan.tiny import build_tiny_pipeline
+from wan.attention.patch import NablaPatch, patch_transformer, unpatch
+from wan.attention.state import NablaState
+from wan.benchmarking import add_backends_option, bench_ms, build_pipeline, chosen_backends, model_args, run_steps
+from wan.benchmarking import log_clock as log
+from wan.generate.stats import step_report
+from wan.models.experts import boundary_step, experts, warmup_steps
+from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE
+from wan.speedups.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
+from wan.speedups.precision import apply_precision, check_precision
 
-PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 LEVERS = ("cache", "fp8", "fp8+cache")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def pipeline_inputs(pipe, args) -> dict:
-    """The call's inputs beyond the prompt: an image-to-video pipeline's first frame, random pixels (the weights are
-    random too)."""
-    if type(pipe).__name__ != I2V_PIPELINE:
-        return {}
-    pixels = np.random.RandomState(0).randint(0, 256, (args.height, args.width, 3), np.uint8)
-    return {"image": Image.fromarray(pixels)}
-
-
-def run_steps(pipe, args, steps: int) -> list[float]:
-    """Run the pipeline for `steps` steps (latents out, no VAE decode); returns seconds per step, counted from the
-    first transformer call (text and image encoding, and I2V's VAE encoding of its condition, stay out)."""
-    stamps: list[float] = []
-    device = pipe._execution_device
-
-    def on_first_forward(module, inputs):
-        if not stamps:
-            sync(device)
-            stamps.append(time.perf_counter())
-
-    def on_step_end(pipe, step, timestep, kwargs):
-        sync(device)
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    hooks = [t.register_forward_pre_hook(on_first_forward) for t in experts(pipe, "bench_e2e")]
-    try:
-        with torch.inference_mode():
-            pipe(prompt=PROMPT, negative_prompt="", height=args.height, width=args.width, num_frames=args.frames,
-                 num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0),
-                 output_type="latent", callback_on_step_end=on_step_end, **pipeline_inputs(pipe, args))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def step_experts(pipe, steps: int) -> list[int]:
@@ -179,64 +130,19 @@ def capture_qkv(pipe, args) -> dict:
     """Layer 0's tile-ordered q, k, v from one more NABLA step, for per-call timing; captured after the
     timed runs so the copies never count in their peak memory."""
     captured: dict = {}
-    original = wan.processor.attend
+    original = wan.attention.processor.attend
 
     def attend(q, k, v, layout, *rest, **options):
         if "q" not in captured:  # the first call of the step is layer 0's
             captured.update(q=q.clone(), k=k.clone(), v=v.clone(), layout=layout)
         return original(q, k, v, layout, *rest, **options)
 
-    wan.processor.attend = attend
+    wan.attention.processor.attend = attend
     try:
         run_steps(pipe, args, 1)
     finally:
-        wan.processor.attend = original
+        wan.attention.processor.attend = original
     return captured
-
-
-def model_args(description: str, steps: int, extra: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: Sequence[str] | None = None, archs: Sequence[str] = tuple(ARCHS)) -> argparse.Namespace:
-    """The options of the end-to-end benchmarks: architecture, video size, timed steps, NABLA budget, --smoke."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=list(archs), default="14B", help="architecture (default: 14B): " + "; ".join(
-        f"{name}: {ARCHS[name].title}, {ARCHS[name].size[1]}x{ARCHS[name].size[0]} x {ARCHS[name].size[2]} frames"
-        for name in archs))
-    parser.add_argument("--height", type=int, help="default: the architecture's")
-    parser.add_argument("--width", type=int, help="default: the architecture's")
-    parser.add_argument("--frames", type=int, help="default: the architecture's")
-    parser.add_argument("--steps", type=int, default=steps, help="timed denoising steps per variant (after warm-up)")
-    parser.add_argument("--max-density", type=float, default=0.1, help="NABLA density cap (random weights)")
-    parser.add_argument("--threshold", type=float, default=0.7)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--smoke", action="store_true", help="the tiny offline model of --arch's family on CPUs, "
-                        "64x96 x 9 frames")
-    if extra is not None:
-        extra(parser)
-    args = parser.parse_args(argv)
-    spec = ARCHS[args.arch]
-    if args.smoke:
-        args.height, args.width, args.frames, args.block_size = 64, 96, 9, 64
-        args.title = f"tiny {spec.tiny_family} (--smoke)"
-        return args
-    if not torch.cuda.is_available():
-        parser.error("the real architectures need CUDA; use --smoke on the CPU")
-    for name, default in zip(("height", "width", "frames"), spec.size):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    args.title = spec.title
-    return args
-
-
-def build_pipeline(args: argparse.Namespace, device: str = "cuda"):
-    """The tiny model of --arch's family with --smoke, else the real architecture with random weights built on
-    `device`."""
-    if args.smoke:
-        pipe = build_tiny_pipeline(family=ARCHS[args.arch].tiny_family)
-    else:
-        log(f"building {args.title} with random weights on {device}")
-        pipe = build_random_pipeline(args.arch, device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def check_schedule(pipe, args) -> None:

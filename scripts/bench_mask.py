@@ -5,10 +5,11 @@
 
 The mask build starts from the block means of q and k (`make_block_mask(..., means=...)`), which the compiled
 block takes in the graph that writes q and k; the sparse call is that plus `flex_attention` on the mask. Each is
-timed two ways: "wall", bench_attention.py's `bench_ms` (`triton.testing.do_bench`) per call; and "GPU", ten
+timed two ways: "wall", wan.benchmarking's `bench_ms` (`triton.testing.do_bench`) per call; and "GPU", ten
 calls queued behind as many matmuls as it takes for the CPU to launch them all before the GPU reaches them
-(launch overhead hidden, as in a busy pipeline). Inputs: random q, k at a 10% cap (threshold 0.7, `max_density` 0.1, bench_e2e's setting), and
-bench_attention.py's locally coherent q, k at a fixed 10% (min = max density; peaked rows, every bisection runs).
+(`gpu_ms`: launch overhead hidden, as in a busy pipeline). Inputs: random q, k at a 10% cap (threshold 0.7,
+`max_density` 0.1, bench_e2e's setting), and the locally coherent q, k of bench_attention.py --inputs local
+(`local_part`) at a fixed 10% (min = max density; peaked rows, every bisection runs).
 The last column is the block means in kernels of their own, what they would cost outside the block.
 """
 
@@ -16,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig, TileLayout
 from nabla.attention import attend
 from nabla.backend import resolve_backend
 from nabla.block_mask import make_block_mask
 from nabla.masks import pool_blocks
-from scripts.bench_attention import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, gpu_ms, local_part
+from wan.benchmarking import HEAD_DIM, SHAPES, SMOKE_SHAPES, Shape, bench_ms, gpu_ms, local_part
 
 #: (block_size, query_block_size): 128-token blocks, 64-token blocks, 64-token rows in 128-row kernel blocks
 BLOCKINGS = ((128, None), (64, None), (64, 128))

@@ -12,19 +12,16 @@ diffusers cannot switch it off). Each row: a one-step warm-up, then `--steps` ti
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
-from scripts.bench_e2e import build_pipeline, model_args, run_steps
 from wan.api import compile_blocks
-from wan.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
-from wan.patch import patch_transformer
+from wan.attention.patch import patch_transformer
+from wan.benchmarking import build_pipeline, model_args, run_steps
+from wan.speedups.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
 
 
 def main() -> None:

@@ -7,9 +7,9 @@
     torchrun --nproc_per_node=2 scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2
     python scripts/bench_train.py --arch 14B --height 720 --width 1280 --methods lora --batch 2   # its 1-GPU baseline
 
-One optimizer step is what finetune.py runs (wan.trainer.optimizer_step): forward, backward and AdamW update,
+One optimizer step is what finetune.py runs (wan.train.trainer.optimizer_step): forward, backward and AdamW update,
 gradient checkpointing on, batch 1, compiled blocks on CUDA. Random weights at the real Wan2.1 sizes
-(scripts/make_random_model.py) and synthetic latents and text embeddings: no data, no VAE, no text encoder.
+(wan/models/random.py) and synthetic latents and text embeddings: no data, no VAE, no text encoder.
 Random weights give random attention, so NABLA's density is set by max_density 0.1. LoRA trains a bf16 base
 with a float32 adapter; full fine-tuning float32 master weights with bf16 compute. Each variant runs one
 untimed first step (compilation included; its time is reported), then `--steps` timed steps; peak memory is
@@ -18,8 +18,8 @@ the allocator's peak over the whole variant. The table is printed last.
 `--layers N` builds the architecture with N blocks (a block's time and memory at the real widths in a fraction of
 the run: with checkpointing the whole model's peak is its weights and block inputs plus one block's, so a difference
 between variants is the same); `--trace-memory` records the allocations of the last timed step and prints, per
-variant, what is alive at its peak by tensor size (scripts/memory_trace.py; that step's time then includes the
-recording).
+variant, what is alive at its peak by tensor size (wan/benchmarking.py's memory_report; that step's time then
+includes the recording).
 
 Under torchrun the transformer is sharded by FSDP2 as finetune.py shards it and each rank takes its share of the
 global batch (`--batch`, samples per optimizer step): one process runs it as gradient accumulation, N processes as
@@ -32,22 +32,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nabla import SparsityConfig
-from scripts import memory_trace
-from scripts.make_random_model import build_random_transformer
-from wan.data_parallel import DataParallel, close, init_data_parallel, shard_transformer
-from wan.run import synchronize
-from wan.sparsity_schedule import SparseAttention
-from wan.tiny import build_tiny_pipeline
-from wan.train_config import SparsitySchedule, TrainingConfig
-from wan.trainer import build_optimizer, make_batch, make_trainable, optimizer_step, sample_numbers
+from wan.benchmarking import memory_report, record_memory
+from wan.generate.run import synchronize
+from wan.models.random import build_random_transformer
+from wan.models.tiny import build_tiny_pipeline
+from wan.train.config import SparsitySchedule, TrainingConfig
+from wan.train.data_parallel import DataParallel, close, init_data_parallel, shard_transformer
+from wan.train.sparsity_schedule import SparseAttention
+from wan.train.trainer import build_optimizer, make_batch, make_trainable, optimizer_step, sample_numbers
 
 NABLA = SparsityConfig(mode="nabla", threshold=0.7, max_density=0.1, block_size=128, backend="flash")
 HEADER = ("| model | video | method | attention | s/step | speedup vs dense | density | peak GiB | first step s "
@@ -92,7 +89,7 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
                    for micro in range(training.gradient_accumulation)]
         synchronize(device)
         start = time.perf_counter()
-        with memory_trace.recording() if args.trace_memory and step == args.steps else contextlib.nullcontext() as trace:
+        with record_memory() if args.trace_memory and step == args.steps else contextlib.nullcontext() as trace:
             loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
         synchronize(device)
         times.append(time.perf_counter() - start)
@@ -100,7 +97,7 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     density = attention.mean_density()
     if args.trace_memory and parallel.is_main:
-        print(memory_trace.report(trace[0]), flush=True)
+        print(memory_report(trace[0]), flush=True)
     del transformer, optimizer, scheduler, attention
     gc.collect()
     if device.type == "cuda":

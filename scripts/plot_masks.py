@@ -27,8 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/plot_masks.py` from anywhere
-from wan.stats import load_masks, masks_path, unpack_mask
+from wan.generate.stats import load_masks, masks_path, unpack_mask
 
 
 def density_grid(report: dict) -> tuple[np.ndarray, list[int], list[int]]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,9 +15,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wan.files import atomic_write
-from wan.run_folder import read_log
+from wan.io.files import atomic_write
+from wan.train.run_folder import read_log
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import wan.video
-from wan.tiny import save_tiny_model
+import wan.io.video
+from wan.models.tiny import save_tiny_model
 
 
 @pytest.fixture
@@ -55,4 +55,4 @@ def raw_frames(monkeypatch):
         with open(path, "wb") as f:
             np.save(f, np.stack(frames))
 
-    monkeypatch.setattr(wan.video, "export_to_video", save_frames)
+    monkeypatch.setattr(wan.io.video, "export_to_video", save_frames)

@@ -3,6 +3,7 @@
 Device time is short; a script that breaks there wastes it. These runs time nothing that matters.
 """
 
+import ast
 import itertools
 import os
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import bench_e2e, make_random_model
+from scripts import bench_e2e
+from wan.models.random import ARCHS, build_random_pipeline
+from wan.models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -113,8 +116,7 @@ def billions(module) -> float:
 
 def test_random_models_are_the_published_architectures():
     """On the meta device (shapes only: no memory, no time): what the GPU benchmarks build at real size."""
-    a14b, ti2v, i2v = (make_random_model.build_random_pipeline(arch, device="meta") for arch in
-                       ("a14b", "ti2v-5b", "i2v-14b"))
+    a14b, ti2v, i2v = (build_random_pipeline(arch, device="meta") for arch in ("a14b", "ti2v-5b", "i2v-14b"))
     assert (type(a14b).__name__, a14b.config.boundary_ratio, a14b.scheduler.config.flow_shift) == ("WanPipeline",
                                                                                                   0.875, 3.0)
     assert (billions(a14b.transformer), billions(a14b.transformer_2)) == (14.29, 14.29)
@@ -133,6 +135,8 @@ def test_random_models_are_the_published_architectures():
     assert (type(i2v.image_encoder).__name__, vision.hidden_size, vision.num_hidden_layers, vision.patch_size,
             i2v.image_processor.crop_size["height"]) == ("CLIPVisionModelWithProjection", 1280, 32, 14, 224)
     assert i2v.image_encoder.dtype == torch.float32 and i2v.scheduler.config.flow_shift == 3.0
+    for arch, pipe in (("a14b", a14b), ("ti2v-5b", ti2v), ("i2v-14b", i2v)):  # built from the spec it reads back
+        assert ModelSpec.from_pipeline(pipe, ARCHS[arch].title) == ARCHS[arch].spec
 
 
 def test_timeline_counts_idle_gaps_and_groups_kernels():
@@ -145,3 +149,15 @@ def test_timeline_counts_idle_gaps_and_groups_kernels():
     assert profile.kernel_ms == pytest.approx((73 - 10 - 17) / 1e3)
     assert profile.parts == pytest.approx({"triton_red_fused": 0.026, "FA4 forward": 0.020, "FA4 backward post": 0.001})
     assert list(profile.parts) == ["triton_red_fused", "FA4 forward", "FA4 backward post"]
+
+
+def test_scripts_import_only_the_installed_packages():
+    """No script reaches into sys.path or imports another script: what they share is wan.benchmarking."""
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        imported += ["scripts" if node.level else node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        assert not [name for name in imported if name.split(".")[0] == "scripts"], script.name
+        paths = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                 and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+        assert not paths, f"{script.name} changes sys.path"

@@ -8,10 +8,10 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
 from nabla import SparsityConfig
-from wan.cache import cache_config, check_cache_parallel, disable_cache, enable_cache
-from wan.patch import patch_transformer
-from wan.stats import step_report
-from wan.tiny import build_tiny_pipeline
+from wan.attention.patch import patch_transformer
+from wan.generate.stats import step_report
+from wan.models.tiny import build_tiny_pipeline
+from wan.speedups.cache import cache_config, check_cache_parallel, disable_cache, enable_cache
 
 STEPS = 8
 

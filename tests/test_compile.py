@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from nabla import SparsityConfig, TileLayout, sparse_attention
 from nabla.block_mask import build_block_mask
-from wan.patch import patch_transformer
-from wan.tiny import build_tiny_pipeline
+from wan.attention.patch import patch_transformer
+from wan.models.tiny import build_tiny_pipeline
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 
 from nabla.config import SparsityConfig, load_config
-from wan.settings import CONFIG_DIR, find_config
+from wan.defaults import CONFIG_DIR, find_config
 
 
 def write(tmp_path, text):

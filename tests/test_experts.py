@@ -18,14 +18,15 @@ from diffusers import (
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from PIL import Image
 
-import wan.cli
-import wan.loading
-import wan.tiny
+import wan.generate.cli
+import wan.generate.session
+import wan.models.loading
+import wan.models.tiny
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
-from wan.cache import expert_cache
-from wan.experts import boundary_step, warmup_steps
-from wan.settings import GenerationSettings
+from wan.generate.settings import GenerationSettings
+from wan.models.experts import boundary_step, warmup_steps
+from wan.speedups.cache import expert_cache
 
 TINY = {"height": 32, "width": 32, "num_frames": 5}
 SMALL = ["--height", "32", "--width", "32", "--frames", "5"]
@@ -59,11 +60,11 @@ def test_the_tiny_checkpoint_is_a14b_shaped(a14b_model, pipe):
 
 def test_an_unknown_family_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        wan.tiny.main([str(tmp_path / "m"), "--family", "wan3"])
+        wan.models.tiny.main([str(tmp_path / "m"), "--family", "wan3"])
     assert exit_.value.code == 2 and "argument --family: invalid choice: 'wan3'" in \
         capsys.readouterr().err
     with pytest.raises(ValueError, match="^family 'wan3' is not allowed; allowed: wan2.1-t2v, wan2.2-a14b, wan2.1-i2v, wan2.1-flf2v, wan2.2-ti2v, wan2.2-i2v-a14b$"):
-        wan.tiny.build_tiny_pipeline(family="wan3")
+        wan.models.tiny.build_tiny_pipeline(family="wan3")
     assert not (tmp_path / "m").exists()
 
 
@@ -118,7 +119,7 @@ def test_warm_up_runs_a_dense_and_a_sparse_step_in_each_expert(pipe):
     handle = enable_nabla(pipe, SparsityConfig(mode="nabla", threshold=0.5, dense_steps=1))
     try:
         settings = GenerationSettings(prompt="a cat", height=32, width=32, frames=5, steps=9)
-        wan.cli.warm_up(pipe, handle, settings, "cpu")
+        wan.generate.session.warm_up(pipe, handle, settings, "cpu")
         records = handle.state.records
         assert records.experts == {0: 0, 1: 0, 2: 1, 3: 1}  # 4 steps, the boundary at 2
         assert {step for step, _, _ in records.densities} == {1, 3}  # steps 0 and 2 dense
@@ -142,7 +143,7 @@ def test_the_low_noise_experts_cache_counts_the_runs_steps(config, first_step, a
 
 
 def run_cli(*args) -> int:
-    return wan.cli.main([str(a) for a in args])
+    return wan.generate.cli.main([str(a) for a in args])
 
 
 def test_generate_with_sparsity_2_cache_and_stats(a14b_model, tmp_path, capsys):
@@ -168,7 +169,7 @@ def test_generate_with_sparsity_2_cache_and_stats(a14b_model, tmp_path, capsys):
 
 
 def test_sparsity_2_for_one_transformer_is_refused_before_loading(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     config = tmp_path / "c.yaml"
     config.write_text("sparsity: {mode: nabla}\nsparsity_2: {threshold: 0.3}\n")
     assert run_cli("--model", tiny_model, "--prompt", "a cat", "--config", config, "--output", tmp_path / "v.npy") == 2
@@ -258,7 +259,7 @@ def test_image_to_video_runs_under_nabla(pipe):
 
 
 def test_one_transformer_flags_are_refused_for_two_experts_before_loading(a14b_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"")
     assert run_cli("--model", a14b_model, "--prompt", "a cat", "--lora", lora, "--transformer", a14b_model / "transformer",

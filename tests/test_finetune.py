@@ -19,11 +19,11 @@ import torch
 from diffusers import WanPipeline
 
 import finetune
-import wan.run_folder
-import wan.trainer
+import wan.train.run_folder
+import wan.train.trainer
 from scripts.plot_training import plot
-from wan.lora import load_lora
-from wan.run_folder import read_log
+from wan.models.lora import load_lora
+from wan.train.run_folder import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = {"height": 32, "width": 32, "frames": 9, "fps": 8, "rank": 4, "alpha": 4, "learning_rate": 1e-2,
@@ -110,15 +110,15 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     config, output = write_config(tmp_path), tmp_path / "run"
-    append = wan.run_folder.append_log
+    append = wan.train.run_folder.append_log
 
     def interrupt_at_3(folder, entry):  # Ctrl-C during step 3: the step ends, a checkpoint is saved
         append(folder, entry)
         if entry["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(wan.trainer, "append_log", interrupt_at_3)
-    assert finetune.main(train_args(tiny_model, data, config, output)) == wan.trainer.EXIT_INTERRUPTED
+    monkeypatch.setattr(wan.train.trainer, "append_log", interrupt_at_3)
+    assert finetune.main(train_args(tiny_model, data, config, output)) == wan.train.trainer.EXIT_INTERRUPTED
     assert "interrupted: checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     monkeypatch.undo()
@@ -159,7 +159,7 @@ def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, data, tmp_path):
     """Full fine-tuning (the tiny model's LoRA learns too slowly to show it in 30 steps); the result is a diffusers
     transformer folder that generate.py --transformer loads, and validation videos are written on the way."""
-    from wan.loading import load_transformer
+    from wan.models.loading import load_transformer
 
     one = tmp_path / "one"
     one.mkdir()
@@ -213,16 +213,16 @@ def test_saved_lora_loads_changes_the_video_and_scale_0_is_the_base(tiny_model, 
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path, monkeypatch, capsys):
-    losses, calls = wan.trainer.sample_losses, []
+    losses, calls = wan.train.trainer.sample_losses, []
 
     def nan_at_step_3(transformer, batch):
         calls.append(1)
         loss = losses(transformer, batch)
         return loss * float("nan") if len(calls) > 2 else loss
 
-    monkeypatch.setattr(wan.trainer, "sample_losses", nan_at_step_3)
+    monkeypatch.setattr(wan.train.trainer, "sample_losses", nan_at_step_3)
     config = write_config(tmp_path, batch_size=1, gradient_accumulation=1)
-    assert finetune.main(train_args(tiny_model, data, config, tmp_path / "run")) == wan.trainer.EXIT_NAN
+    assert finetune.main(train_args(tiny_model, data, config, tmp_path / "run")) == wan.train.trainer.EXIT_NAN
     err = capsys.readouterr().err
     assert "error: loss is nan at step 3; stopped before updating the weights (last good checkpoint: " in err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
@@ -241,7 +241,7 @@ def test_sparsity_schedule_trains_dense_then_ramps_nabla(tiny_model, data, tmp_p
 
 
 def test_generate_applies_the_trained_lora_under_nabla(tiny_model, reference, tmp_path, raw_frames, capsys):
-    from wan.cli import main as generate
+    from wan.generate.cli import main as generate
 
     common = ["--model", str(tiny_model), "--prompt", "a cat plays piano", "--height", "32", "--width", "32",
               "--frames", "9", "--steps", "2", "--config", "nabla-0.7"]

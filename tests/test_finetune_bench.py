@@ -43,7 +43,7 @@ def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys
 
 
 def test_memory_trace_lists_what_is_alive_at_the_peak():
-    from scripts.memory_trace import alive_at_peak, report
+    from wan.benchmarking import alive_at_peak, memory_report
 
     def event(action, addr, size):
         frames = [{"filename": "/torch/x.py", "line": 1, "name": "f"}, {"filename": "/w/wan/processor.py", "line": 9,
@@ -57,5 +57,5 @@ def test_memory_trace_lists_what_is_alive_at_the_peak():
     # totals 100, 150, 50, 170, 180, 60, 230, 180: the peak is 230 with 2, 4 and 5 alive
     peak, alive = alive_at_peak(snapshot)
     assert peak == 230 * 2**20 and sorted(event["addr"] for event in alive) == [2, 4, 5]
-    assert report(snapshot, top=2).splitlines()[1:] == ["    1 x    170.00 MiB  processor.py:9 attend",
-                                                        "    1 x     50.00 MiB  processor.py:9 attend"]
+    assert memory_report(snapshot, top=2).splitlines()[1:] == ["    1 x    170.00 MiB  processor.py:9 attend",
+                                                               "    1 x     50.00 MiB  processor.py:9 attend"]

@@ -12,15 +12,16 @@ from test_finetune import train_args, write_clip, write_config
 from test_finetune_inputs import no_weights  # noqa: F401 - a fixture
 
 import finetune
-import wan.trainer
-from wan import flow_matching
-from wan.families import Family, family_of, read_family
-from wan.run_folder import read_log
-from wan.tiny import IMAGE_DIM, IMAGE_TOKENS, save_tiny_model
-from wan.train_config import TrainingConfig
+import wan.train.trainer
+from wan.models.spec import ModelSpec
+from wan.models.tiny import IMAGE_DIM, IMAGE_TOKENS, save_tiny_model
+from wan.train import flow_matching
+from wan.train.checks import check_trainable_model, trained_experts
+from wan.train.config import TrainingConfig
+from wan.train.run_folder import read_log
 
 SHORT = {"steps": 2, "batch_size": 1, "gradient_accumulation": 1, "warmup_steps": 0, "checkpoint_every": 2}
-TI2V = Family("Wan2.2 TI2V-5B", "WanPipeline", ("transformer",), expand_timesteps=True)
+TI2V = ModelSpec("m", "WanPipeline", ti2v=True, vae_scale=16)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def i2v_a14b_model(tmp_path_factory):
 @pytest.fixture
 def recorded(monkeypatch):
     """(expert, batch) of each forward, the expert named by the subfolder its transformer loaded from."""
-    loaded, steps, load, losses = {}, [], wan.trainer.load_trainable_transformer, wan.trainer.sample_losses
+    loaded, steps, load, losses = {}, [], wan.train.trainer.load_trainable_transformer, wan.train.trainer.sample_losses
 
     def load_recorded(model, training, device, expert="transformer"):
         transformer = load(model, training, device, expert)
@@ -55,8 +56,8 @@ def recorded(monkeypatch):
         steps.append((loaded[id(transformer)], batch))
         return losses(transformer, batch)
 
-    monkeypatch.setattr(wan.trainer, "load_trainable_transformer", load_recorded)
-    monkeypatch.setattr(wan.trainer, "sample_losses", losses_recorded)
+    monkeypatch.setattr(wan.train.trainer, "load_trainable_transformer", load_recorded)
+    monkeypatch.setattr(wan.train.trainer, "sample_losses", losses_recorded)
     return steps
 
 
@@ -70,13 +71,13 @@ def train(model, clip, folder, *extra, **training):
 
 
 def test_families_are_read_from_the_configs(tiny_model, a14b_model, i2v_model, ti2v_model, i2v_a14b_model):
-    names = [read_family(str(m)).name for m in (tiny_model, a14b_model, i2v_model, ti2v_model, i2v_a14b_model)]
+    names = [ModelSpec.read(str(m)).name for m in (tiny_model, a14b_model, i2v_model, ti2v_model, i2v_a14b_model)]
     assert names == ["Wan2.1 T2V", "Wan2.2 T2V-A14B", "Wan2.1 I2V", "Wan2.2 TI2V-5B", "Wan2.2 I2V-A14B"]
-    a14b = read_family(str(a14b_model))
+    a14b = ModelSpec.read(str(a14b_model))
     assert a14b.timestep_range("transformer") == (875.0, float("inf"))
     assert a14b.timestep_range("transformer_2") == (0.0, 875.0)
-    assert a14b.trained_experts("low") == ("transformer_2",) and a14b.trained_experts(None) == a14b.experts
-    assert read_family(str(i2v_model)).image_embeds and not read_family(str(i2v_a14b_model)).image_embeds
+    assert trained_experts(a14b, "low") == ("transformer_2",) and trained_experts(a14b, None) == a14b.experts
+    assert ModelSpec.read(str(i2v_model)).image_embeds and not ModelSpec.read(str(i2v_a14b_model)).image_embeds
 
 
 # diffusers gives the LoRA zero add_k_proj / add_v_proj adapters that peft's config does not name (a T2V-style LoRA)
@@ -109,8 +110,8 @@ def test_a14b_trains_one_expert_on_its_side_of_the_boundary(a14b_model, clip, tm
     timesteps = torch.cat([batch["timestep"] for _, batch in recorded])
     assert (timesteps >= 875).all() if expert == "high" else (timesteps < 875).all(), timesteps
     other = {"transformer": "transformer_2", "transformer_2": "transformer"}[name]
-    result = wan.trainer.result_folder(name, method == "lora")
-    assert (run / result).is_dir() and not (run / wan.trainer.result_folder(other, method == "lora")).exists()
+    result = wan.train.trainer.result_folder(name, method == "lora")
+    assert (run / result).is_dir() and not (run / wan.train.trainer.result_folder(other, method == "lora")).exists()
     if method == "full":
         tuned = WanTransformer3DModel.from_pretrained(run / result).state_dict()
         base = WanTransformer3DModel.from_pretrained(a14b_model, subfolder=name).state_dict()
@@ -162,7 +163,7 @@ def test_ti2v_batches_mirror_the_pipelines():
     entries = [{"latents": torch.randn(48, 3, 4, 4), "prompt_embeds": torch.randn(512, 32)}]
     for prob, conditioned in ((1.0, True), (0.0, False)):
         training = TrainingConfig(first_frame_condition_prob=prob, **SHORT)
-        batch = wan.trainer.make_batch(entries, range(2), training, 3.0, torch.device("cpu"), torch.float32, TI2V)
+        batch = wan.train.trainer.make_batch(entries, range(2), training, 3.0, torch.device("cpu"), torch.float32, TI2V)
         t = batch["timestep"][:, -1:]
         assert batch["timestep"].shape == (2, 3 * 2 * 2) and t.gt(0).all()
         assert torch.equal(batch["timestep"][:, :4], torch.zeros(2, 4) if conditioned else t.expand(2, 4))
@@ -218,4 +219,4 @@ def test_family_refusals(request, clip, tmp_path, no_weights, capsys, model, tra
 ])
 def test_unsupported_pipelines(index, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        family_of(index, {}, "m")
+        check_trainable_model(ModelSpec.from_configs("m", index, {}))

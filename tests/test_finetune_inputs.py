@@ -12,11 +12,11 @@ from diffusers import WanTransformer3DModel
 
 import finetune
 from nabla.config import SparsityConfig
-from wan import flow_matching
-from wan.clips import find_clips, frame_indices, read_clip
-from wan.sparsity_schedule import config_at
-from wan.train_config import SparsitySchedule
-from wan.trainer import sample_clip
+from wan.train import flow_matching
+from wan.train.clips import find_clips, frame_indices, read_clip
+from wan.train.config import SparsitySchedule
+from wan.train.sparsity_schedule import config_at
+from wan.train.trainer import sample_clip
 
 GOOD = {"height": 32, "width": 32, "frames": 9, "fps": 8}
 
@@ -155,7 +155,7 @@ def test_clip_reading(tmp_path):
 
 @pytest.mark.parametrize("name", ["finetune-lora.yaml", "finetune-full.yaml"])
 def test_shipped_configs_load(name):
-    from wan.train_config import load_finetune_config
+    from wan.train.config import load_finetune_config
 
     sparsity, training = load_finetune_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert sparsity.mode == "nabla" and sparsity.block_size == 128 and training.method == name.split("-")[1][:-5]

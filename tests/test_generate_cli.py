@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import generate
-import wan.run
-import wan.video
+import wan.generate.run
+import wan.io.video
 
 ROOT = Path(__file__).resolve().parents[1]
 # the generation configs; configs/finetune-*.yaml are finetune.py's (a `training:` section generate.py refuses)
@@ -273,7 +273,7 @@ def test_out_of_memory_names_what_to_lower(tiny_model, tmp_path, capsys, monkeyp
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(wan.run, "generate", out_of_memory)
+    monkeypatch.setattr(wan.generate.run, "generate", out_of_memory)
     out = tmp_path / "v.mp4"
     assert run_cli("--prompt", "a cat", "--model", tiny_model, "--output", out, *SMALL) == 2
     err = capsys.readouterr().err
@@ -288,13 +288,13 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half an mp4")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wan.video, "export_to_video", encode_then_die)
+    monkeypatch.setattr(wan.io.video, "export_to_video", encode_then_die)
     frames = np.zeros((5, 16, 16, 3), dtype=np.float32)
     with pytest.raises(KeyboardInterrupt):
-        wan.video.write_video(frames, tmp_path / "new.mp4")
+        wan.io.video.write_video(frames, tmp_path / "new.mp4")
     (tmp_path / "old.mp4").write_bytes(b"precious")
     with pytest.raises(KeyboardInterrupt):
-        wan.video.write_video(frames, tmp_path / "old.mp4")
+        wan.io.video.write_video(frames, tmp_path / "old.mp4")
     assert [p.name for p in tmp_path.iterdir()] == ["old.mp4"] and (tmp_path / "old.mp4").read_bytes() == b"precious"
 
 
@@ -302,7 +302,7 @@ def test_written_video_has_the_usual_permissions(tmp_path, raw_frames):
     """The temporary file is created 0600; the renamed video gets what a new file gets under the umask."""
     umask = os.umask(0o022)
     try:
-        path = wan.video.write_video(np.zeros((5, 16, 16, 3), dtype=np.float32), tmp_path / "v.mp4")
+        path = wan.io.video.write_video(np.zeros((5, 16, 16, 3), dtype=np.float32), tmp_path / "v.mp4")
     finally:
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644 and [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
@@ -327,7 +327,7 @@ def test_failed_encoding_saves_the_frames_of_both_runs(tiny_model, tmp_path, cap
         Path(path).write_bytes(b"half an mp4")
         raise RuntimeError("ffmpeg died\nwith details")
 
-    monkeypatch.setattr(wan.video, "export_to_video", broken_encoder)
+    monkeypatch.setattr(wan.io.video, "export_to_video", broken_encoder)
     out = tmp_path / "cmp.mp4"
     code = run_cli("--prompt", "a dog runs", "--model", tiny_model, "--config", ROOT / "configs/nabla-0.4.yaml",
                    "--output", out, "--compare", *SMALL)
@@ -344,10 +344,10 @@ def test_failed_encoding_saves_the_frames_of_both_runs(tiny_model, tmp_path, cap
 
 
 def test_fallback_never_replaces_a_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(wan.video, "export_to_video", lambda *args, **kwargs: 1 / 0)
+    monkeypatch.setattr(wan.io.video, "export_to_video", lambda *args, **kwargs: 1 / 0)
     (tmp_path / "v.npy").write_bytes(b"precious")
     frames = np.full((5, 16, 16, 3), 0.5, dtype=np.float32)
-    written, reason = wan.video.write_video_or_frames(frames, tmp_path / "v.mp4")
+    written, reason = wan.io.video.write_video_or_frames(frames, tmp_path / "v.mp4")
     assert written == tmp_path / "v.1.npy" and reason == "ZeroDivisionError: division by zero"
     assert np.array_equal(np.load(written), frames) and (tmp_path / "v.npy").read_bytes() == b"precious"
 
@@ -358,16 +358,16 @@ TINY = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2"]
 def test_prompts_file_goes_on_past_a_failed_entry(tiny_model, tmp_path, capsys, monkeypatch):
     """Loaded once, one video per entry (named, or numbered after --output); an entry whose run fails is reported
     in one line, the others are written, and the exit code is 1."""
-    real_generate = wan.run.generate
+    real_generate = wan.generate.run.generate
     loads = []
 
     def generate_or_fail(pipe, settings, **kwargs):
         loads.append(id(pipe))
         if settings.prompt == "a broken cat":
-            raise wan.run.NonFiniteLatentsError("NaN or Inf in the latents after denoising step 1")
+            raise wan.generate.run.NonFiniteLatentsError("NaN or Inf in the latents after denoising step 1")
         return real_generate(pipe, settings, **kwargs)
 
-    monkeypatch.setattr(wan.run, "generate", generate_or_fail)
+    monkeypatch.setattr(wan.generate.run, "generate", generate_or_fail)
     prompts = tmp_path / "p.jsonl"
     entries = [{"prompt": "a dog runs", "seed": 3, "output": str(tmp_path / "dog.npy")}, None,
                {"prompt": "a broken cat"}, {"prompt": "a dog runs"}]

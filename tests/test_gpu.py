@@ -195,7 +195,7 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
     kernels) against the same blocks run eagerly, float32 so that both keep the same blocks; a padded grid."""
 
     from wan.api import compile_blocks
-    from wan.patch import patch_transformer, unpatch
+    from wan.attention.patch import patch_transformer, unpatch
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -223,10 +223,10 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
 @pytest.mark.parametrize("shape", WAN_SHAPES, ids=list(WAN_SHAPES))
 @pytest.mark.parametrize("block_size", [128, 64])
 def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
-    """wan/tiled_qk.py against the processor's torch ops (gather, RMSNorm across heads, rotary, pool_blocks), bf16."""
+    """wan/attention/tiled_qk.py against the processor's torch ops (gather, RMSNorm across heads, rotary, pool_blocks), bf16."""
     from nabla.layout import gather_tiles
-    from wan.processor import _apply_rotary_pairwise, block_means
-    from wan.tiled_qk import tiled_qk
+    from wan.attention.processor import _apply_rotary_pairwise, block_means
+    from wan.attention.tiled_qk import tiled_qk
 
     heads, *grid = WAN_SHAPES[shape]
     layout = TileLayout(*grid)
@@ -254,7 +254,7 @@ def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
 
 def check_training_call(layout, config, heads=2):
     from nabla.attention import attend
-    from scripts.bench_backward import masked_reference
+    from wan.benchmarking import masked_reference
 
     q, k, v = (x.requires_grad_() for x in qkv(heads, layout))
     result = attend(q, k, v, layout, config)
@@ -344,9 +344,9 @@ def test_compiled_full_fine_tuning_gives_the_eager_gradients(mode):
     gradients are checked; STA's mask is fixed."""
     import copy
 
-    from wan.sparsity_schedule import SparseAttention
-    from wan.train_config import SparsitySchedule
-    from wan.trainer import sample_losses
+    from wan.train.config import SparsitySchedule
+    from wan.train.sparsity_schedule import SparseAttention
+    from wan.train.trainer import sample_losses
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -373,8 +373,8 @@ def test_tiled_qk_backward_matches_the_torch_path_at_the_14b_shape(dtype):
     """The q/k kernels' input gradient (from their output: the projections are not kept) against autograd through the
     processor's torch path, at 14B 720p's head layout on 3 frames (45 token rows padded to 48)."""
     from nabla.layout import gather_tiles
-    from wan.processor import _apply_rotary_pairwise
-    from wan.tiled_qk import tiled_qk
+    from wan.attention.processor import _apply_rotary_pairwise
+    from wan.attention.tiled_qk import tiled_qk
 
     torch.manual_seed(0)
     layout, heads, dim = TileLayout(3, 45, 80), 40, 128
@@ -397,7 +397,7 @@ def test_tiled_qk_backward_matches_the_torch_path_at_the_14b_shape(dtype):
 
 def saved_bytes(transformer, batch) -> int:
     """Bytes of the distinct storages that one forward saves for its backward, the weights left out."""
-    from wan.trainer import sample_losses
+    from wan.train.trainer import sample_losses
 
     weights = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
     saved = {}
@@ -421,10 +421,10 @@ def test_nabla_lora_training_saves_less_than_dense():
     outweighs the padding of q, k, v and the output and the BlockMask's index rows."""
     import copy
 
-    from wan.loading import keep_fp32_modules
-    from wan.sparsity_schedule import SparseAttention
-    from wan.train_config import SparsitySchedule, TrainingConfig
-    from wan.trainer import make_trainable
+    from wan.models.loading import keep_fp32_modules
+    from wan.train.config import SparsitySchedule, TrainingConfig
+    from wan.train.sparsity_schedule import SparseAttention
+    from wan.train.trainer import make_trainable
 
     torch.manual_seed(0)
     training = TrainingConfig(method="lora", rank=4, alpha=4, height=720, width=512, frames=9,

@@ -8,8 +8,8 @@ import torch
 from nabla import SparsityConfig, TileLayout, attend
 from nabla.backend import check_trainable
 from nabla.block_mask import attended_mask, build_block_mask
-from wan.loading import load_pipeline
-from wan.patch import patch_transformer, unpatch
+from wan.attention.patch import patch_transformer, unpatch
+from wan.models.loading import load_pipeline
 
 
 def reference_attention(q, k, v, keep, layout, block_size, merge):

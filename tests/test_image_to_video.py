@@ -13,18 +13,18 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from PIL import Image
 from transformers import CLIPVisionModel
 
-import wan.cli
-import wan.loading
+import wan.generate.cli
+import wan.models.loading
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
-from wan.loading import load_pipeline
-from wan.processor import NablaWanAttnProcessor
+from wan.attention.processor import NablaWanAttnProcessor
+from wan.models.loading import load_pipeline
 
 SMALL = ["--height", "32", "--width", "32", "--frames", "5", "--steps", "2"]
 
 
 def run_cli(*args) -> int:
-    return wan.cli.main([str(a) for a in args])
+    return wan.generate.cli.main([str(a) for a in args])
 
 
 def write_image(path, seed: int):
@@ -140,7 +140,7 @@ def test_a_hub_model_loads_the_class_its_index_names(i2v_model, images, tmp_path
         "truncated", "several-gpus"])
 def test_bad_images_are_refused_before_loading(model, flags, error, tiny_model, i2v_model, flf2v_model, images,
                                                 tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "cut.png").write_bytes(images[0].read_bytes()[:300])
     models = {"tiny": tiny_model, "i2v": i2v_model, "flf2v": flf2v_model}

@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import T5TokenizerFast, UMT5EncoderModel
 
-from wan.loading import ModelNotFoundError, load_pipeline
-from wan.tiny import save_tiny_model
+from wan.models.loading import ModelNotFoundError, load_pipeline
+from wan.models.tiny import save_tiny_model
 
 
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):

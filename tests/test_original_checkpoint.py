@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import generate
-from wan.loading import load_pipeline, load_transformer
+from wan.models.loading import load_pipeline, load_transformer
 
 SMALL = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
 

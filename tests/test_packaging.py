@@ -13,7 +13,7 @@ import pytest
 
 import nabla
 import wan
-from wan.settings import shipped_configs
+from wan.defaults import shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -88,7 +88,7 @@ def test_odd_sequence_full_attention(tiny_model, tmp_path, single):
 
 def test_bad_degree_names_allowed_ones(tiny_model, tmp_path, capsys):
     """The tiny model has 2 heads: a degree of 4 (4 processes would be needed) is refused with the allowed ones."""
-    from wan.parallel import allowed_degrees, check_degree
+    from wan.speedups.parallel import allowed_degrees, check_degree
 
     assert allowed_degrees(12) == [1, 2, 3, 4, 6, 12] and allowed_degrees(40) == [1, 2, 4, 5, 8, 10, 20, 40]
     with pytest.raises(ValueError, match="--ulysses 3 does not divide the model's 40 attention heads; allowed degrees: "

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wan.precision import apply_precision, check_precision, is_block_linear
-from wan.tiny import build_tiny_pipeline
+from wan.models.tiny import build_tiny_pipeline
+from wan.speedups.precision import apply_precision, check_precision, is_block_linear
 
 
 def test_filter_selects_the_block_linears_only():

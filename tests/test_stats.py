@@ -10,12 +10,12 @@ from PIL import Image
 
 import generate
 from scripts import plot_masks
-from wan.fidelity import video_fidelity
-from wan.stats import default_mask_steps, load_masks, pack_mask, unpack_mask
+from wan.generate.fidelity import video_fidelity
+from wan.generate.stats import default_mask_steps, load_masks, pack_mask, unpack_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2"]
-LAYERS, HEADS = 2, 2  # wan/tiny.py
+LAYERS, HEADS = 2, 2  # wan/models/tiny.py
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -187,3 +187,16 @@ def test_compare_reports_fidelity_and_stats(tiny_model, tmp_path, capsys):
     assert report["fidelity"]["psnr"] == pytest.approx(psnr, abs=0.01) and report["full_seconds"] > 0
     assert report["totals"]["mean_density"] == pytest.approx(density, abs=1e-3)
     assert report["backend"] == "eager" and report["compiled_blocks"] is False and report["dense_fallback_calls"] == 0
+
+
+def test_the_readme_picture_is_made_by_its_script(tmp_path):
+    """scripts/plot_nabla_demo.py writes docs/mask.png: NABLA's mask adapts (blocks outside the STA window, some of
+    the window left out), STA's is the window, and the third panel is their union."""
+    from scripts import plot_nabla_demo
+
+    shown = list(plot_nabla_demo.masks(0.7, (3, 3, 3), seed=0).values())
+    nabla, sta, union = shown
+    assert torch.equal(union, nabla | sta) and (nabla & ~sta).any() and (sta & ~nabla).any()
+    assert 0 < nabla.float().mean() < sta.float().mean() < 1
+    plot_nabla_demo.main([str(tmp_path / "mask.png")])
+    assert (tmp_path / "mask.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,14 +12,14 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-import wan.cli
-import wan.loading
-import wan.plan
+import wan.generate.cli
+import wan.generate.plan
+import wan.models.loading
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
-from wan.model_index import local_ti2v
-from wan.state import NablaState
-from wan.tiny import save_tiny_model
+from wan.attention.state import NablaState
+from wan.models.spec import ModelSpec
+from wan.models.tiny import save_tiny_model
 
 TINY = {"height": 64, "width": 96, "num_frames": 5}
 SMALL = ["--height", "64", "--width", "96", "--frames", "5", "--steps", "2"]
@@ -38,7 +38,7 @@ def pipe(ti2v_model):
 
 
 def run_cli(*args) -> int:
-    return wan.cli.main([str(a) for a in args])
+    return wan.generate.cli.main([str(a) for a in args])
 
 
 def sample(pipe, steps: int = 2, **image) -> np.ndarray:
@@ -49,7 +49,7 @@ def sample(pipe, steps: int = 2, **image) -> np.ndarray:
 def plan_for(tmp_path, *args):
     """generate.py's checked input (nothing loads)."""
     flags = ["--prompt", "a cat", "--output", tmp_path / "v.npy", *args]
-    return wan.plan.resolve(wan.cli.build_parser().parse_args(map(str, flags)))
+    return wan.generate.plan.resolve(wan.generate.cli.build_parser().parse_args(map(str, flags)))
 
 
 def write_image(path):
@@ -72,7 +72,9 @@ def test_the_tiny_checkpoint_is_ti2v_shaped(ti2v_model, tiny_model):
     assert (vae["z_dim"], vae["scale_factor_spatial"], vae["patch_size"], vae["is_residual"]) == (48, 16, 2, True)
     transformer = json.loads((ti2v_model / "transformer/config.json").read_text())
     assert (transformer["in_channels"], transformer["out_channels"]) == (48, 48)
-    assert (local_ti2v(str(ti2v_model)), local_ti2v(str(tiny_model)), local_ti2v("Wan-AI/x")) == (True, False, None)
+    ti2v, t2v = ModelSpec.from_folder(str(ti2v_model)), ModelSpec.from_folder(str(tiny_model))
+    assert (ti2v.ti2v, t2v.ti2v, ModelSpec.from_folder("Wan-AI/x")) == (True, False, None)
+    assert (ti2v.pixels_per_token, t2v.pixels_per_token) == (32, 16)
 
 
 def test_the_step_comes_from_the_largest_per_token_timestep():
@@ -153,7 +155,7 @@ def refusal(side: str, value: int, near: str) -> str:
 @pytest.mark.parametrize("side, value, near", [("height", 48, "32 or 64"), ("width", 720, "704 or 736")])
 def test_sizes_off_the_32_pixel_grid_are_refused_before_loading(side, value, near, ti2v_model, tiny_model, tmp_path,
                                                                 monkeypatch, capsys):
-    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     flags = [f"--{side}", value]
     assert run_cli("--model", ti2v_model, "--prompt", "a cat", *flags, "--output", tmp_path / "v.npy") == 2
     assert capsys.readouterr().err == refusal(side, value, near)
@@ -182,9 +184,9 @@ def test_a_hub_ti2v_model_gets_its_defaults_once_loaded(ti2v_model, tmp_path, mo
 
 def test_an_image_loads_the_image_mode(ti2v_model):
     """A local TI2V folder with an image is diffusers' WanImageToVideoPipeline over its components (no CLIP encoder)."""
-    pipe = wan.loading.load_pipeline(str(ti2v_model), device="cpu", image=True)
+    pipe = wan.models.loading.load_pipeline(str(ti2v_model), device="cpu", image=True)
     assert isinstance(pipe, WanImageToVideoPipeline) and pipe.config.expand_timesteps and pipe.image_encoder is None
-    assert type(wan.loading.load_pipeline(str(ti2v_model), device="cpu")) is WanPipeline
+    assert type(wan.models.loading.load_pipeline(str(ti2v_model), device="cpu")) is WanPipeline
 
 
 def test_generate_with_an_image_at_threshold_one_is_the_stock_video(pipe, ti2v_model, tmp_path, capsys):
@@ -212,7 +214,7 @@ def test_generate_with_an_image_runs_sparse(pipe, ti2v_model, tmp_path, capsys):
 
 
 def test_a_last_image_for_ti2v_is_refused_before_loading(ti2v_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(wan.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     image = write_image(tmp_path / "first.png")
     assert run_cli("--model", ti2v_model, "--prompt", "a cat", *SMALL, "--image", image, "--last-image", image,
                    "--output", tmp_path / "v.npy") == 2

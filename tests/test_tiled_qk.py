@@ -9,8 +9,8 @@ from tests.triton_helpers import make_hopper_ir, side_by_side
 CHECK = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
-from wan.processor import _apply_rotary_pairwise, block_means
-from wan.tiled_qk import _tiled_qk
+from wan.attention.processor import _apply_rotary_pairwise, block_means
+from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
 for grid, batch, heads, dim, block_size, dtype, affine, eps in (  # batch 2 once: the interpreter is slow
@@ -63,8 +63,8 @@ def test_tiled_qk_kernel_matches_the_torch_path(interpreted):
 CHECK_GRAD = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
-from wan.processor import _apply_rotary_pairwise
-from wan.tiled_qk import _tiled_qk
+from wan.attention.processor import _apply_rotary_pairwise
+from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
 for grid, heads, dim, dtype, affine in (
@@ -108,7 +108,7 @@ def test_tiled_qk_backward_matches_the_torch_path_and_keeps_no_input_copy(interp
 
 def test_tiled_qk_kernels_compile_for_hopper():
     """What the interpreter runs must also compile to Triton IR (the interpreter accepts code the compiler refuses)."""
-    from wan.tiled_qk import _rms_kernel, _tiled_qk_kernel
+    from wan.attention.tiled_qk import _rms_kernel, _tiled_qk_kernel
 
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32",
              "sin_ptr": "*fp32", "means_ptr": "*fp32", "gather_ptr": "*i64", "eps": "fp32"}
@@ -129,10 +129,10 @@ def test_tiled_qk_kernels_compile_for_hopper():
 # What both runs below share: `force_kernels()` makes the processor take the kernels on the CPU, recording each check.
 FORCED = r"""
 import sys, torch
-import wan.processor, wan.tiled_qk
+import wan.attention.processor, wan.attention.tiled_qk
 from nabla import SparsityConfig
-from wan.loading import load_pipeline
-from wan.patch import patch_transformer, unpatch
+from wan.models.loading import load_pipeline
+from wan.attention.patch import patch_transformer, unpatch
 calls = []
 
 def on_cpu(x, norm, rotary):
@@ -140,12 +140,12 @@ def on_cpu(x, norm, rotary):
     return rotary is not None and isinstance(norm, torch.nn.RMSNorm)
 
 def force_kernels():
-    wan.processor.fused_applies = wan.tiled_qk.fused_applies = on_cpu
+    wan.attention.processor.fused_applies = wan.attention.tiled_qk.fused_applies = on_cpu
 """
 
 CHECK_PROCESSOR = FORCED + r"""
-from wan.run import generate
-from wan.settings import GenerationSettings
+from wan.generate.run import generate
+from wan.generate.settings import GenerationSettings
 
 settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=9, steps=2, guidance_scale=4.0)
 pipe = load_pipeline(sys.argv[1], device="cpu")
@@ -209,7 +209,7 @@ def test_training_through_the_kernels_matches_the_torch_path(interpreted):
 
 
 def test_tiled_qk_refuses_what_it_does_not_compute():
-    from wan.tiled_qk import tiled_qk
+    from wan.attention.tiled_qk import tiled_qk
 
     x, rotary = torch.randn(1, 4, 32), (torch.ones(1, 4, 1, 16),) * 2
     with pytest.raises(ValueError, match=r"x torch.float32 on cpu, norm RMSNorm .*needs x on CUDA"):

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-import wan.processor
+import wan.attention.processor
 from nabla import SparsityConfig
 from nabla.block_mask import attended_mask, build_block_mask
 from nabla.layout import gather_tiles
-from wan.fallback import FALLBACK_STEPS
-from wan.loading import load_pipeline
-from wan.patch import patch_transformer, unpatch
-from wan.processor import NablaWanAttnProcessor, _apply_rotary_pairwise
-from wan.run import generate
-from wan.settings import GenerationSettings
+from wan.attention.fallback import FALLBACK_STEPS
+from wan.attention.patch import patch_transformer, unpatch
+from wan.attention.processor import NablaWanAttnProcessor, _apply_rotary_pairwise
+from wan.generate.run import generate
+from wan.generate.settings import GenerationSettings
+from wan.models.loading import load_pipeline
 
 # 128x160 px -> latent 16x20 -> token grid (3, 8, 10): W is not a multiple of the 8-token tile.
 SETTINGS = GenerationSettings(prompt="a cat plays piano", height=128, width=160, frames=9, steps=3, guidance_scale=4.0)
@@ -114,7 +114,7 @@ def test_processor_matches_stock_attention_under_the_token_mask(pipe, config, ge
 
 def test_dense_steps(pipe, full_video, monkeypatch):
     gathered = []
-    monkeypatch.setattr(wan.processor, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
+    monkeypatch.setattr(wan.attention.processor, "gather_tiles", lambda x, index, dim: gathered.append(x.shape) or GATHER(x, index, dim))
     frames, state = run_patched(pipe, SparsityConfig(mode="nabla", threshold=0.3, dense_steps=3))
     # dense steps stay in raster order, unpadded: the stock computation, bit for bit, and nothing tiled
     assert state.records.densities == [] and gathered == [] and (frames == full_video).all()
@@ -181,7 +181,7 @@ def test_full_mode_leaves_the_model_alone(pipe):
 def test_a_zero_norm_weight_keeps_that_block_off_the_kernels_backward(tiny_model):
     """The q/k kernels' backward recovers the norm's input as its output over the weight: a block whose norm_q or
     norm_k weight holds a zero is marked at patch time (it then trains by the torch path)."""
-    from wan.processor import invertible
+    from wan.attention.processor import invertible
 
     transformer = load_pipeline(str(tiny_model), device="cpu").transformer
     transformer.blocks[1].attn1.norm_k.weight.data[3] = 0.0
@@ -199,7 +199,7 @@ def test_the_kernels_serve_training_only_with_frozen_invertible_norms(monkeypatc
     needs them free of zeros: the processor takes the kernels only then (here their device check is forced)."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(wan.processor, "fused_applies", lambda x, norm, rotary: True)
+    monkeypatch.setattr(wan.attention.processor, "fused_applies", lambda x, norm, rotary: True)
     attn = SimpleNamespace(norm_q=torch.nn.RMSNorm(8), norm_k=torch.nn.RMSNorm(8))
     plain, trains = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8, requires_grad=True)
 

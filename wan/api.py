@@ -16,9 +16,9 @@ from diffusers import WanTransformer3DModel
 
 from nabla.backend import resolve_backend
 from nabla.config import SparsityConfig, read_yaml
-from wan.experts import experts, low_noise_config
-from wan.patch import NablaPatch, patch_transformer, unpatch
-from wan.settings import find_config
+from wan.attention.patch import NablaPatch, patch_transformer, unpatch
+from wan.defaults import find_config
+from wan.models.experts import experts, low_noise_config
 
 
 def _configs(
@@ -50,7 +50,7 @@ def _device(pipe_or_transformer: Any, transformer: WanTransformer3DModel) -> tor
 
 #: inductor options of the compiled blocks. Without buffer reuse: inductor keeps a dead buffer to reuse its
 #: storage for a later one of the same size, and across the attention op (an opaque call that allocates its
-#: own q, k, v in tile order, mask and output) that held two activations for nothing: 1.7 GiB at 14B 720p.
+#: own q, k, v in tile order, mask and output) that held two activations for nothing (docs/GPU-FACTS.md).
 BLOCK_COMPILE_OPTIONS = {"allow_buffer_reuse": False}
 
 #: ... and of blocks that train. Inductor's mix-order reduction (torch 2.10 on, CUDA) computes the gradient of Wan's
@@ -62,7 +62,7 @@ TRAINING_COMPILE_OPTIONS = {**BLOCK_COMPILE_OPTIONS, "triton.mix_order_reduction
 
 def compile_blocks(transformer: WanTransformer3DModel) -> None:
     """Compile the transformer's repeated blocks: with TRAINING_COMPILE_OPTIONS where it is in training mode (`.train()`,
-    a backward will run), else BLOCK_COMPILE_OPTIONS (inference's, as measured); disable_nabla drops them."""
+    a backward will run), else BLOCK_COMPILE_OPTIONS (inference's); disable_nabla drops them."""
     # Static shapes: dense steps run unpadded in raster order, sparse ones in tile order, and a shape change must
     # give a second static graph, not one graph with dynamic shapes (slower kernels).
     options = TRAINING_COMPILE_OPTIONS if transformer.training else BLOCK_COMPILE_OPTIONS
@@ -81,7 +81,7 @@ def enable_nabla(
 ) -> NablaPatch | None:
     """Patch the self-attention of the pipeline's transformers (or of the transformer given) for `config`.
 
-    `config` is a SparsityConfig, or a YAML path or a shipped config's name (`"nabla-0.7"`, wan.settings.find_config)
+    `config` is a SparsityConfig, or a YAML path or a shipped config's name (`"nabla-0.7"`, wan.defaults.find_config)
     whose `sparsity:` section is read (and `sparsity_2:`, see below; other top-level sections are ignored here).
     A Wan2.2 A14B pipeline's two experts are both patched, compiled and uncompiled alike: `transformer` takes
     `config`, the low-noise `transformer_2` takes `config_2`, else the YAML's `sparsity_2:` merged over `sparsity:`,
@@ -90,10 +90,10 @@ def enable_nabla(
     `compile=None` compiles the transformers' repeated blocks (`compile_blocks`: training mode, `.train()` before this
     call, gets the options that give right gradients) when they run on CUDA; True forces it, False never. A
     `backend: flash` that cannot run on that device is a one-line ValueError.
-    Returns the first transformer's handle (wan.patch.NablaPatch; `handle.experts` lists every expert's, this one
+    Returns the first transformer's handle (wan.attention.patch.NablaPatch; `handle.experts` lists every expert's, this one
     first, and `handle.state.mean_density()` is over the whole run), or None where every config is mode full:
     nothing is patched then, but the blocks are still compiled when asked. `pad_dense` (sequence parallelism) and
-    `always` (count the attention calls) patch mode full too, see `wan.patch.patch_transformer`. Raises ValueError
+    `always` (count the attention calls) patch mode full too, see `wan.attention.patch.patch_transformer`. Raises ValueError
     if a transformer is already patched; a pipeline that is not a Wan one of WanTransformer3DModels is a TypeError.
     """
     transformers = experts(pipe_or_transformer, "enable_nabla")

@@ -1,376 +1,43 @@
-"""Text- or image-to-video with Wan whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
-
-    nabla-wan generate --prompt "a red fox in the snow" --config nabla-0.7 --output fox.mp4
-    nabla-wan generate --model Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --image fox.png --prompt "..." --config nabla-0.7
-    nabla-wan generate --prompt "..." --config nabla-0.7 --compare        # full vs sparse, same seed
-    nabla-wan generate --prompts prompts.txt --config nabla-0.7 --output out/fox.mp4   # out/fox-1.mp4, ...
-    nabla-wan make-tiny-model tiny-wan                                     # an offline demo model
-
-(`python generate.py ...` in a checkout takes the same flags.) Command-line flags override the config's
-`generation:` section, which overrides the defaults. Bad input is rejected before any model loads, with one
-line on stderr and exit code 2.
-"""
+"""The `nabla-wan` command: `generate`, `finetune` and `make-tiny-model`, each loaded only when it runs."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import math
-import os
 import sys
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from nabla.config import SparsityConfig
-from wan import report
-from wan.batch import Job
-from wan.experts import check_low_noise_model, check_one_expert
-from wan.images import check_model_images
-from wan.plan import DTYPES, Plan, one_expert_flags, resolve, token_grid
-from wan.precision import PRECISIONS
-from wan.settings import (
-    DEFAULT_MODEL,
-    TI2V_DEFAULTS,
-    GenerationSettings,
-    for_ti2v,
-    shipped_configs,
-)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", help="what the video shows (required here, as generation.prompt in the config, or "
-                   "per video in --prompts)")
-    p.add_argument("--prompts", type=Path, metavar="FILE", help="make one video per entry of FILE with the model "
-                   "loaded and compiled once: plain text, one prompt a line, or FILE.jsonl, one JSON object a line "
-                   "with \"prompt\" and optionally \"negative_prompt\", \"seed\" and \"output\". Entries without "
-                   "an output are numbered after --output (NAME-1.mp4, NAME-2.mp4, ...). The whole file is checked "
-                   "before the model loads; an entry that fails is reported in one line and the others go on; exit "
-                   "code 1 if any failed. Not with --prompt, --compare, --stats or several processes")
-    p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
-    p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `sparsity_2:` (Wan2.2 A14B's "
-                   "low-noise expert, merged over `sparsity:`), `generation:`, `precision:` and "
-                   "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs()) +
-                   " (default: full attention, stock settings); see the README")
-    p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
-                   "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
-                   "i.e. --dtype as loaded)")
-    p.add_argument("--model", help="hub id or local folder of a diffusers Wan pipeline: text to video (WanPipeline: "
-                   "Wan2.1, or Wan2.2 A14B, both experts get NABLA; Wan2.2 TI2V with or without --image) or image to video "
-                   "(WanImageToVideoPipeline, read from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give "
-                   f"--image) (default: {DEFAULT_MODEL})")
-    p.add_argument("--image", metavar="PATH", help="image to video: the first frame (an image file PIL reads; resized "
-                   "to --height x --width); needed by a WanImageToVideoPipeline model, optional for a Wan2.2 TI2V one "
-                   "(its image mode), refused for the others")
-    p.add_argument("--last-image", metavar="PATH", help="the last frame too (first-last-frame to video, with --image): "
-                   "for Wan2.1 FLF2V and Wan2.2 I2V models, not Wan2.1 I2V's, whose image encoder takes one image")
-    p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
-                   "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
-                   ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
-                   "published; converted by diffusers) or a diffusers transformer folder; the architecture comes from "
-                   "--model")
-    p.add_argument("--lora", type=Path, metavar="PATH", help="apply a LoRA (finetune.py's output folder, e.g. "
-                   "runs/fox/lora, or any diffusers Wan LoRA .safetensors) to the transformer, fused into its weights "
-                   "before the patch (in both runs of --compare)")
-    p.add_argument("--lora-scale", type=float, metavar="S", help="strength of --lora, a finite number (default: 1.0; "
-                   "0 gives the base model)")
-    p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
-    p.add_argument("--height", type=int, help="video height in pixels, a multiple of 16 (of 32 for a Wan2.2 TI2V "
-                   f"model) (default: 480; TI2V: {TI2V_DEFAULTS['height']})")
-    p.add_argument("--width", type=int, help="video width in pixels, a multiple of 16 (of 32 for a Wan2.2 TI2V model) "
-                   f"(default: 832; TI2V: {TI2V_DEFAULTS['width']})")
-    p.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default: 81; TI2V: {TI2V_DEFAULTS['frames']})")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
-    p.add_argument("--fps", type=int, help=f"frames per second of the MP4 (default: 16; TI2V: {TI2V_DEFAULTS['fps']})")
-    p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
-                   "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
-                   "[0, 1], no video encoder needed: for machines without ffmpeg). If MP4 encoding fails after the "
-                   "run, the frames are saved as NAME.npy and the exit code is 1 (default: output.mp4)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output (or --prompts' outputs) if it exists "
-                   "(default: refuse)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N, a GPU this machine has (default: cuda if "
-                   "available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
-                   "CUDA, float32 on CPU; the VAE stays float32)")
-    p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")
-    p.add_argument("--ulysses", type=int, default=1, metavar="N", help="split the sequence over N GPUs with "
-                   "Ulysses sequence parallelism; launch with torchrun --nproc_per_node=N (default: 1)")
-    p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
-                   "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
-    p.add_argument("--compare", action="store_true", help="run the stock model (full attention, no FP8, no cache) and "
-                   "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, "
-                   "the configured video's PSNR, SSIM and mean absolute "
-                   "difference against the full one, and the mean mask density; write both videos "
-                   "(the full one beside --output as NAME.full.mp4, or NAME.full.npy)")
-    p.add_argument("--stats", type=Path, metavar="PATH", help="write a JSON report of the sparse run to PATH (.json): "
-                   "per step and layer the mean mask density per head and the mask-building and attention times in ms, "
-                   "plus totals, config and settings; the block masks of every layer at the first sparse step and the "
-                   "last step go beside it as PATH.masks.pt (plot both with scripts/plot_masks.py)")
-    p.add_argument("--no-compile", action="store_true", help="on CUDA, do not torch.compile the transformer's "
-                   "repeated blocks (compiled by default there, in both runs of --compare; never on the CPU)")
-    p.add_argument("--no-warmup", action="store_true", help="on CUDA, skip the untimed one-step warm-up runs (one "
-                   "per run of --compare) that keep compilation out of the timings")
-    return p
+def _generate(argv: list[str], prog: str) -> int:
+    from wan.generate.cli import main
+
+    return main(argv, prog)
 
 
-OUT_OF_MEMORY = ("out of GPU memory; lower --height/--width/--frames, add --cpu-offload, use a sparser config or more "
-                 "GPUs (--ulysses)")
+def _finetune(argv: list[str], prog: str) -> int:
+    from wan.train.cli import main
 
-
-def one_line(err: BaseException) -> str:
-    """An error as the one line a run reports it in."""
-    if isinstance(err, torch.OutOfMemoryError):
-        return OUT_OF_MEMORY
-    from wan.run import NonFiniteLatentsError
-
-    if isinstance(err, (ValueError, NonFiniteLatentsError)):  # ours: already one line that says what to do
-        return str(err)
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
-
-
-def warm_up(pipe, patch, settings: GenerationSettings, device: str) -> None:
-    """The untimed warm-up on CUDA: compile the sparse kernels of every expert, and where it has dense_steps (or layers
-    that can fall back to dense, which keeps steps on which all of them do in raster order) its raster-order dense
-    graph too: a dense step, then a sparse one, in each expert's part of a run long enough to reach both."""
-    from nabla.backend import dense_above, resolve_backend
-    from wan.experts import warmup_steps
-    from wan.run import generate
-
-    handles = patch.experts if patch else []
-    configs = [handle.state.config for handle in handles]
-    dense_first = any(
-        c.is_sparse and (c.dense_steps > 0 or dense_above(c, resolve_backend(c.backend, device, pipe.transformer.dtype))
-                         < 1.0) for c in configs)
-    steps, boundary = warmup_steps(pipe, 1 + dense_first)
-    for handle, config, first_step in zip(handles, configs, [0, boundary]):
-        handle.state.config = config.replace(dense_steps=first_step + dense_first)
-    generate(pipe, settings, steps=steps)
-    for handle, config in zip(handles, configs):
-        handle.state.config = config
-
-
-@dataclasses.dataclass
-class Session:
-    """The loaded pipeline with every lever applied: what each video of the run is made and reported with."""
-
-    pipe: Any
-    patch: Any  # the first expert's wan.patch.NablaPatch, or None (mode full, no cache)
-    names: tuple[str, ...]  # the experts' attribute names: ("transformer",) or ("transformer", "transformer_2")
-    compiled: bool
-    device: str
-    main_rank: bool
-    recorder: Any  # wan.stats.StatsRecorder with --stats, else None
-    #: --compare's stock-model run: its frames, the file they went to, its seconds; else None
-    full: tuple[Any, Path, float] | None
-    #: outputs that could not be encoded (their frames went to .npy files)
-    unwritten: list[Path] = dataclasses.field(default_factory=list)
-
-    def save(self, frames, path: Path, fps: int) -> Path:
-        from wan.video import write_video_or_frames
-
-        written, reason = write_video_or_frames(frames, path, fps)
-        if reason is not None:
-            self.unwritten.append(path)
-            print(f"error: could not write {path} ({reason}); its frames are saved in {written} (numpy.load reads "
-                  "them)", file=sys.stderr)
-        return written
-
-
-def run(args: argparse.Namespace) -> int:
-    """The whole run; returns the exit code: 0, or 1 when a video could not be encoded (its frames were saved) or,
-    with --prompts, an entry failed."""
-    plan = resolve(args)
-    session = prepare(args, plan)
-    if args.prompts is None:
-        make(args, plan, session, plan.jobs[0])  # a single run's errors end it (exit code 2, from main)
-        return 1 if session.unwritten else 0
-    failed = []
-    for job in plan.jobs:
-        try:
-            make(args, plan, session, job)
-        except Exception as err:  # noqa: BLE001 - one entry's failure (NaN, out of memory, ...) must not end the others
-            failed.append(job)
-            print(f"error: {job.where} ({job.output}): {one_line(err)}", file=sys.stderr)
-            if isinstance(err, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
-    made = len(plan.jobs) - len(failed) - len(session.unwritten)
-    print(f"made {made} of {len(plan.jobs)} videos from {args.prompts}" +
-          (f"; failed: {', '.join(job.where for job in failed)}" if failed else ""))
-    return 1 if failed or session.unwritten else 0
-
-
-def prepare(args: argparse.Namespace, plan: Plan) -> Session:
-    """Load the pipeline, run --compare's stock reference, then apply the levers (FP8, NABLA, parallelism, the
-    cache) to every expert and warm up."""
-    from wan.experts import EXPERT_NAMES
-
-    setup = None
-    if args.ulysses > 1 or args.cfg_parallel:
-        from wan.parallel import init_parallel
-
-        setup = init_parallel(args.ulysses, args.cfg_parallel)
-    device = str(setup.device) if setup else plan.device
-    pipe, transformers = _load(args, plan, device, setup is None or setup.is_main)
-    # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
-    warmup = torch.device(device).type == "cuda" and not args.no_warmup
-    compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
-    session = Session(pipe, None, EXPERT_NAMES[:len(transformers)], False, device, setup is None or setup.is_main,
-                      None, None)
-    if args.compare:
-        _run_reference(session, plan, warmup, compile_blocks)
-    _apply_levers(session, transformers, plan, setup, compile_blocks)
-    if warmup:
-        warm_up(pipe, session.patch, plan.settings, device)
-    if args.stats is not None and session.patch:
-        from wan.stats import StatsRecorder, default_mask_steps
-
-        session.recorder = StatsRecorder(default_mask_steps(plan.sparsity.dense_steps, plan.settings.steps))
-    return session
-
-
-def _load(args: argparse.Namespace, plan: Plan, device: str, main: bool) -> tuple[Any, list]:
-    """The pipeline (with --lora fused) and its transformers, and the checks that need the loaded model: a hub id's
-    pipeline class, experts and TI2V defaults are known only now."""
-    from wan.experts import experts
-    from wan.loading import load_pipeline
-
-    settings = plan.settings
-    pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
-                         transformer=args.transformer, image=settings.image is not None)
-    if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
-        from wan.lora import load_lora
-
-        load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
-    pipe.set_progress_bar_config(disable=not main)
-    transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
-    if plan.ti2v is None and pipe.config.get("expand_timesteps"):  # a hub id's Wan2.2 TI2V: its defaults now
-        plan.settings = settings = for_ti2v(settings, plan.given)
-        plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given)) for job in plan.jobs]
-    check_model_images(settings.model, type(pipe).__name__, pipe.transformer.config, settings.image,
-                       settings.last_image, bool(getattr(pipe.config, "expand_timesteps", False)))
-    if plan.sparsity_2 is not None:
-        check_low_noise_model(settings.model, len(transformers))
-    check_one_expert(settings.model, one_expert_flags(args), len(transformers))
-    return pipe, transformers
-
-
-def _run_reference(session: Session, plan: Plan, warmup: bool, compile_blocks: bool | None) -> None:
-    """--compare's reference: the stock model (full attention, no FP8, no cache), its blocks compiled alike."""
-    from wan.api import disable_nabla, enable_nabla
-    from wan.run import generate
-
-    pipe, settings = session.pipe, plan.settings
-    enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)
-    if warmup:
-        generate(pipe, settings, steps=1)
-    full_frames, full_seconds = generate(pipe, settings)
-    session.full = full_frames, session.save(full_frames, plan.full_output, settings.fps), full_seconds
-    disable_nabla(pipe)
-
-
-def _apply_levers(session: Session, transformers: list, plan: Plan, setup: Any, compile_blocks: bool | None) -> None:
-    """FP8 weights, then NABLA, parallelism and the cache, on every expert, in the order their hooks need."""
-    from wan.api import enable_nabla
-    from wan.cache import enable_cache, expert_cache
-    from wan.experts import boundary_step
-    from wan.precision import apply_precision
-
-    pipe, settings = session.pipe, plan.settings
-    for transformer in transformers:
-        apply_precision(transformer, plan.precision)
-    pixels = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
-    uneven = setup is not None and math.prod(token_grid(settings, pixels)) % setup.ulysses != 0
-    # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
-    # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled
-    session.patch = enable_nabla(pipe, plan.sparsity, config_2=plan.sparsity_2, compile=compile_blocks,
-                                 pad_dense=uneven, always=plan.cache is not None)
-    session.compiled = bool(getattr(pipe.transformer, "_nabla_compiled", False))
-    if setup is not None:  # after the patch: with pad_dense, tile before the sequence split, untile after the gather
-        from wan.parallel import check_degree, enable_cfg_parallel, enable_ulysses
-
-        for transformer in transformers:
-            check_degree(transformer.config.num_attention_heads, setup.ulysses)
-            enable_ulysses(transformer, setup)
-            if setup.cfg_parallel:
-                enable_cfg_parallel(transformer, setup)
-    # Last, so its hooks wrap everything else: a skipped block skips NABLA's mask, its attention and the
-    # all-to-alls around it, and TaylorSeer extrapolates proj_out's output after the context-parallel gather.
-    # The low-noise expert's hooks count its steps from the boundary: its schedule is shifted to the run's.
-    first_steps = [0, boundary_step(pipe, settings.steps)][:len(transformers)]
-    for transformer, first_step in zip(transformers, first_steps):
-        enable_cache(transformer, expert_cache(plan.cache, first_step))
-
-
-def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> None:
-    """Generate, write and report one video (the patch's records start afresh for each)."""
-    from wan.run import generate
-    from wan.stats import step_report
-
-    settings, patch = job.settings, session.patch
-    if patch:
-        patch.state.reset()
-        patch.state.recorder = session.recorder
-    frames, seconds = generate(session.pipe, settings, decode=session.main_rank)
-    if not session.main_rank:
-        return  # rank 0 writes the video and reports
-    written = session.save(frames, job.output, settings.fps)
-    records = patch.state.records if patch else None
-    steps_report = step_report(records.passes, len(session.pipe.transformer.blocks), records.experts) if patch else None
-    fidelity = None
-    if session.full is not None:
-        from wan.fidelity import video_fidelity
-
-        fidelity = video_fidelity(session.full[0], frames)
-    outcome = report.Outcome(written, seconds, patch.state.mean_density() if patch else None,
-                      [patch.state.mean_density(e) for e in range(len(session.names))] if patch else None,
-                      steps_report, len(steps_report["computed_steps"]) if steps_report else settings.steps, fidelity)
-    if args.stats is not None:
-        report.write_run_stats(args.stats, plan, session, settings, outcome)
-    print("\n".join(report.summary_lines(plan, session, settings, outcome)))
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """`generate.py` / `nabla-wan generate`: the exit code (2 for bad input, refused before any model loads)."""
-    args = build_parser(prog).parse_args(argv)
-    from wan.run import NonFiniteLatentsError
-
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
-    try:
-        code = run(args)
-        if torch.distributed.is_initialized():
-            # ranks other than 0 finish first: tear the process group down together, not under rank 0's feet
-            torch.distributed.barrier()
-    except (ValueError, NonFiniteLatentsError, torch.OutOfMemoryError) as err:  # ModelNotFoundError is a ValueError
-        if main_rank:
-            print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return code
+    return main(argv, prog)
 
 
 def _make_tiny_model(argv: list[str], prog: str) -> int:
-    from wan.tiny import main as tiny_main  # diffusers and transformers load only for this command
+    from wan.models.tiny import main as tiny_main  # diffusers and transformers load only for this command
 
     tiny_main(argv, prog)
     return 0
 
 
-COMMANDS = {"generate": main, "make-tiny-model": _make_tiny_model}
+COMMANDS = {"generate": _generate, "finetune": _finetune, "make-tiny-model": _make_tiny_model}
 
 
 def console(argv: list[str] | None = None) -> int:
-    """The `nabla-wan` command: `nabla-wan generate ...` (the flags of generate.py), `nabla-wan make-tiny-model DIR`."""
+    """`nabla-wan generate ...` (the flags of generate.py), `nabla-wan finetune precompute|train ...` (finetune.py's),
+    `nabla-wan make-tiny-model DIR`."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: nabla-wan {generate,make-tiny-model} ... (--help after a command for its flags)\n\n"
+        print("usage: nabla-wan {generate,finetune,make-tiny-model} ... (--help after a command for its flags)\n\n"
               "  generate         text- or image-to-video with NABLA sparse attention (the flags of generate.py)\n"
+              "  finetune         precompute | train: fine-tune a LoRA or the whole model under NABLA (the flags of\n"
+              "                   finetune.py)\n"
               "  make-tiny-model  write a tiny random Wan pipeline (--family wan2.1-t2v, wan2.2-a14b, wan2.1-i2v,\n"
-              "                   wan2.1-flf2v or wan2.2-ti2v) to a folder: an offline demo model\n"
+              "                   wan2.1-flf2v, wan2.2-ti2v or wan2.2-i2v-a14b) to a folder: an offline demo model\n"
               "  --version        print the version", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":

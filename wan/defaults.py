@@ -1,0 +1,54 @@
+"""What generation and training share before any model loads: the default model, the size limits, the device, and
+the shipped configs (package data of `wan`; in a checkout a link to the top-level configs/)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+MAX_SIDE = 2048  # pixels; 720p is 1280 wide
+MAX_FRAMES = 241
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that come with the package (`--config NAME`)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(config: str | Path) -> Path:
+    """A config file: the path if it exists, else the shipped config of that name (`nabla-0.7` or `nabla-0.7.yaml`).
+
+    A missing file is a one-line ValueError that lists the shipped names.
+    """
+    path = Path(config).expanduser()
+    if path.exists():
+        return path
+    names = ", ".join(shipped_configs())
+    if path.parent != Path("."):  # a path with a folder part means that file, not a name
+        raise ValueError(f"config: file not found: {path}; or give a shipped config by name: {names}")
+    shipped = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if not shipped.is_file():
+        raise ValueError(f"config: {str(config)!r} is neither a file nor a shipped config; shipped: {names}")
+    return shipped
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on: `device` (cpu, cuda or cuda:N, for a GPU this machine has), else cuda if there is
+    one, else cpu. Anything else is a one-line ValueError that says what this machine has."""
+    import torch  # here, not at import: wan.defaults serves checks that must stay light
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        has = f"{gpus} CUDA GPU{'s' if gpus > 1 else ''}: cuda, " + ", ".join(f"cuda:{i}" for i in range(gpus))
+    else:
+        has = "no CUDA GPU, so only cpu"
+    if device is None:
+        return "cuda" if gpus else "cpu"
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if match is None or (match[1] == "cpu" and match[2] is not None):
+        raise ValueError(f"--device {device!r} is not allowed; allowed: cpu, cuda or cuda:N (this machine has {has})")
+    if match[1] == "cuda" and (not gpus or int(match[2] or 0) >= gpus):
+        raise ValueError(f"--device {device!r} is not available; this machine has {has}")
+    return device

@@ -1,0 +1,69 @@
+"""One generation: seeded, timed on the device, with NaN/Inf caught at the step where they appear."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wan.generate.settings import GenerationSettings
+from wan.io.images import pipeline_images
+
+if TYPE_CHECKING:  # diffusers stays out of generate.py's checks, which run before any model loads
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+
+class NonFiniteLatentsError(RuntimeError):
+    pass
+
+
+def _check_finite(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    latents = callback_kwargs["latents"]
+    if not torch.isfinite(latents).all():
+        raise NonFiniteLatentsError(
+            f"NaN or Inf in the latents after denoising step {step + 1} (timestep {float(timestep):.1f}); "
+            "no video was written (try --dtype float32 or another config)"
+        )
+    return callback_kwargs
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    pipe: WanPipeline | WanImageToVideoPipeline, settings: GenerationSettings, *, steps: int | None = None,
+    decode: bool = True,
+) -> tuple[np.ndarray, float]:
+    """Run the pipeline; returns frames [F, H, W, 3] in [0, 1] and the wall-clock seconds it took.
+
+    The noise comes from a CPU generator seeded with `settings.seed`, so a seed gives the same
+    starting latents on every device. With `decode=False` (ranks that write no video) the VAE is
+    skipped and the latents come back instead of frames. Image to video: `settings.image` (and `last_image`)
+    are read, outside the timing, and given to the pipeline.
+    """
+    device = pipe._execution_device
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    images = pipeline_images(settings)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = pipe(
+            **images,
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt,
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            num_inference_steps=steps or settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            output_type="np" if decode else "latent",
+            callback_on_step_end=_check_finite,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    synchronize(device)
+    return result.frames[0], time.perf_counter() - start

@@ -1,0 +1,103 @@
+"""Generation settings: defaults, the YAML `generation:` section, Wan's rules on sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from wan.defaults import DEFAULT_MODEL, MAX_FRAMES, MAX_SIDE
+
+MAX_STEPS = 1000
+#: Wan2.2 TI2V-5B's own defaults (its published runs: 1280x704, 121 frames at 24 fps) where no flag or config gives one
+TI2V_DEFAULTS = {"height": 704, "width": 1280, "frames": 121, "fps": 24}
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    prompt: str | None = None
+    negative_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    steps: int = 50
+    guidance_scale: float = 5.0
+    fps: int = 16
+    #: image to video: the first frame's image file (WanImageToVideoPipeline models), and FLF2V's last frame
+    image: str | None = None
+    last_image: str | None = None
+
+    @classmethod
+    def from_sources(cls, yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> GenerationSettings:
+        """Defaults, then the YAML `generation:` section, then command-line values that are not None."""
+        values: dict[str, Any] = {}
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        if yaml_section is not None and not isinstance(yaml_section, Mapping):
+            raise ValueError(f"config: 'generation' must be a mapping of keys to values, got {yaml_section!r}")
+        for key, value in (yaml_section or {}).items():
+            if key not in allowed:
+                raise ValueError(f"config: unknown key 'generation.{key}'; allowed keys: {', '.join(allowed)}")
+            values[key] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """One-line ValueError for anything Wan cannot generate."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt: must be a non-empty string (give --prompt or generation.prompt in the config)")
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            _check_int(side, value, 16, MAX_SIDE)
+            if value % 16:
+                raise ValueError(f"{side}: {value} is not allowed; Wan needs a multiple of 16 (e.g. {value // 16 * 16 or 16})")
+        _check_int("frames", self.frames, 1, MAX_FRAMES)
+        if (self.frames - 1) % 4:
+            near = (self.frames - 1) // 4 * 4 + 1
+            raise ValueError(f"frames: {self.frames} is not allowed; Wan needs 4k+1 frames (e.g. {near} or {near + 4})")
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_int("fps", self.fps, 1, 240)
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            # ValueError like every bad input: generate.py turns it into one line and exit code 2
+            raise ValueError(f"guidance_scale: {self.guidance_scale!r} must be a number >= 0")  # noqa: TRY004
+        if not 0 <= self.guidance_scale <= 100:
+            raise ValueError(f"guidance_scale: {self.guidance_scale} must be in [0, 100]")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt: {self.negative_prompt!r} must be a string")  # noqa: TRY004
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model: {self.model!r} must be a hub id or a folder path")
+        for name in ("image", "last_image"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be an image file's path")
+        if self.last_image is not None and self.image is None:
+            raise ValueError("last_image: a last frame needs a first one; give --image PATH too")
+        if self.last_image is not None and self.frames < 5:
+            raise ValueError(f"frames: {self.frames} is not allowed with a last image; a first and a last frame need "
+                             "at least 5 frames")
+
+
+def given_keys(yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> frozenset[str]:
+    """The settings that a config's `generation:` section or a flag gives (the others take their defaults)."""
+    return frozenset(yaml_section or {}) | {key for key, value in overrides.items() if value is not None}
+
+
+def for_ti2v(settings: GenerationSettings, given: frozenset[str], pixels: int) -> GenerationSettings:
+    """`settings` for a Wan2.2 TI2V model whose token is `pixels` wide: TI2V_DEFAULTS for the settings not `given`,
+    and its size rule (one-line ValueError for a side that is not a multiple of `pixels`)."""
+    settings = dataclasses.replace(settings, **{k: v for k, v in TI2V_DEFAULTS.items() if k not in given})
+    for side in ("height", "width"):
+        value = getattr(settings, side)
+        if value % pixels:
+            low = value // pixels * pixels
+            raise ValueError(f"{side}: {value} is not allowed for a Wan2.2 TI2V model; it needs a multiple of {pixels} "
+                             f"(its 16x VAE, then 2x2 patches; e.g. {low or pixels} or {low + pixels})")
+    return settings
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}: {value!r} is not allowed; it must be an integer in [{low}, {high}]")

@@ -1,0 +1,71 @@
+"""LoRA adapters on Wan2.1's transformer through peft, saved in diffusers' LoRA format and loaded for generation.
+
+The saved folder (`pytorch_lora_weights.safetensors`, with peft's LoraConfig as metadata so rank and alpha
+survive) is what `WanPipeline.load_lora_weights` reads in anyone's diffusers code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import WanPipeline, WanTransformer3DModel
+from peft import LoraConfig, get_peft_model_state_dict
+
+ADAPTER = "default"  # the name peft gives the adapter that add_adapter adds
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def transformer_linear_names(model: str, subfolder: str = "transformer") -> list[str]:
+    """Names of the Linear layers of the transformer in `subfolder`, from its config alone (built on the meta device:
+    no weights read)."""
+    config = WanTransformer3DModel.load_config(model, subfolder=subfolder)
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel.from_config(config)
+    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def add_lora(transformer: WanTransformer3DModel, rank: int, alpha: float, target_modules: tuple[str, ...]) -> None:
+    """Freeze the transformer and add a trainable float32 LoRA adapter (B = 0: the model is unchanged at first)."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+                                       init_lora_weights=True))
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # the base may be bf16; LoRA weights and their Adam state stay float32
+
+
+def save_lora(folder: str | Path, transformer: WanTransformer3DModel, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write the adapter of `transformer` whose (full, unsharded) weights are `state_dict` in diffusers' format."""
+    layers = get_peft_model_state_dict(transformer, state_dict=dict(state_dict), adapter_name=ADAPTER)
+    metadata = transformer.peft_config[ADAPTER].to_dict()
+    WanPipeline.save_lora_weights(folder, transformer_lora_layers={k: v.contiguous() for k, v in layers.items()},
+                                  weight_name=WEIGHT_NAME, transformer_lora_adapter_metadata=metadata)
+    return Path(folder) / WEIGHT_NAME
+
+
+def check_lora_path(path: str | Path) -> tuple[Path, str]:
+    """(folder, weight file name) of a LoRA given as a folder holding pytorch_lora_weights.safetensors or as the
+    .safetensors file itself; a one-line ValueError otherwise (checked before any model loads)."""
+    path = Path(path).expanduser()
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, WEIGHT_NAME)
+    if not (folder / weight_name).is_file() or not weight_name.endswith(".safetensors"):
+        raise ValueError(f"lora: {path} is neither a LoRA .safetensors file nor a folder holding {WEIGHT_NAME} "
+                         "(what finetune.py and WanPipeline.save_lora_weights write)")
+    return folder, weight_name
+
+
+def load_lora(pipe: WanPipeline, path: str | Path, scale: float = 1.0, fuse: bool = True) -> None:
+    """Apply a LoRA (a folder holding pytorch_lora_weights.safetensors, or the file) to `pipe` at `scale`.
+
+    fuse=True merges it into the weights and drops the adapter: plain Linear layers again, so generation runs at
+    the base model's speed and compiles like it; fuse=False keeps it as a switchable peft adapter named "lora".
+    """
+    folder, weight_name = check_lora_path(path)
+    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="lora")
+    if fuse:
+        pipe.fuse_lora(components=["transformer"], lora_scale=scale, adapter_names=["lora"])
+        pipe.unload_lora_weights()
+    else:
+        pipe.set_adapters("lora", scale)

@@ -1,0 +1,134 @@
+"""What a Wan pipeline is, read once: from a pipeline folder's files (before anything loads) or from a loaded pipeline.
+
+Generation, training, the tiny and random model builders and every check ask a `ModelSpec`, never the files:
+- the pipeline class (`WanPipeline`: text to video; `WanImageToVideoPipeline`: image to video);
+- its experts: `transformer`, and Wan2.2 A14B's low-noise `transformer_2`, switched at `boundary_ratio`;
+- TI2V (`expand_timesteps`: Wan2.2 TI2V-5B's per-token timesteps; with an image, diffusers' image mode);
+- the image conditioning: Wan2.1 I2V reads one image's CLIP tokens (`image_dim`), FLF2V two (`pos_embed_seq_len`),
+  Wan2.2 I2V none (only the VAE's latents of the frames);
+- the patch size and the VAE's spatial scale, so the pixels of a token (16 for Wan2.1, 32 for TI2V's 16x VAE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+T2V_PIPELINE, I2V_PIPELINE = "WanPipeline", "WanImageToVideoPipeline"
+#: the pipeline attributes that hold experts, in the order of the steps they run
+EXPERT_NAMES = ("transformer", "transformer_2")
+#: the VAE's temporal compression (Wan2.1's and Wan2.2's): 4k+1 frames make k+1 latent frames
+VAE_TEMPORAL_SCALE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    model: str  # the hub id or folder, for messages
+    pipeline: str  # the diffusers pipeline class that runs it
+    experts: tuple[str, ...] = EXPERT_NAMES[:1]
+    boundary_ratio: float | None = None
+    ti2v: bool = False  # expand_timesteps: per-token timesteps
+    #: the CLIP image encoder's images the transformer reads: 0 (none), 1 (Wan2.1 I2V), 2 (Wan2.1 FLF2V)
+    clip_images: int = 0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    vae_scale: int = 8  # the VAE's spatial compression
+
+    @property
+    def name(self) -> str:
+        """What it is, for messages: "Wan2.1 T2V", "Wan2.2 I2V-A14B", "Wan2.2 TI2V-5B", ..."""
+        if self.ti2v:
+            return "Wan2.2 TI2V-5B"
+        if self.clip_images == 2:
+            return "Wan2.1 FLF2V"
+        kind = "I2V" if self.pipeline == I2V_PIPELINE else "T2V"
+        return f"Wan2.2 {kind}-A14B" if len(self.experts) > 1 else f"Wan2.1 {kind}"
+
+    @property
+    def image_embeds(self) -> bool:
+        """The transformer reads CLIP image tokens (`image_dim`: Wan2.1 I2V and FLF2V)."""
+        return self.clip_images > 0
+
+    def timestep_range(self, expert: str) -> tuple[float, float] | None:
+        """The timesteps [low, high) that `expert` runs at sampling time; None: all of them."""
+        if self.boundary_ratio is None:
+            return None
+        boundary = self.boundary_ratio * 1000  # the scheduler's num_train_timesteps, as WanPipeline computes it
+        return (boundary, math.inf) if expert == "transformer" else (0.0, boundary)
+
+    @property
+    def image_frames(self) -> int:
+        """The frames a run takes as images: 0 (text to video), 1 (the first: Wan2.1 I2V) or 2 (the first and the
+        last: Wan2.1 FLF2V, Wan2.2 I2V). A TI2V model takes an optional first frame (its image mode): 0 here."""
+        if self.pipeline != I2V_PIPELINE or self.ti2v:
+            return 0
+        return 1 if self.clip_images == 1 else 2
+
+    @property
+    def image_condition(self) -> bool:
+        """The noisy latents go in with the first frame's condition concatenated (WanImageToVideoPipeline's
+        `torch.cat([latents, condition], dim=1)`; under expand_timesteps the condition replaces frame 0 instead)."""
+        return self.pipeline == I2V_PIPELINE and not self.ti2v
+
+    @property
+    def pixels_per_token(self) -> int:
+        """A token's side in pixels: the VAE's spatial compression times the transformer's patch."""
+        return self.vae_scale * self.patch_size[1]
+
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The transformer's tokens (frames, rows, columns) of a video of that size."""
+        side = self.pixels_per_token
+        return (frames - 1) // VAE_TEMPORAL_SCALE + 1, height // side, width // side
+
+    @classmethod
+    def from_configs(cls, model: str, index: Mapping[str, Any], transformer: Mapping[str, Any],
+                     vae: Mapping[str, Any] | None = None) -> ModelSpec:
+        """The spec of a pipeline whose model_index.json is `index`, transformer config `transformer` and VAE config
+        `vae` (diffusers' default scale 8 where it has none)."""
+        two = (index.get("transformer_2") or [None])[0] is not None
+        clip = 0 if transformer.get("image_dim") is None else 2 if transformer.get("pos_embed_seq_len") else 1
+        return cls(model, index.get("_class_name", ""), EXPERT_NAMES[:1 + two],
+                   index.get("boundary_ratio") if two else None, bool(index.get("expand_timesteps")), clip,
+                   tuple(transformer.get("patch_size") or (1, 2, 2)), (vae or {}).get("scale_factor_spatial") or 8)
+
+    @classmethod
+    def from_folder(cls, model: str) -> ModelSpec | None:
+        """The spec of a local pipeline folder from its files (no diffusers import); None for a hub id or a folder
+        without a model_index.json (loading then says what is wrong)."""
+        index = _read_json(model, "model_index.json")
+        if index is None:
+            return None
+        return cls.from_configs(model, index, _read_json(model, "transformer/config.json") or {},
+                                _read_json(model, "vae/config.json"))
+
+    @classmethod
+    def read(cls, model: str) -> ModelSpec:
+        """The spec of `model`, a local folder or a hub id, from its configs alone (a hub id's are downloaded, no
+        weights); OSError where they cannot be had."""
+        from diffusers import DiffusionPipeline, WanTransformer3DModel
+
+        index = DiffusionPipeline.load_config(model)
+        # any config.json reader: the component's class only names the file
+        parts = {name: WanTransformer3DModel.load_config(model, subfolder=name) for name in ("transformer", "vae")
+                 if name in index}
+        return cls.from_configs(model, index, parts.get("transformer", {}), parts.get("vae"))
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, model: str) -> ModelSpec:
+        """The spec of a loaded pipeline (a hub id's facts are known only now)."""
+        index = {**dict(pipe.config), "_class_name": type(pipe).__name__}
+        index["transformer_2"] = [None] if getattr(pipe, "transformer_2", None) is None else ["diffusers", "x"]
+        vae = {"scale_factor_spatial": getattr(pipe, "vae_scale_factor_spatial", 8)}
+        return cls.from_configs(model, index, dict(pipe.transformer.config), vae)
+
+
+def _read_json(model: str, part: str) -> dict[str, Any] | None:
+    path = Path(model).expanduser() / part
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+#: Wan2.1 T2V's facts, where no model is at hand (a benchmark's batches)
+T2V = ModelSpec("Wan2.1 T2V", T2V_PIPELINE)

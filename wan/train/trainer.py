@@ -1,0 +1,304 @@
+"""The fine-tuning loop: flow matching on precomputed latents, LoRA or full, one process or FSDP2 under torchrun.
+
+Global sample n (counted over optimizer steps, accumulation micro-steps, ranks and the per-rank batch, in
+that order) takes clip `sample_clip(n)` and draws its noise level and noise from a generator seeded by
+(seed, n): the draws do not depend on how many processes share the batch, nor on where a run resumed.
+A Wan2.2 A14B run trains one expert or both; with both, optimizer steps alternate between them (even steps, counted
+from 0, `transformer`; odd ones `transformer_2`), every sample of a step on its expert's side of the boundary, so
+all ranks run the same expert (FSDP's collectives) and each expert sees the timesteps it runs at sampling time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.optimization import get_scheduler
+from tqdm import tqdm
+
+from nabla.config import SparsityConfig
+from wan.models.lora import add_lora, save_lora
+from wan.models.spec import T2V, ModelSpec
+from wan.train import flow_matching
+from wan.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
+from wan.train.checks import first_frame_prob, trained_experts
+from wan.train.config import TrainingConfig
+from wan.train.data_parallel import DataParallel, shard_transformer
+from wan.train.run_folder import append_log, truncate_log
+from wan.train.sparsity_schedule import SparseAttention
+from wan.train.validation import Validator
+
+EXIT_NAN, EXIT_INTERRUPTED = 1, 130
+
+
+def sample_clip(n: int, clips: int, seed: int) -> int:
+    """The clip of global sample n: epoch n // clips visits every clip once, in an order seeded by (seed, epoch)."""
+    epoch, position = divmod(n, clips)
+    return int(_epoch_order(clips, seed, epoch)[position])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(clips: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(clips, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def sample_generator(n: int, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + n) % 2**63)
+
+
+def sample_numbers(step: int, micro: int, training: TrainingConfig, parallel: DataParallel) -> range:
+    """Global sample numbers of this rank's part of micro-step `micro` of optimizer step `step` (0-based)."""
+    per_micro = training.batch_size * parallel.world_size
+    start = (step * training.gradient_accumulation + micro) * per_micro + parallel.rank * training.batch_size
+    return range(start, start + training.batch_size)
+
+
+def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training: TrainingConfig, shift: float,
+               device: torch.device, dtype: torch.dtype, spec: ModelSpec = T2V,
+               timesteps: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+    """The transformer's inputs and the flow targets of the samples `numbers`, as `spec`'s pipeline feeds it; their
+    timesteps drawn within `timesteps` [low, high) (an A14B expert's side of the boundary) where given."""
+    picked, noise, sigmas, conditioned = [], [], [], []
+    for n in numbers:
+        entry, generator = entries[sample_clip(n, len(entries), training.seed)], sample_generator(n, training.seed)
+        sigmas.append(flow_matching.sample_sigma_in(timesteps, training.weighting_scheme, training.logit_mean,
+                                                    training.logit_std, training.mode_scale, shift, generator))
+        noise.append(torch.randn(entry["latents"].shape, generator=generator))
+        if spec.ti2v:
+            conditioned.append(bool(torch.rand((), generator=generator) < first_frame_prob(training)))
+        picked.append(entry)
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([entry[name] for entry in picked]).to(device)
+
+    x0, noise, sigmas = stacked("latents"), torch.stack(noise).to(device), torch.cat(sigmas).to(device)
+    hidden, timestep = flow_matching.noisy_latents(x0, noise, sigmas), sigmas * flow_matching.NUM_TRAIN_TIMESTEPS
+    batch = {"encoder_hidden_states": stacked("prompt_embeds").to(dtype), "target": flow_matching.flow_target(x0, noise)}
+    if spec.ti2v:  # TI2V: a conditioned sample's first frame is the clean latent, at timestep 0
+        mask = flow_matching.first_frame_mask(x0.shape, torch.tensor(conditioned, dtype=torch.bool)).to(device)
+        hidden = (1 - mask) * x0 + mask * hidden
+        timestep, batch["loss_mask"] = flow_matching.token_timesteps(mask, timestep, spec.patch_size), mask
+    if spec.image_condition:  # I2V: the first frame's mask and latents along channels, as the pipeline does
+        hidden = torch.cat([hidden, stacked("condition")], dim=1)
+    if spec.image_embeds:
+        batch["encoder_hidden_states_image"] = stacked("image_embeds").to(dtype)
+    return {"hidden_states": hidden.to(dtype), "timestep": timestep, **batch}
+
+
+def sample_losses(transformer: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error of the predicted velocity, one value per sample (float32), over the frames that `loss_mask`
+    keeps where the batch has one (TI2V: not the conditioning frame)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("target", "loss_mask")}
+    with torch.autocast(batch["target"].device.type, dtype=inputs["hidden_states"].dtype,
+                        enabled=inputs["hidden_states"].dtype != torch.float32):
+        prediction = transformer(**inputs, return_dict=False)[0]
+    error = (prediction.float() - batch["target"]).square()
+    if "loss_mask" in batch:
+        return flow_matching.masked_mean(error, batch["loss_mask"])
+    return error.flatten(1).mean(1)
+
+
+def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterator,
+                   max_grad_norm: float, parallel: DataParallel) -> tuple[float, float | None]:
+    """Forward and backward over the accumulation micro-batches, then clip and update (unless the loss is not
+    finite). Returns the global batch's mean loss and the gradient norm before clipping (None: not updated)."""
+    total, count, micro_batches = torch.zeros((), device=parallel.device), 0, list(batches)
+    for batch in micro_batches:
+        losses = sample_losses(transformer, batch)
+        # mean over this rank's micro-batches; FSDP averages over the ranks
+        (losses.mean() / len(micro_batches)).backward()
+        total, count = total + losses.detach().sum(), count + losses.numel()
+    loss = (parallel.sum(total) / (count * parallel.world_size)).item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return loss, None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def make_trainable(transformer: WanTransformer3DModel, training: TrainingConfig) -> WanTransformer3DModel:
+    """LoRA (frozen base, float32 adapter) or every weight trainable; training mode; gradient checkpointing."""
+    if training.method == "lora":
+        add_lora(transformer, training.rank, training.alpha, training.target_modules)
+    else:
+        transformer.requires_grad_(True)
+    transformer.train()
+    if training.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def load_trainable_transformer(model: str, training: TrainingConfig, device: torch.device,
+                               expert: str = "transformer") -> WanTransformer3DModel:
+    """The transformer `expert` (the pipeline's component) with its trainable weights: a float32 LoRA on bf16 (CUDA)
+    base weights, or float32 masters."""
+    dtype = torch.bfloat16 if device.type == "cuda" and training.method == "lora" else torch.float32
+    torch.manual_seed(training.seed)  # LoRA's A matrices are random
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=expert, dtype=dtype)
+    return make_trainable(transformer, training).to(device)
+
+
+def build_optimizer(transformer: torch.nn.Module, training: TrainingConfig):
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, betas=training.betas,
+                                  weight_decay=training.weight_decay)
+    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
+                              num_training_steps=training.steps)
+    return optimizer, scheduler
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """SIGINT and SIGTERM set a flag (read at the end of each optimizer step) instead of killing the run."""
+    requested = []
+    previous = {sig: signal.signal(sig, lambda *_: requested.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run: the model, its optimizer and schedule, and the loop that never loses it."""
+
+    def __init__(self, model: str, entries: list[dict[str, torch.Tensor]], output: Path, sparsity: SparsityConfig,
+                 training: TrainingConfig, parallel: DataParallel, shift: float, validator: Validator | None = None,
+                 spec: ModelSpec = T2V):
+        self.entries, self.output, self.training, self.parallel = entries, output, training, parallel
+        self.shift, self.validator, self.lora, self.spec = shift, validator, training.method == "lora", spec
+        cuda = parallel.device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if cuda else torch.float32
+        self.experts = {name: load_trainable_transformer(model, training, parallel.device, name)
+                        for name in trained_experts(spec, training.expert)}
+        # One transformer is the model itself (its checkpoints' keys as ever); two are one module, keys by expert
+        # name, whose attributes `transformer` and `transformer_2` are what enable_nabla patches in a pipeline.
+        self.model = next(iter(self.experts.values())) if len(self.experts) == 1 else torch.nn.ModuleDict(self.experts)
+        self.attention = SparseAttention(self.model, sparsity, training.sparsity_schedule, compile=cuda)
+        if parallel.distributed:
+            for transformer in self.experts.values():
+                shard_transformer(transformer, self.compute_dtype)
+        self.optimizer, self.scheduler = build_optimizer(self.model, training)
+        self.checkpoints = output / "checkpoints"
+
+    def resume(self) -> int:
+        """Continue from the latest checkpoint (0 if there is none); the log keeps the steps up to it."""
+        saved = list_checkpoints(self.checkpoints)
+        step = load_checkpoint(saved[-1], self.model, self.optimizer, self.scheduler, self.lora) if saved else 0
+        if self.parallel.is_main:
+            truncate_log(self.output, step)
+        return step
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler,
+                               self.parallel, self.lora, self.training.keep_last)
+
+    def expert_at(self, step: int) -> str:
+        """The expert that optimizer step `step` trains: the only one, or both in turn."""
+        names = list(self.experts)
+        return names[step % len(names)]
+
+    def batches(self, step: int, expert: str) -> Iterator[dict[str, torch.Tensor]]:
+        timesteps = self.spec.timestep_range(expert)
+        for micro in range(self.training.gradient_accumulation):
+            numbers = sample_numbers(step, micro, self.training, self.parallel)
+            yield make_batch(self.entries, numbers, self.training, self.shift, self.parallel.device,
+                             self.compute_dtype, self.spec, timesteps)
+
+    def step(self, step: int) -> dict:
+        """Optimizer step `step` (0-based); returns its log entry (step counted from 1; `expert` for Wan2.2 A14B)."""
+        config = self.attention.start_step(step)
+        start = time.perf_counter()
+        lr, expert = self.scheduler.get_last_lr()[0], self.expert_at(step)
+        loss, norm = optimizer_step(self.experts[expert], self.optimizer, self.scheduler, self.batches(step, expert),
+                                    self.training.max_grad_norm, self.parallel)
+        entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
+                 "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
+                 "s_per_step": round(time.perf_counter() - start, 4)}
+        return {**entry, "expert": expert} if len(self.spec.experts) > 1 else entry
+
+    def run(self, start: int) -> int:
+        """Train from step `start` to the end; returns the exit code (0, EXIT_NAN or EXIT_INTERRUPTED)."""
+        self.last_saved = list_checkpoints(self.checkpoints)[-1:]
+        bar = tqdm(total=self.training.steps, initial=start, disable=not self.parallel.is_main, desc="training",
+                   unit="step")
+        with stop_requests() as stop_requested, bar:
+            for step in range(start, self.training.steps):
+                entry = self.step(step)
+                if not math.isfinite(entry["loss"]):
+                    where = f"last good checkpoint: {self.last_saved[0]}" if self.last_saved else "no checkpoint yet"
+                    self._say(bar, f"error: loss is {entry['loss']} at step {step + 1}; stopped before updating the "
+                                   f"weights ({where}); lower training.learning_rate and --resume")
+                    return EXIT_NAN
+                self._record(bar, entry)
+                stopping = self.parallel.any(stop_requested())
+                self._after_step(step + 1, stopping)
+                if stopping:
+                    self._say(bar, f"interrupted: checkpoint {self.last_saved[0]} saved; continue with --resume")
+                    return EXIT_INTERRUPTED
+        return 0
+
+    def _say(self, bar: tqdm, message: str) -> None:
+        if self.parallel.is_main:
+            bar.write(message, file=sys.stderr)
+
+    def _record(self, bar: tqdm, entry: dict) -> None:
+        if self.parallel.is_main:
+            append_log(self.output, entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", s_per_step=entry["s_per_step"])
+            bar.update()
+
+    def _after_step(self, done: int, stopping: bool) -> None:
+        """Checkpoint when due, when stopping and at the end; validation videos when due."""
+        if stopping or done % self.training.checkpoint_every == 0 or done == self.training.steps:
+            self.last_saved = [self.save(done)]
+        if self.validator is not None and self.validator.due(done):
+            self.validate(done)
+
+    def validate(self, step: int) -> None:
+        self.attention.for_sampling()
+        self.model.eval()
+        self.validator.run(self.model, step, self.output / "validation", self.parallel.is_main)
+        self.model.train()
+
+    def export(self) -> list[Path]:
+        """Write the result of each trained expert: OUT/lora (a diffusers LoRA) or OUT/transformer (a diffusers
+        transformer folder); Wan2.2's low-noise expert's go to OUT/lora_2 (loaded with load_into_transformer_2=True)
+        or OUT/transformer_2."""
+        targets = []
+        for name, transformer in self.experts.items():
+            weights = trainable_state(transformer, self.lora)
+            target = self.output / result_folder(name, self.lora)
+            if self.parallel.is_main and self.lora:
+                save_lora(target, transformer, weights)
+            elif self.parallel.is_main:
+                save_full_transformer(target, transformer.config, weights, self.compute_dtype)
+            targets.append(target)
+        self.parallel.barrier()
+        return targets
+
+
+def result_folder(expert: str, lora: bool) -> str:
+    """The folder of an expert's result: named as its pipeline component (transformer, transformer_2), a LoRA's with
+    lora in its place (lora, lora_2)."""
+    return "lora" + expert.removeprefix("transformer") if lora else expert
+
+
+def save_full_transformer(folder: Path, config, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A diffusers transformer folder (what generate.py --transformer loads) from full weights, in `dtype`."""
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.to(dtype).save_pretrained(folder)
