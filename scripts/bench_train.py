@@ -37,8 +37,7 @@ import time
 import torch
 
 from nabla import SparsityConfig
-from wan.benchmarking import memory_report, record_memory
-from wan.generate.run import synchronize
+from wan.benchmarking import memory_report, record_memory, sync
 from wan.models.random import build_random_transformer
 from wan.models.tiny import build_tiny_pipeline
 from wan.train.config import SparsitySchedule, TrainingConfig
@@ -87,11 +86,11 @@ def run_variant(args: argparse.Namespace, method: str, sparsity: SparsityConfig,
         attention.start_step(step)
         batches = [make_batch(entries, sample_numbers(step, micro, training, parallel), training, 3.0, device, dtype)
                    for micro in range(training.gradient_accumulation)]
-        synchronize(device)
+        sync(device)
         start = time.perf_counter()
         with record_memory() if args.trace_memory and step == args.steps else contextlib.nullcontext() as trace:
             loss, _ = optimizer_step(transformer, optimizer, scheduler, iter(batches), training.max_grad_norm, parallel)
-        synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from wan.generate import report
 from wan.generate.batch import Job
 from wan.generate.plan import DTYPES, Plan, resolve
 from wan.generate.session import Session, prepare
-from wan.generate.settings import TI2V_DEFAULTS
+from wan.generate.settings import SCHEDULERS, TI2V_DEFAULTS
 from wan.speedups.precision import PRECISIONS
 
 
@@ -69,11 +70,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
                    "published; converted by diffusers) or a diffusers transformer folder; the architecture comes from "
                    "--model")
-    p.add_argument("--lora", type=Path, metavar="PATH", help="apply a LoRA (finetune.py's output folder, e.g. "
-                   "runs/fox/lora, or any diffusers Wan LoRA .safetensors) to the transformer, fused into its weights "
-                   "before the patch (in both runs of --compare)")
-    p.add_argument("--lora-scale", type=float, metavar="S", help="strength of --lora, a finite number (default: 1.0; "
-                   "0 gives the base model)")
+    p.add_argument("--lora", type=Path, metavar="PATH", action="append", help="apply a LoRA (finetune.py's output "
+                   "folder, e.g. runs/fox/lora, or a Wan LoRA .safetensors in diffusers' format or the original one, "
+                   "such as step-distillation LoRAs) to the transformer, fused into its weights before the patch (in "
+                   "both runs of --compare); repeat it for several (a distillation LoRA and a style LoRA)")
+    p.add_argument("--lora-scale", type=float, metavar="S", action="append", help="strength of --lora, a finite "
+                   "number (default: 1.0; 0 gives the base model); with several LoRAs one --lora-scale each, in order")
 
 
 def _video_flags(p: argparse.ArgumentParser) -> None:
@@ -86,6 +88,14 @@ def _video_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help=f"number of frames, 4k+1 (default: 81; TI2V: {TI2V_DEFAULTS['frames']})")
     p.add_argument("--steps", type=int, help="denoising steps (default: 50)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, >= 0 (default: 5.0)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="the sampler: unipc (Wan's own), euler (diffusers' "
+                   "FlowMatchEulerDiscreteScheduler, what step-distilled Wan LoRAs sample with) or dpm++ (default: the "
+                   "model's scheduler)")
+    p.add_argument("--flow-shift", type=float, metavar="S", help="the scheduler's flow shift, a number > 0 (default: "
+                   "the model's: 3.0 for 480p Wan2.1, 5.0 for 720p; step-distilled LoRAs ask for 5.0 or so)")
+    p.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA", help="explicit sigmas before the shift, "
+                   "decreasing in (0, 1], one a step (a distilled model's schedule, e.g. 1.0 0.75 0.5 0.25 for "
+                   "timesteps 1000 750 500 250); unipc or euler (default: the scheduler's spacing)")
     p.add_argument("--fps", type=int, help=f"frames per second of the MP4 (default: 16; TI2V: {TI2V_DEFAULTS['fps']})")
     p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
                    "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
@@ -168,10 +178,13 @@ def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> No
     if patch:
         patch.state.reset()
         patch.state.recorder = session.recorder
-    frames, seconds = generate(session.pipe, settings, decode=session.main_rank)
+    phases: dict = {}
+    frames, seconds = generate(session.pipe, settings, decode=session.main_rank, phases=phases)
     if not session.main_rank:
         return  # rank 0 writes the video and reports
+    start = time.perf_counter()
     written = session.save(frames, job.output, settings.fps)
+    phases["writing"] = time.perf_counter() - start
     records = patch.state.records if patch else None
     steps_report = step_report(records.passes, len(session.pipe.transformer.blocks), records.experts) if patch else None
     fidelity = None
@@ -181,7 +194,8 @@ def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> No
         fidelity = video_fidelity(session.full[0], frames)
     outcome = report.Outcome(written, seconds, patch.state.mean_density() if patch else None,
                       [patch.state.mean_density(e) for e in range(len(session.names))] if patch else None,
-                      steps_report, len(steps_report["computed_steps"]) if steps_report else settings.steps, fidelity)
+                      steps_report, len(steps_report["computed_steps"]) if steps_report else settings.steps, fidelity,
+                      phases)
     if args.stats is not None:
         report.write_run_stats(args.stats, plan, session, settings, outcome)
     print("\n".join(report.summary_lines(plan, session, settings, outcome)))

@@ -49,6 +49,8 @@ class Plan:
     device: str
     #: the flags given that replace or adapt the one transformer of a pipeline (--transformer, --lora)
     one_expert_flags: list[str]
+    #: the LoRAs to fuse (--lora) and their scales (--lora-scale), in order
+    loras: list[tuple[Path, float]] = dataclasses.field(default_factory=list)
     #: the model's facts: a local folder's before it loads; for a hub id None until then (`check_model`)
     spec: ModelSpec | None = None
 
@@ -67,6 +69,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "fps": args.fps, "image": args.image, "last_image": args.last_image,
+        "scheduler": args.scheduler, "flow_shift": args.flow_shift, "sigmas": args.sigmas,
     }
     entries = _prompts_file(args)
     if entries is not None:
@@ -85,14 +88,14 @@ def resolve(args: argparse.Namespace) -> Plan:
         from wan.models.loading import check_transformer_path
 
         check_transformer_path(args.transformer)
-    check_lora_args(args)
+    loras = check_lora_args(args)
     for config in (sparsity, sparsity_2 or sparsity):
         if config.is_sparse:  # e.g. `backend: flash` where FlashAttention-4 cannot run: refused before loading
             from nabla.backend import resolve_backend
 
             resolve_backend(config.backend, device, DTYPES.get(args.dtype))
     plan = Plan(sparsity, sparsity_2, settings, given, jobs, full_output, precision, cache, device,
-                one_expert_flags(args))
+                one_expert_flags(args), loras)
     spec = ModelSpec.from_folder(settings.model)
     if spec is not None:
         check_model(plan, spec)
@@ -205,17 +208,25 @@ def resolve_speedups(args: argparse.Namespace, data: dict, device: str) -> tuple
 
 def one_expert_flags(args: argparse.Namespace) -> list[str]:
     """The flags given that replace or adapt the one transformer of a pipeline."""
-    return [flag for flag, value in (("--transformer", args.transformer), ("--lora", args.lora)) if value is not None]
+    return [flag for flag, value in (("--transformer", args.transformer), ("--lora", args.lora)) if value]
 
 
-def check_lora_args(args: argparse.Namespace) -> None:
-    """--lora names a LoRA file or folder, --lora-scale a finite number and only with --lora."""
-    if args.lora_scale is not None and (args.lora is None or not math.isfinite(args.lora_scale)):
-        raise ValueError(f"--lora-scale {args.lora_scale} is not allowed; it must be a finite number, given with --lora")
-    if args.lora is not None:
-        from wan.models.lora import check_lora_path
+def check_lora_args(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The LoRAs to fuse, each with its scale: every --lora names a LoRA file or folder, every --lora-scale is a finite
+    number, and there are as many scales as LoRAs (none: 1.0 each)."""
+    loras, scales = args.lora or [], args.lora_scale or []
+    for scale in scales:
+        if not loras or not math.isfinite(scale):
+            raise ValueError(f"--lora-scale {scale} is not allowed; it must be a finite number, given with --lora")
+    if scales and len(scales) != len(loras):
+        raise ValueError(f"--lora-scale: {len(scales)} scales for {len(loras)} LoRAs are not allowed; give one "
+                         "--lora-scale per --lora, in the same order (or none: 1.0 each)")
+    if loras:
+        from wan.models.lora import check_lora_path  # imports diffusers: only where a LoRA is given
 
-        check_lora_path(args.lora)
+        for lora in loras:
+            check_lora_path(lora)
+    return list(zip(loras, scales or [1.0] * len(loras)))
 
 
 def token_grid(settings: GenerationSettings, spec: ModelSpec | None) -> tuple[int, int, int]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from nabla.config import SparsityConfig
+from wan.generate.phases import describe_phases
+from wan.generate.scheduler import describe_sampler
 from wan.generate.settings import GenerationSettings
 from wan.speedups.cache import describe_cache
 
@@ -65,6 +67,9 @@ class Outcome:
     steps_report: dict | None  # wan.generate.stats.step_report: computed and cached steps, attention calls
     computed: int  # denoising steps that computed all their blocks
     fidelity: dict | None  # against --compare's stock video
+    #: seconds per phase of the video (wan.generate.run.generate's `phases`: text encoding, preparing, denoising and
+    #: under "steps" each step's, decoding) and its writing
+    phases: dict = dataclasses.field(default_factory=dict)
 
 
 def write_run_stats(path: Path, plan: Plan, session: Session, settings: GenerationSettings, outcome: Outcome) -> None:
@@ -84,10 +89,22 @@ def write_run_stats(path: Path, plan: Plan, session: Session, settings: Generati
     if outcome.steps_report is not None:
         extra.update(outcome.steps_report)
     if session.full is not None:
-        extra.update(full_seconds=session.full[2], fidelity=outcome.fidelity)
+        extra.update(full_seconds=session.full[2], fidelity=outcome.fidelity, full_phases=session.full_phases)
+    extra.update(phases=outcome.phases, startup=session.startup)
     report = run_report(recorder, plan.sparsity, settings, **extra)
     stats = write_stats(path, report, recorder.mask_entries() if recorder is not None else [])
     print(f"wrote {stats} and {masks_path(stats)} (attention statistics)")
+
+
+def phases_line(phases: dict, startup: dict[str, float]) -> str:
+    """Where the seconds went: each phase of the video, then the process's start-up (once)."""
+    names = {"loading": "loading", "fp8": "FP8 quantisation", "warm_up": "warm-up",
+             "reference_warm_up": "reference warm-up"}
+    timed = {name: seconds for name, seconds in phases.items() if name != "steps"}
+    line = f"phases: {describe_phases(timed, phases.get('steps', []))}"
+    if startup:
+        line += "; start-up (once): " + ", ".join(f"{names.get(n, n)} {s:.2f} s" for n, s in startup.items())
+    return line
 
 
 def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, outcome: Outcome) -> list[str]:
@@ -99,7 +116,12 @@ def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, ou
     blocks = "compiled" if session.compiled else "not compiled"
     backend = patch.backend if patch else None
     label = describe_run(sparsity, plan.precision, plan.cache, backend, plan.sparsity_2)
-    lines = [f"wrote {outcome.written} ({size}, {label}, transformer blocks {blocks}) in {outcome.seconds:.2f} s"]
+    lines = [f"wrote {outcome.written} ({size}, {label}, transformer blocks {blocks}) in {outcome.seconds:.2f} s",
+             phases_line(outcome.phases, session.startup)]
+    if plan.loras:
+        lines.append("LoRAs fused: " + ", ".join(f"{path} (scale {scale:g})" for path, scale in plan.loras))
+    if settings.scheduler is not None or settings.flow_shift is not None or settings.sigmas is not None:
+        lines.append(f"sampler: {describe_sampler(session.pipe.scheduler)}, guidance {settings.guidance_scale:g}")
     if plan.precision != "bf16" or plan.cache is not None:
         linears = "FP8 linear layers" if plan.precision == "fp8" else "linear layers in the model's dtype"
         lines.append(f"levers: {linears}, {describe_cache(plan.cache)}; denoising steps computed: {outcome.computed} "
@@ -122,6 +144,7 @@ def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, ou
     _, full_written, full_seconds = session.full
     lines.append(f"wrote {full_written} ({size}, reference: stock model, full attention, no FP8, no cache, "
                  f"transformer blocks {blocks}) in {full_seconds:.2f} s")
+    lines.append("reference " + phases_line(session.full_phases, {}))
     if torch.device(session.device).type != "cuda":  # before the table, which stays the last lines printed
         lines.append("on the CPU the speedup does not show: FlexAttention runs eagerly there, computing every block and "
                      "masking afterwards; it is a GPU effect of the compiled FlexAttention kernels (BENCHMARKS.md), and "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from wan.generate.phases import timed_phases
 from wan.generate.settings import GenerationSettings
 from wan.io.images import pipeline_images
 
@@ -29,28 +29,28 @@ def _check_finite(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
     return callback_kwargs
 
 
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate(
     pipe: WanPipeline | WanImageToVideoPipeline, settings: GenerationSettings, *, steps: int | None = None,
-    decode: bool = True,
+    decode: bool = True, phases: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Run the pipeline; returns frames [F, H, W, 3] in [0, 1] and the wall-clock seconds it took.
 
     The noise comes from a CPU generator seeded with `settings.seed`, so a seed gives the same
     starting latents on every device. With `decode=False` (ranks that write no video) the VAE is
     skipped and the latents come back instead of frames. Image to video: `settings.image` (and `last_image`)
-    are read, outside the timing, and given to the pipeline.
+    are read, outside the timing, and given to the pipeline. `phases`, where given, receives the seconds of each
+    phase of the call (wan.generate.phases: they add up to the seconds returned) and under "steps" each step's.
     """
     device = pipe._execution_device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     images = pipeline_images(settings)
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
+
+    def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        _check_finite(pipe, step, timestep, callback_kwargs)
+        clock.step_ended()
+        return callback_kwargs
+
+    with torch.inference_mode(), timed_phases(pipe, device) as clock:
         result = pipe(
             **images,
             prompt=settings.prompt,
@@ -62,8 +62,9 @@ def generate(
             guidance_scale=settings.guidance_scale,
             generator=generator,
             output_type="np" if decode else "latent",
-            callback_on_step_end=_check_finite,
+            callback_on_step_end=step_end,
             callback_on_step_end_tensor_inputs=["latents"],
         )
-    synchronize(device)
-    return result.frames[0], time.perf_counter() - start
+    if phases is not None:
+        phases.update(clock.seconds(), steps=clock.step_seconds())
+    return result.frames[0], clock.end - clock.start

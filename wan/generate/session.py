@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from nabla.config import SparsityConfig
 from wan.generate.plan import DTYPES, Plan, check_model, token_grid
+from wan.generate.scheduler import scheduler_for
 from wan.generate.settings import GenerationSettings
 
 
@@ -53,6 +55,10 @@ class Session:
     full: tuple[Any, Path, float] | None
     #: outputs that could not be encoded (their frames went to .npy files)
     unwritten: list[Path] = dataclasses.field(default_factory=list)
+    #: the seconds of the process's start-up: loading (with LoRAs), FP8 quantisation, the warm-up (compilation)
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: --compare's stock-model run: the seconds of its phases (wan.generate.run.generate's `phases`), its writing's
+    full_phases: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def save(self, frames, path: Path, fps: int) -> Path:
         from wan.io.video import write_video_or_frames
@@ -76,17 +82,21 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
 
         setup = init_parallel(args.ulysses, args.cfg_parallel)
     device = str(setup.device) if setup else plan.device
+    start = time.perf_counter()
     pipe, transformers = _load(args, plan, device, setup is None or setup.is_main)
+    loading = time.perf_counter() - start
     # On CUDA the blocks are compiled (unless --no-compile) and flex_attention always is: an untimed warm-up first.
     warmup = torch.device(device).type == "cuda" and not args.no_warmup
     compile_blocks = False if args.no_compile else None  # None: compiled on CUDA, not on the CPU
     session = Session(pipe, None, EXPERT_NAMES[:len(transformers)], False, device, setup is None or setup.is_main,
-                      None, None)
+                      None, None, startup={"loading": loading})
     if args.compare:
         _run_reference(session, plan, warmup, compile_blocks)
     _apply_levers(session, transformers, plan, setup, compile_blocks)
     if warmup:
+        start = time.perf_counter()
         warm_up(pipe, session.patch, plan.settings, device)
+        session.startup["warm_up"] = time.perf_counter() - start
     if args.stats is not None and session.patch:
         from wan.generate.stats import StatsRecorder, default_mask_steps
 
@@ -103,16 +113,19 @@ def _load(args: argparse.Namespace, plan: Plan, device: str, main: bool) -> tupl
     settings = plan.settings
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
                          transformer=args.transformer, image=settings.image is not None)
-    if args.lora is not None:  # fused: plain Linear layers that FP8, the patch and compilation take as they are
+    # fused: plain Linear layers that FP8, the patch and compilation take as they are; each LoRA's delta adds
+    for index, (path, scale) in enumerate(plan.loras):
         from wan.models.lora import load_lora
 
-        load_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
+        load_lora(pipe, path, scale, adapter=f"lora{index}" if index else "lora")
     pipe.set_progress_bar_config(disable=not main)
     transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
     if plan.spec is None:  # a hub id: its facts are known only now
         from wan.models.spec import ModelSpec
 
         check_model(plan, ModelSpec.from_pipeline(pipe, settings.model))
+    settings = plan.settings
+    pipe.scheduler = scheduler_for(pipe.scheduler, settings.scheduler, settings.flow_shift, settings.sigmas)
     return pipe, transformers
 
 
@@ -124,9 +137,13 @@ def _run_reference(session: Session, plan: Plan, warmup: bool, compile_blocks: b
     pipe, settings = session.pipe, plan.settings
     enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)
     if warmup:
+        start = time.perf_counter()
         generate(pipe, settings, steps=1)
-    full_frames, full_seconds = generate(pipe, settings)
+        session.startup["reference_warm_up"] = time.perf_counter() - start
+    full_frames, full_seconds = generate(pipe, settings, phases=session.full_phases)
+    start = time.perf_counter()
     session.full = full_frames, session.save(full_frames, plan.full_output, settings.fps), full_seconds
+    session.full_phases["writing"] = time.perf_counter() - start
     disable_nabla(pipe)
 
 
@@ -138,8 +155,11 @@ def _apply_levers(session: Session, transformers: list, plan: Plan, setup: Any, 
     from wan.speedups.precision import apply_precision
 
     pipe, settings = session.pipe, plan.settings
+    start = time.perf_counter()
     for transformer in transformers:
         apply_precision(transformer, plan.precision)
+    if plan.precision != "bf16":
+        session.startup["fp8"] = time.perf_counter() - start
     uneven = setup is not None and math.prod(token_grid(settings, plan.spec)) % setup.ulysses != 0
     # with a cache, full attention is patched too (dense, raster order: the stock computation), so that the
     # patch counts the blocks computed; FP8 weights are in place before the blocks are compiled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,11 @@ class GenerationSettings:
     #: image to video: the first frame's image file (WanImageToVideoPipeline models), and FLF2V's last frame
     image: str | None = None
     last_image: str | None = None
+    #: the sampler (SCHEDULERS; None: the model's own, UniPC for Wan), its flow shift (None: the
+    #: model's), and explicit sigmas before the shift (a distilled model's schedule; the steps are then as many)
+    scheduler: str | None = None
+    flow_shift: float | None = None
+    sigmas: list[float] | None = None
 
     @classmethod
     def from_sources(cls, yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> GenerationSettings:
@@ -41,6 +47,8 @@ class GenerationSettings:
                 raise ValueError(f"config: unknown key 'generation.{key}'; allowed keys: {', '.join(allowed)}")
             values[key] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("sigmas"), list) and "steps" not in values:  # a distilled schedule sets the steps
+            values["steps"] = len(values["sigmas"])
         settings = cls(**values)
         settings.validate()
         return settings
@@ -78,6 +86,32 @@ class GenerationSettings:
         if self.last_image is not None and self.frames < 5:
             raise ValueError(f"frames: {self.frames} is not allowed with a last image; a first and a last frame need "
                              "at least 5 frames")
+        check_sampler(self.scheduler, self.flow_shift, self.sigmas, self.steps)
+
+
+SCHEDULERS = ("unipc", "euler", "dpm++")
+
+
+def check_sampler(scheduler: Any, flow_shift: Any, sigmas: Any, steps: int) -> None:
+    """One-line ValueError unless the scheduler is a known one, the shift a number > 0, and the sigmas a decreasing
+    list in (0, 1] of `steps` entries that the scheduler takes."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: {scheduler!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")
+    if flow_shift is not None and (isinstance(flow_shift, bool) or not isinstance(flow_shift, (int, float))
+                                   or not 0 < flow_shift <= 100):
+        raise ValueError(f"flow_shift: {flow_shift!r} is not allowed; it must be a number in (0, 100]")
+    if sigmas is None:
+        return
+    numbers = isinstance(sigmas, list) and sigmas and all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in sigmas)
+    if not numbers or not all(0 < s <= 1 for s in sigmas) or any(a <= b for a, b in itertools.pairwise(sigmas)):
+        raise ValueError(f"sigmas: {sigmas!r} is not allowed; it must be a decreasing list of numbers in (0, 1], e.g. "
+                         "[1.0, 0.75, 0.5, 0.25]")
+    if len(sigmas) != steps:
+        raise ValueError(f"steps: {steps} is not allowed with {len(sigmas)} sigmas; give as many steps as sigmas (or "
+                         "leave steps out)")
+    if scheduler == "dpm++":
+        raise ValueError("sigmas: not allowed with scheduler dpm++ (it takes none); use unipc or euler")
 
 
 def given_keys(yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> frozenset[str]:

@@ -56,16 +56,19 @@ def check_lora_path(path: str | Path) -> tuple[Path, str]:
     return folder, weight_name
 
 
-def load_lora(pipe: WanPipeline, path: str | Path, scale: float = 1.0, fuse: bool = True) -> None:
-    """Apply a LoRA (a folder holding pytorch_lora_weights.safetensors, or the file) to `pipe` at `scale`.
+def load_lora(pipe: WanPipeline, path: str | Path, scale: float = 1.0, fuse: bool = True,
+              adapter: str = "lora") -> None:
+    """Apply a LoRA (a folder holding pytorch_lora_weights.safetensors, or the file: diffusers' format or the original
+    Wan one, `lora_down`/`lora_up`/`alpha`/`diff_b` keys, which diffusers converts) to `pipe` at `scale`.
 
     fuse=True merges it into the weights and drops the adapter: plain Linear layers again, so generation runs at
-    the base model's speed and compiles like it; fuse=False keeps it as a switchable peft adapter named "lora".
+    the base model's speed and compiles like it (several LoRAs fuse one after another: their deltas add); fuse=False
+    keeps it as a switchable peft adapter named `adapter`.
     """
     folder, weight_name = check_lora_path(path)
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="lora")
+    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter)
     if fuse:
-        pipe.fuse_lora(components=["transformer"], lora_scale=scale, adapter_names=["lora"])
+        pipe.fuse_lora(components=["transformer"], lora_scale=scale, adapter_names=[adapter])
         pipe.unload_lora_weights()
     else:
-        pipe.set_adapters("lora", scale)
+        pipe.set_adapters(adapter, scale)
