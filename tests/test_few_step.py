@@ -231,3 +231,43 @@ def test_timing_the_phases_changes_nothing(tiny_model):
         plain = pipe("a cat", negative_prompt="", height=64, width=96, num_frames=9, num_inference_steps=2,
                      guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(0), output_type="np").frames[0]
     assert np.array_equal(timed, plain) and len(phases["steps"]) == 2
+
+
+def count_passes(pipe, settings) -> int:
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    frames, _ = wan.generate.run.generate(pipe, settings)
+    hook.remove()
+    return len(calls), frames
+
+
+def test_cfg_truncation_skips_the_unconditional_pass_on_the_last_steps(tiny_model):
+    pipe = WanPipeline.from_pretrained(tiny_model)
+    settings = GenerationSettings(prompt="a cat", height=64, width=96, frames=9, steps=4)
+    passes, stock = count_passes(pipe, settings)
+    assert passes == 8
+    for truncation, expected in ((0.5, 6), (0.75, 7), (0.0, 4)):
+        passes, frames = count_passes(pipe, GenerationSettings(**{**vars(settings), "cfg_truncation": truncation}))
+        assert passes == expected and not np.array_equal(frames, stock)
+    passes, frames = count_passes(pipe, GenerationSettings(**{**vars(settings), "cfg_truncation": 1.0}))
+    assert passes == 8 and np.array_equal(frames, stock)  # at its off setting: the same video, bit for bit
+
+
+def test_the_vae_in_bfloat16_decodes_close_to_float32(tiny_model, tmp_path):
+    model = ["--model", tiny_model, "--steps", "2"]
+    stock = run(tmp_path, "stock", *model)
+    assert np.array_equal(run(tmp_path, "fp32", *model, "--vae-dtype", "float32"), stock)
+    bf16 = run(tmp_path, "bf16", *model, "--vae-dtype", "bfloat16")
+    mse = float(np.mean((bf16 - stock) ** 2))
+    assert 0 < mse and 10 * np.log10(1 / mse) > 30
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("vae_dtype", "float16", "vae_dtype: 'float16' is not allowed; allowed: float32, bfloat16"),
+    ("cfg_truncation", 1.5, "cfg_truncation: 1.5 is not allowed; it must be a number in [0, 1]"),
+])
+def test_bad_speed_settings_are_one_line(tiny_model, tmp_path, capsys, key, value, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"generation: {{{key}: {value}}}\n")
+    assert generate.main(["--prompt", "a cat", "--model", str(tiny_model), "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")

@@ -26,7 +26,7 @@ from wan.generate import report
 from wan.generate.batch import Job
 from wan.generate.plan import DTYPES, Plan, resolve
 from wan.generate.session import Session, prepare
-from wan.generate.settings import SCHEDULERS, TI2V_DEFAULTS
+from wan.generate.settings import SCHEDULERS, TI2V_DEFAULTS, VAE_DTYPES
 from wan.speedups.precision import PRECISIONS
 
 
@@ -96,6 +96,9 @@ def _video_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA", help="explicit sigmas before the shift, "
                    "decreasing in (0, 1], one a step (a distilled model's schedule, e.g. 1.0 0.75 0.5 0.25 for "
                    "timesteps 1000 750 500 250); unipc or euler (default: the scheduler's spacing)")
+    p.add_argument("--cfg-truncation", type=float, metavar="F", help="skip the unconditional pass after this fraction "
+                   "of the steps (0.8: the last 20%% of the steps run one pass; a speed lever that changes the video, "
+                   "--compare shows how much) (default: guidance on every step)")
     p.add_argument("--fps", type=int, help=f"frames per second of the MP4 (default: 16; TI2V: {TI2V_DEFAULTS['fps']})")
     p.add_argument("--output", type=Path, default=Path("output.mp4"), help="file to write: NAME.mp4 (a video; needs "
                    "imageio-ffmpeg, checked before the model loads) or NAME.npy (raw frames, float32 [F, H, W, 3] in "
@@ -109,6 +112,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     """Where and how it runs: device, dtype, offloading, GPUs, the comparison, statistics, compilation."""
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N, a GPU this machine has (default: cuda if "
                    "available, else cpu)")
+    p.add_argument("--vae-dtype", choices=VAE_DTYPES, help="the VAE's dtype: float32 (Wan's reference) or bfloat16 "
+                   "(decodes 81 frames of 720p in about 60%% of the time; PSNR against float32 in BENCHMARKS.md) "
+                   "(default: float32)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="transformer/text-encoder dtype (default: bfloat16 on "
                    "CUDA, float32 on CPU; the VAE stays float32)")
     p.add_argument("--cpu-offload", action="store_true", help="keep idle sub-models on the CPU to fit a smaller GPU")

@@ -70,6 +70,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "fps": args.fps, "image": args.image, "last_image": args.last_image,
         "scheduler": args.scheduler, "flow_shift": args.flow_shift, "sigmas": args.sigmas,
+        "vae_dtype": args.vae_dtype, "cfg_truncation": args.cfg_truncation,
     }
     entries = _prompts_file(args)
     if entries is not None:
@@ -80,7 +81,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     if settings.image is not None and (args.ulysses > 1 or args.cfg_parallel):  # not run on several GPUs yet
         raise ValueError("--image runs on one process for now; drop --ulysses/--cfg-parallel")
     precision, cache = resolve_speedups(args, data, device)
-    if args.compare and not sparse and precision == "bf16" and cache is None:
+    if args.compare and not sparse and precision == "bf16" and cache is None and settings.cfg_truncation is None:
         raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
                          "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
     jobs, full_output = _outputs(args, settings, entries)
@@ -187,6 +188,8 @@ def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, spec
         raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
     if args.cfg_parallel and settings.guidance_scale <= 1:
         raise ValueError(f"--cfg-parallel needs guidance_scale > 1 (two passes per step), got {settings.guidance_scale}")
+    if args.cfg_parallel and settings.cfg_truncation is not None:
+        raise ValueError("--cfg-parallel runs both passes on every step; drop cfg_truncation")
     from wan.speedups.parallel import check_sequence
 
     # raster tokens are split as they are; a count the degree does not divide runs padded to whole tiles

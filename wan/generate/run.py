@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,8 +46,15 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     images = pipeline_images(settings)
 
+    total = steps or settings.steps
+    # CFG truncation: the steps from `guided` on run the conditional pass alone (diffusers' pipelines read
+    # do_classifier_free_guidance, the scale > 1, at each step)
+    guided = None if settings.cfg_truncation is None else math.ceil(settings.cfg_truncation * total)
+
     def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         _check_finite(pipe, step, timestep, callback_kwargs)
+        if guided is not None and step + 1 >= guided:
+            pipe._guidance_scale = 1.0
         clock.step_ended()
         return callback_kwargs
 
@@ -58,8 +66,8 @@ def generate(
             height=settings.height,
             width=settings.width,
             num_frames=settings.frames,
-            num_inference_steps=steps or settings.steps,
-            guidance_scale=settings.guidance_scale,
+            num_inference_steps=total,
+            guidance_scale=1.0 if guided == 0 else settings.guidance_scale,
             generator=generator,
             output_type="np" if decode else "latent",
             callback_on_step_end=step_end,

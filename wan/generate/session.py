@@ -112,7 +112,8 @@ def _load(args: argparse.Namespace, plan: Plan, device: str, main: bool) -> tupl
 
     settings = plan.settings
     pipe = load_pipeline(settings.model, device=device, dtype=DTYPES.get(args.dtype), cpu_offload=args.cpu_offload,
-                         transformer=args.transformer, image=settings.image is not None)
+                         transformer=args.transformer, image=settings.image is not None,
+                         vae_dtype=DTYPES[settings.vae_dtype])
     # fused: plain Linear layers that FP8, the patch and compilation take as they are; each LoRA's delta adds
     for index, (path, scale) in enumerate(plan.loras):
         from wan.models.lora import load_lora
@@ -134,7 +135,7 @@ def _run_reference(session: Session, plan: Plan, warmup: bool, compile_blocks: b
     from wan.api import disable_nabla, enable_nabla
     from wan.generate.run import generate
 
-    pipe, settings = session.pipe, plan.settings
+    pipe, settings = session.pipe, dataclasses.replace(plan.settings, cfg_truncation=None)  # the stock guidance
     enable_nabla(pipe, SparsityConfig(mode="full"), compile=compile_blocks)
     if warmup:
         start = time.perf_counter()

@@ -34,6 +34,11 @@ class GenerationSettings:
     scheduler: str | None = None
     flow_shift: float | None = None
     sigmas: list[float] | None = None
+    #: the VAE's dtype: float32 (Wan's reference) or bfloat16 (decodes in about 60% of the time, BENCHMARKS.md)
+    vae_dtype: str = "float32"
+    #: the fraction of the steps after which the unconditional pass is skipped (classifier-free guidance truncated:
+    #: 0.8 runs the last 20% of the steps with the conditional pass alone); None: guidance on every step
+    cfg_truncation: float | None = None
 
     @classmethod
     def from_sources(cls, yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> GenerationSettings:
@@ -87,9 +92,17 @@ class GenerationSettings:
             raise ValueError(f"frames: {self.frames} is not allowed with a last image; a first and a last frame need "
                              "at least 5 frames")
         check_sampler(self.scheduler, self.flow_shift, self.sigmas, self.steps)
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(f"vae_dtype: {self.vae_dtype!r} is not allowed; allowed: {', '.join(VAE_DTYPES)}")
+        truncation = self.cfg_truncation
+        if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
+                                       or not 0 <= truncation <= 1):
+            raise ValueError(f"cfg_truncation: {truncation!r} is not allowed; it must be a number in [0, 1] (the "
+                             "fraction of the steps that keep the unconditional pass) or null")
 
 
 SCHEDULERS = ("unipc", "euler", "dpm++")
+VAE_DTYPES = ("float32", "bfloat16")
 
 
 def check_sampler(scheduler: Any, flow_shift: Any, sigmas: Any, steps: int) -> None:

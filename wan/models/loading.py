@@ -197,9 +197,10 @@ def load_pipeline(
     cpu_offload: bool = False,
     transformer: str | Path | None = None,
     image: bool = False,
+    vae_dtype: torch.dtype = torch.float32,
 ) -> WanPipeline | WanImageToVideoPipeline:
-    """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), VAE and CLIP image
-    encoder in fp32. The class is the one its model_index.json names; a pipeline other than those two is refused.
+    """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), the VAE in
+    `vae_dtype` (float32 as Wan's reference code runs it; bf16 decodes faster) and the CLIP image encoder in fp32. The class is the one its model_index.json names; a pipeline other than those two is refused.
     With `image` (a first frame will be given), a Wan2.2 TI2V model is a WanImageToVideoPipeline with
     `expand_timesteps`: diffusers' image mode of TI2V-5B, over the same components.
 
@@ -207,7 +208,7 @@ def load_pipeline(
     `load_transformer`); the stock transformer weights are then never read. With `cpu_offload`,
     components stay on the CPU and move to `device` one at a time as they run.
     """
-    dtypes = component_dtypes(device, dtype)
+    dtypes = {**component_dtypes(device, dtype), "vae": vae_dtype}
     load = _load_local if looks_local(model) else _load_hub
     pipe = load(model, dtypes, transformer, image)
     if cpu_offload:
