@@ -4,6 +4,7 @@ against the README's set-up."""
 
 import importlib.metadata
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +63,26 @@ def test_installed_command_outside_the_checkout(tmp_path):
     for package in ("nabla", "wan", "configs"):  # wan/configs links to ../configs, as in the checkout
         shutil.copytree(ROOT / package, source / package, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
+    # The wheel is built by this interpreter (the setuptools the suite runs with: a venv's own, not its base's), then
+    # installed into a fresh venv that sees this interpreter's packages (torch, diffusers, ...) through a .pth file,
+    # not the base interpreter's through --system-site-packages: inside a user's venv those are another set.
+    wheels = _mkdir(tmp_path / "dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", wheels, source], check=True, capture_output=True)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
-    # the system pip installs into the venv's interpreter: no pip copied into the venv, no build isolation
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    Path(venv_site, "outer.pth").write_text("\n".join(_site_dirs()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", source], check=True, capture_output=True)
+                    "--disable-pip-version-check", *wheels.glob("*.whl")], check=True, capture_output=True)
+    seen = subprocess.run([python, "-c", "import torch, setuptools; print(torch.__file__, setuptools.__file__)"],
+                          check=True, capture_output=True, text=True).stdout.split()
+    import setuptools
+    import torch
+
+    assert seen == [torch.__file__, setuptools.__file__]  # the venv runs on this interpreter's packages
     work = _mkdir(tmp_path / "work")
     command = venv / "bin" / "nabla-wan"
 
@@ -98,6 +113,12 @@ def test_installed_command_outside_the_checkout(tmp_path):
     assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
     _, bad = refusing.communicate(timeout=300)
     assert refusing.returncode == 2 and bad.startswith("error: --device 'gpu' is not allowed") and bad.count("\n") == 1
+
+
+def _site_dirs() -> list[str]:
+    """The site-packages folders this interpreter imports from (a venv's, and its base's where it includes them)."""
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    return [d for d in dirs if Path(d).is_dir()]
 
 
 def _mkdir(path: Path) -> Path:
