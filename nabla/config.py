@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -139,13 +140,27 @@ def _bad(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"config: bad value for '{key}': {value!r}; allowed: {allowed}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, with YAML 1.2's floats: `1e-4` is a number (1.1 needs `1.0e-4` and reads `1e-4` as a
+    string, which a config means as a learning rate)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning a missing file, a binary file or bad YAML into a one-line ValueError."""
+    """Read a YAML mapping, turning a missing file, a folder, a binary file or bad YAML into a one-line ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config: {path} is a folder; give a YAML file")
     if not path.is_file():
         raise ValueError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # safe: a SafeLoader
     except UnicodeDecodeError as err:
         raise ValueError(f"config: {path} is not a text file (byte 0x{err.object[err.start]:02x} at offset "
                          f"{err.start} is not UTF-8); a config is a YAML text file") from None

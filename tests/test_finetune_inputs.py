@@ -112,6 +112,7 @@ def test_sparsity_schedule():
     assert [config_at(s, target, schedule).mode for s in range(3)] == ["full", "full", "nabla"]
     caps = [config_at(s, target, schedule).max_density for s in range(2, 8)]
     np.testing.assert_allclose(caps, [0.775, 0.55, 0.325, 0.1, 0.1, 0.1])
+    assert caps[3:] == [0.1] * 3  # the target exactly once the ramp is done (not 0.09999999999999998)
     assert config_at(5, target, SparsitySchedule()) == target
     assert config_at(0, SparsityConfig(), schedule) == SparsityConfig()  # dense stays dense
 

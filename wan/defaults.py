@@ -3,6 +3,7 @@ the shipped configs (package data of `wan`; in a checkout a link to the top-leve
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -12,9 +13,13 @@ MAX_FRAMES = 241
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def shipped_configs() -> list[str]:
-    """Names of the configs that come with the package (`--config NAME`)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def shipped_configs(kind: str | None = None) -> list[str]:
+    """Names of the configs that come with the package (`--config NAME`): all, or those of `generate` or
+    `finetune` (the finetune-*.yaml ones)."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    if kind is None:
+        return names
+    return [name for name in names if name.startswith("finetune-") == (kind == "finetune")]
 
 
 def find_config(config: str | Path) -> Path:
@@ -52,3 +57,11 @@ def check_device(device: str | None) -> str:
     if match[1] == "cuda" and (not gpus or int(match[2] or 0) >= gpus):
         raise ValueError(f"--device {device!r} is not available; this machine has {has}")
     return device
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals (an unknown flag, a value of the wrong type, a missing argument) are one line on
+    stderr and exit code 2, as every other bad input of the commands; --help still prints the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from wan.defaults import DEFAULT_MODEL, shipped_configs
+from wan.defaults import DEFAULT_MODEL, OneLineParser, shipped_configs
 from wan.generate import report
 from wan.generate.batch import Job
 from wan.generate.plan import DTYPES, Plan, resolve
-from wan.generate.session import Session, prepare
+from wan.generate.session import Session, prepare, warn_long_prompt
 from wan.generate.settings import SCHEDULERS, TI2V_DEFAULTS, VAE_DTYPES
 from wan.speedups.precision import PRECISIONS
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_flags(p)
     _video_flags(p)
     _run_flags(p)
@@ -51,7 +51,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help="what the video should not show (default: empty)")
     p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `sparsity_2:` (Wan2.2 A14B's "
                    "low-noise expert, merged over `sparsity:`), `generation:`, `precision:` and "
-                   "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs()) +
+                   "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs("generate")) +
                    " (default: full attention, stock settings); see the README")
     p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
                    "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
@@ -181,6 +181,8 @@ def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> No
     from wan.generate.stats import step_report
 
     settings, patch = job.settings, session.patch
+    if session.main_rank:
+        warn_long_prompt(session.pipe, settings.prompt, job.where if args.prompts else "prompt")
     if patch:
         patch.state.reset()
         patch.state.recorder = session.recorder
@@ -222,6 +224,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if main_rank:
             print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written whole or not at all: what was finished stays
+        if main_rank:
+            print("\ninterrupted: the video being made was not written", file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # the plan and the loaded session: both import no report
     from wan.generate.session import Session
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _per_expert(names: tuple[str, ...], densities: list[float | None]) -> str:
     """ (transformer 0.123, transformer_2 0.456): each expert's mean mask density (n/a where all its steps were dense)."""
     return " (" + ", ".join(f"{name} {'n/a' if d is None else f'{d:.3f}'}" for name, d in zip(names, densities)) + ")"
@@ -112,7 +116,8 @@ def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, ou
     from nabla.backend import dense_above
 
     sparsity, patch, density = plan.sparsity, session.patch, outcome.density
-    size = f"{settings.frames} frames, {settings.width}x{settings.height}, {settings.steps} steps"
+    size = (f"{_count(settings.frames, 'frame')}, {settings.width}x{settings.height}, "
+            f"{_count(settings.steps, 'step')}")
     blocks = "compiled" if session.compiled else "not compiled"
     backend = patch.backend if patch else None
     label = describe_run(sparsity, plan.precision, plan.cache, backend, plan.sparsity_2)

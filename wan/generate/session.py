@@ -181,3 +181,18 @@ def _apply_levers(session: Session, transformers: list, plan: Plan, setup: Any, 
     first_steps = [0, boundary_step(pipe, settings.steps)][:len(transformers)]
     for transformer, first_step in zip(transformers, first_steps):
         enable_cache(transformer, expert_cache(plan.cache, first_step))
+
+
+#: the prompt tokens Wan's pipelines give the text encoder (their max_sequence_length)
+MAX_PROMPT_TOKENS = 512
+
+
+def warn_long_prompt(pipe: Any, prompt: str, where: str = "prompt") -> None:
+    """One line on stderr where the text encoder will not read the whole prompt (the pipeline cuts it silently)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    tokens = len(tokenizer(prompt, add_special_tokens=True).input_ids)
+    if tokens > MAX_PROMPT_TOKENS:
+        print(f"warning: {where} is {tokens} tokens long; the text encoder reads the first {MAX_PROMPT_TOKENS}, the "
+              "rest does not reach the video", file=sys.stderr)

@@ -28,6 +28,23 @@ def check_target(path: str | Path, suffix: str, what: str, overwrite: bool = Fal
     return path
 
 
+def check_folder(folder: str | Path, what: str, hint: str = "choose another folder") -> Path:
+    """One-line ValueError, prefixed `what:`, unless `folder` is a folder that can be written, or can be made (its
+    nearest existing parent can be written): a cache or run folder, checked before anything is computed for it."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what}: {folder} is a file; give a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, so {folder} cannot be made")
+    try:  # a real write test: permission bits say nothing for root or read-only mounts
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        made = "" if existing == folder else f" (to make {folder} in)"
+        raise ValueError(f"{what}: folder {existing}{made} is not writable ({err.strerror}); {hint}") from None
+    return folder
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """`write(tmp)` to a hidden temporary file beside `path`, then rename it into place.
 

@@ -47,12 +47,21 @@ def save_lora(folder: str | Path, transformer: WanTransformer3DModel, state_dict
 
 def check_lora_path(path: str | Path) -> tuple[Path, str]:
     """(folder, weight file name) of a LoRA given as a folder holding pytorch_lora_weights.safetensors or as the
-    .safetensors file itself; a one-line ValueError otherwise (checked before any model loads)."""
+    .safetensors file itself, whose header reads whole; a one-line ValueError otherwise (checked before any model
+    loads)."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path).expanduser()
     folder, weight_name = (path.parent, path.name) if path.is_file() else (path, WEIGHT_NAME)
     if not (folder / weight_name).is_file() or not weight_name.endswith(".safetensors"):
         raise ValueError(f"lora: {path} is neither a LoRA .safetensors file nor a folder holding {WEIGHT_NAME} "
                          "(what finetune.py and WanPipeline.save_lora_weights write)")
+    try:
+        with safe_open(str(folder / weight_name), "pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"lora: {folder / weight_name} cannot be read as safetensors "
+                         f"({' '.join(str(err).split())}); is the file whole?") from None
     return folder, weight_name
 
 

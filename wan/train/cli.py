@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from nabla.backend import check_trainable
-from wan.defaults import DEFAULT_MODEL, check_device
+from wan.defaults import DEFAULT_MODEL, OneLineParser, check_device, find_config, shipped_configs
+from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import ModelSpec
 from wan.train.checks import check_trainable_model, check_training_keys, trained_experts
@@ -33,8 +34,7 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("precompute", "encode the clips into the latent cache"),
                        ("train", "train (encoding the clips the cache lacks first)")):
@@ -42,8 +42,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers Wan folder: Wan2.1 "
                          f"T2V or I2V, Wan2.2 A14B (T2V or I2V) or TI2V-5B (default: {DEFAULT_MODEL})")
         sub.add_argument("--data", type=Path, required=True, help="folder of videos with captions")
-        sub.add_argument("--config", type=Path, help="YAML with `sparsity:` and `training:` sections (default: dense "
-                         "LoRA with the defaults of configs/finetune-lora.yaml)")
+        sub.add_argument("--config", type=Path, help="a YAML file with `sparsity:` and `training:` sections, or the "
+                         "name of a shipped one: " + ", ".join(shipped_configs("finetune")) + " (default: dense "
+                         "attention, a LoRA, every training key at its built-in default: docs/FINETUNING.md)")
         sub.add_argument("--cache", type=Path, help="latent cache folder (default: DATA/.latent-cache)")
         sub.add_argument("--device", help="torch device (default: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
         if name == "train":
@@ -91,7 +92,7 @@ def precompute_cache(args: argparse.Namespace, training: TrainingConfig, spec: M
 
     from wan.train.latent_cache import precompute
 
-    cache = args.cache or args.data / ".latent-cache"
+    cache = cache_folder(args)
     report = precompute(find_clips(args.data), cache, training, model_id(args.model),
                         lambda: load_encoders(args.model, device, spec),
                         progress=lambda clips: tqdm(clips, desc="encoding clips", unit="clip", disable=not show),
@@ -109,16 +110,24 @@ def precompute_cache(args: argparse.Namespace, training: TrainingConfig, spec: M
 def check_inputs(args: argparse.Namespace):
     """Every setting, before any model loads: config, data folder, output folder, model configs and LoRA targets.
     Returns the sparsity and training configs and the model's spec."""
-    sparsity, training = load_finetune_config(args.config)
+    sparsity, training = load_finetune_config(None if args.config is None else find_config(args.config))
     check_trainable(sparsity, check_device(args.device))  # e.g. 64-token blocks on CUDA: refused before loading
-    find_clips(args.data)
     if args.command == "train":
-        from wan.train.run_folder import check_output, check_resume
+        from wan.train.run_folder import check_output
 
         check_output(args.output, args.resume, args.overwrite)
-        if args.resume and (args.output / "run.json").is_file():
-            check_resume(args.output, run_settings(args, sparsity, training))
+    find_clips(args.data)
+    check_folder(cache_folder(args), "cache", "give a writable one with --cache DIR")
+    if args.command == "train" and args.resume and (args.output / "run.json").is_file():
+        from wan.train.run_folder import check_resume
+
+        check_resume(args.output, run_settings(args, sparsity, training))
     return sparsity, training, check_model(args.model, training)
+
+
+def cache_folder(args: argparse.Namespace) -> Path:
+    """The latent cache: --cache, else DATA/.latent-cache."""
+    return args.cache or args.data / ".latent-cache"
 
 
 def run_settings(args: argparse.Namespace, sparsity, training: TrainingConfig) -> dict:

@@ -49,6 +49,9 @@ def _metadata_captions(folder: Path) -> dict[str, str]:
 def find_clips(folder: str | Path) -> list[Clip]:
     """The videos under `folder` (recursively, sorted) with their captions; one-line ValueError if there are none."""
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise ValueError(f"data: {folder} is a file; give the folder that holds the clips (videos with a .txt "
+                         "caption each, or a metadata.jsonl)")
     if not folder.is_dir():
         raise ValueError(f"data: folder {folder} does not exist")
     metadata = _metadata_captions(folder)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from wan.io.files import atomic_write
+from wan.io.files import atomic_write, check_folder
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -26,6 +26,7 @@ def check_output(folder: str | Path, resume: bool, overwrite: bool) -> Path:
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output: {folder} is a file; give a folder for the run")
+    check_folder(folder, "output")
     if resume and overwrite:
         raise ValueError("output: --resume and --overwrite exclude each other; continue the run or start over")
     if not folder.is_dir() or not any(folder.iterdir()):

@@ -22,7 +22,9 @@ def config_at(step: int, target: SparsityConfig, schedule: SparsitySchedule) -> 
     if not schedule.ramp_steps:
         return target
     progress = min(1.0, (step - schedule.dense_steps + 1) / schedule.ramp_steps)
-    cap = 1.0 - (1.0 - target.max_density) * progress
+    if progress == 1.0:  # the target itself, not 1 - (1 - 0.1) = 0.09999999999999998 (a block fewer a row)
+        return target
+    cap = round(1.0 - (1.0 - target.max_density) * progress, 9)
     return target.replace(max_density=cap, min_density=min(cap, target.min_density or 0.0) or None)
 
 

@@ -1,0 +1,123 @@
+"""What tripped a user on the second day, each refused in one line with exit code 2 (or 130 for Ctrl-C) before any
+model loads, and the words that misled: argparse's refusals, unwritable cache and run folders, a file given for a
+folder and a folder for a file, a truncated LoRA, shipped finetune configs by name, `1e-4` in YAML, the configs each
+command offers, "1 frames", a prompt longer than the text encoder reads."""
+
+import pytest
+import torch
+from test_finetune_inputs import clip_folder, no_weights  # noqa: F401 - fixtures
+
+import finetune
+import generate
+import wan.generate.run
+from wan.cli import console
+from wan.generate.cli import build_parser
+
+
+def call(main, *args) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("main, args, message", [
+    (generate.main, ["--prompt", "a", "--steps", "x"], "error: argument --steps: invalid int value: 'x' (see "),
+    (generate.main, ["--prompt", "a", "--bogus"], "error: unrecognized arguments: --bogus (see "),
+    (finetune.main, ["train", "--data", "d"], "error: the following arguments are required: --output (see "),
+    (finetune.main, ["fly"], "error: argument command: invalid choice: 'fly' (choose from "),
+])
+def test_argparse_refusals_are_one_line(capsys, main, args, message):
+    assert call(main, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_ctrl_c_in_generate_is_one_line_and_130(tiny_model, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wan.generate.run, "generate", interrupted)
+    out = tmp_path / "v.mp4"
+    assert call(generate.main, "--prompt", "a cat", "--model", tiny_model, "--output", out, "--steps", 1) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted: the video being made was not written"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cache", "/proc/nabla-cache"], "error: cache: folder /proc (to make /proc/nabla-cache in) is not writable"),
+    (["--cache", "/proc/version"], "error: cache: /proc/version is a file; give a folder"),
+])
+def test_an_unwritable_cache_is_refused_before_loading(tiny_model, clip_folder, no_weights, capsys,  # noqa: F811
+                                                       extra, message):
+    assert call(finetune.main, "precompute", "--model", tiny_model, "--data", clip_folder, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_an_unwritable_run_folder_is_refused_first(tiny_model, tmp_path, no_weights, capsys):  # noqa: F811
+    assert call(finetune.main, "train", "--model", tiny_model, "--data", tmp_path / "none", "--output",
+                "/proc/nabla-run") == 2
+    err = capsys.readouterr().err  # before the data folder (which does not exist either) is looked at
+    assert err.startswith("error: output: folder /proc (to make /proc/nabla-run in) is not writable") and \
+        err.count("\n") == 1, err
+
+
+def test_a_file_for_the_data_folder_and_a_folder_for_the_config(tiny_model, clip_folder, tmp_path, no_weights,  # noqa: F811
+                                                                capsys):
+    assert call(finetune.main, "precompute", "--model", tiny_model, "--data", clip_folder / "a.mp4") == 2
+    assert f"error: data: {clip_folder / 'a.mp4'} is a file; give the folder that holds the clips" in \
+        capsys.readouterr().err
+    assert call(finetune.main, "precompute", "--model", tiny_model, "--data", clip_folder, "--config", tmp_path) == 2
+    assert capsys.readouterr().err == f"error: config: {tmp_path} is a folder; give a YAML file\n"
+    assert call(generate.main, "--prompt", "a", "--config", tmp_path) == 2
+    assert capsys.readouterr().err == f"error: config: {tmp_path} is a folder; give a YAML file\n"
+
+
+def test_shipped_finetune_configs_by_name_and_yaml_1e_4(tiny_model, clip_folder, tmp_path, monkeypatch,  # noqa: F811
+                                                        capsys):
+    seen = []
+    monkeypatch.setattr("wan.train.cli.check_model", lambda model, training: seen.append(training) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the config was read and checked: the model check comes next
+        finetune.main(["precompute", "--model", str(tiny_model), "--data", str(clip_folder), "--config",
+                       "finetune-lora"])
+    assert seen[-1].method == "lora"
+    config = tmp_path / "lr.yaml"
+    config.write_text("training:\n  learning_rate: 1e-4\n  height: 32\n  width: 32\n")
+    with pytest.raises(ZeroDivisionError):
+        finetune.main(["precompute", "--model", str(tiny_model), "--data", str(clip_folder), "--config",
+                       str(config)])
+    assert seen[-1].learning_rate == 1e-4
+
+
+def test_each_command_offers_its_own_configs(capsys):
+    help_text = build_parser("g").format_help()
+    assert "fastest" in help_text and "finetune-lora" not in help_text
+    assert call(finetune.main, "train", "--help") == 0
+    out = capsys.readouterr().out
+    assert "finetune-full, finetune-lora" in " ".join(out.split()) and "fastest" not in out
+    assert console(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune" in out and "wan2.2-i2v-a14b" in out
+
+
+def test_a_truncated_lora_is_one_line(tiny_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24)}, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:100])
+    assert call(generate.main, "--prompt", "a", "--model", tiny_model, "--lora", cut) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: lora: {cut} cannot be read as safetensors (") and err.count("\n") == 1, err
+
+
+def test_one_frame_and_a_long_prompt(tiny_model, tmp_path, capsys):
+    out = tmp_path / "v.npy"
+    prompt = "a cat plays piano " * 300
+    assert call(generate.main, "--prompt", prompt, "--model", tiny_model, "--output", out, "--frames", 1,
+                "--steps", 1, "--height", 32, "--width", 32) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {out} (1 frame, 32x32, 1 step," in captured.out
+    assert "warning: prompt is " in captured.err and "the text encoder reads the first 512" in captured.err
