@@ -271,3 +271,33 @@ def test_bad_speed_settings_are_one_line(tiny_model, tmp_path, capsys, key, valu
     config.write_text(f"generation: {{{key}: {value}}}\n")
     assert generate.main(["--prompt", "a cat", "--model", str(tiny_model), "--config", str(config)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_a_trained_lora_is_also_written_in_the_wan_layout_and_round_trips(tiny_model, tmp_path):
+    """save_lora (what finetune exports) writes the adapter in diffusers' format and in the original Wan layout
+    (ComfyUI's); both load through diffusers' load_lora_weights to the same fused weights."""
+    from safetensors.torch import load_file
+
+    from wan.models.lora import WAN_WEIGHT_NAME, WEIGHT_NAME, add_lora, save_lora
+
+    transformer = WanPipeline.from_pretrained(tiny_model).transformer
+    add_lora(transformer, rank=4, alpha=8.0, target_modules=("to_q", "to_out.0", "add_k_proj", "ffn.net.0.proj"))
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    save_lora(tmp_path, transformer, transformer.state_dict())
+    wan = load_file(str(tmp_path / WAN_WEIGHT_NAME))
+    assert "diffusion_model.blocks.1.self_attn.o.lora_down.weight" in wan
+    assert "diffusion_model.blocks.0.ffn.0.lora_up.weight" in wan
+    assert float(wan["diffusion_model.blocks.0.self_attn.q.alpha"]) == 8.0
+    fused = []
+    for name in (WEIGHT_NAME, WAN_WEIGHT_NAME):
+        pipe = WanPipeline.from_pretrained(tiny_model)
+        load_lora(pipe, tmp_path / name, 1.0)
+        fused.append(pipe.transformer.state_dict())
+    assert fused[0].keys() == fused[1].keys()
+    for key in fused[0]:
+        torch.testing.assert_close(fused[0][key], fused[1][key], rtol=1e-5, atol=1e-6)
+    base = WanPipeline.from_pretrained(tiny_model).transformer.state_dict()
+    assert not torch.equal(base["blocks.0.attn1.to_q.weight"], fused[1]["blocks.0.attn1.to_q.weight"])

@@ -121,3 +121,20 @@ def test_one_frame_and_a_long_prompt(tiny_model, tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"wrote {out} (1 frame, 32x32, 1 step," in captured.out
     assert "warning: prompt is " in captured.err and "the text encoder reads the first 512" in captured.err
+
+
+def test_the_tiny_fine_tuning_recipe_runs_in_seconds(tiny_model, tmp_path, capsys):
+    """The README's try-it recipe: make-tiny-model --clips, then finetune-tiny (a LoRA under NABLA, validated)."""
+    import time
+
+    from wan.models.tiny import write_demo_clips
+
+    clips = write_demo_clips(tmp_path / "clips")
+    start = time.perf_counter()
+    assert finetune.main(["train", "--model", str(tiny_model), "--data", str(clips), "--config", "finetune-tiny",
+                          "--output", str(tmp_path / "run")]) == 0
+    assert time.perf_counter() - start < 60
+    lora = tmp_path / "run" / "lora"
+    assert {p.name for p in lora.iterdir()} == {"pytorch_lora_weights.safetensors", "wan_lora.safetensors"}
+    assert list((tmp_path / "run" / "validation").rglob("*.mp4"))
+    assert "4 clips usable" in capsys.readouterr().out

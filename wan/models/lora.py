@@ -1,7 +1,10 @@
-"""LoRA adapters on Wan2.1's transformer through peft, saved in diffusers' LoRA format and loaded for generation.
+"""LoRA adapters on Wan's transformer through peft, saved in diffusers' LoRA format and in the original Wan one, and
+loaded for generation.
 
-The saved folder (`pytorch_lora_weights.safetensors`, with peft's LoraConfig as metadata so rank and alpha
-survive) is what `WanPipeline.load_lora_weights` reads in anyone's diffusers code.
+The saved folder holds `pytorch_lora_weights.safetensors` (peft's LoraConfig as metadata, so rank and alpha survive),
+what `WanPipeline.load_lora_weights` reads in anyone's diffusers code, and `wan_lora.safetensors`, the same adapter
+in the original Wan key layout (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `lora_up`, `alpha`) that
+ComfyUI and the Wan repository load.
 """
 
 from __future__ import annotations
@@ -12,9 +15,16 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 
 ADAPTER = "default"  # the name peft gives the adapter that add_adapter adds
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+WAN_WEIGHT_NAME = "wan_lora.safetensors"
+#: diffusers' module names of a Wan block -> the original repository's (diffusers' converter, the other way)
+_WAN_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+              "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+              "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img",
+              "attn2.add_v_proj": "cross_attn.v_img", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
 
 
 def transformer_linear_names(model: str, subfolder: str = "transformer") -> list[str]:
@@ -42,7 +52,25 @@ def save_lora(folder: str | Path, transformer: WanTransformer3DModel, state_dict
     metadata = transformer.peft_config[ADAPTER].to_dict()
     WanPipeline.save_lora_weights(folder, transformer_lora_layers={k: v.contiguous() for k, v in layers.items()},
                                   weight_name=WEIGHT_NAME, transformer_lora_adapter_metadata=metadata)
+    wan_layers = wan_format(layers, float(metadata["lora_alpha"]))
+    if wan_layers is not None:
+        save_file(wan_layers, str(Path(folder) / WAN_WEIGHT_NAME))
     return Path(folder) / WEIGHT_NAME
+
+
+def wan_format(layers: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor] | None:
+    """peft's LoRA weights (`blocks.N.attn1.to_q.lora_A.weight`, ...) in the original Wan layout, each adapted layer
+    with its `alpha` (the loaders scale by alpha / rank, as peft does); None where a layer has no Wan name."""
+    wan = {}
+    for key, tensor in layers.items():
+        module, kind = key.rsplit(".lora_", 1)
+        block, _, name = module.partition(".")[2].partition(".")
+        if not module.startswith("blocks.") or name not in _WAN_NAMES:
+            return None
+        prefix = f"diffusion_model.blocks.{block}.{_WAN_NAMES[name]}"
+        wan[f"{prefix}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+        wan[f"{prefix}.alpha"] = torch.tensor(alpha)
+    return wan
 
 
 def check_lora_path(path: str | Path) -> tuple[Path, str]:

@@ -168,15 +168,42 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "wan2.1-t2
     return out
 
 
+#: the demo clips' captions, from the tiny tokenizer's sentences
+_CLIP_CAPTIONS = ("a cat is playing piano in a sunny room", "a dog runs quickly on the beach at sunset",
+                  "two birds flies slowly over a frozen lake", "a small robot dances in the city at night")
+
+
+def write_demo_clips(folder: str | Path, count: int = 4, frames: int = 17, size: tuple[int, int] = (48, 64)) -> Path:
+    """`count` short MP4 clips (moving colour gradients, 8 fps) with a .txt caption each: data to try fine-tuning on
+    (`configs/finetune-tiny.yaml`)."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[:size[0], :size[1]]
+    for index in range(count):
+        video = [np.stack([(x * 5 + t * 20 * (index + 1)) % 256, (y * 6 + index * 60) % 256, (x + y + t * 9) % 256],
+                          -1).astype(np.uint8) for t in range(frames)]
+        imageio.mimwrite(folder / f"clip{index}.mp4", video, fps=8, macro_block_size=8)
+        (folder / f"clip{index}.txt").write_text(_CLIP_CAPTIONS[index % len(_CLIP_CAPTIONS)] + "\n")
+    return folder
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
     parser.add_argument("--family", choices=FAMILIES, default="wan2.1-t2v", help="which architecture: "
                         + "; ".join(f"{name}: {what}" for name, what in FAMILIES.items()) + " (default: wan2.1-t2v)")
+    parser.add_argument("--clips", type=Path, metavar="DIR", help="also write a few short captioned clips to DIR, data "
+                        "to try fine-tuning on: nabla-wan finetune train --model OUT_DIR --data DIR --config "
+                        "finetune-tiny --output runs/tiny")
     args = parser.parse_args(argv)
     out = save_tiny_model(args.out_dir, args.seed, args.family)
     print(f"wrote a tiny {FAMILIES[args.family]} pipeline to {out}")
+    if args.clips is not None:
+        print(f"wrote {len(_CLIP_CAPTIONS)} captioned clips to {write_demo_clips(args.clips)}")
 
 
 if __name__ == "__main__":
