@@ -17,6 +17,7 @@ from diffusers import (
 )
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from PIL import Image
+from safetensors.torch import save_file
 
 import wan.generate.cli
 import wan.generate.session
@@ -261,7 +262,7 @@ def test_image_to_video_runs_under_nabla(pipe):
 def test_one_transformer_flags_are_refused_for_two_experts_before_loading(a14b_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     lora = tmp_path / "pytorch_lora_weights.safetensors"
-    lora.write_bytes(b"")
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1, 24)}, str(lora))  # a readable file
     assert run_cli("--model", a14b_model, "--prompt", "a cat", "--lora", lora, "--transformer", a14b_model / "transformer",
                    "--output", tmp_path / "v.npy") == 2
     assert capsys.readouterr().err == (f"error: --transformer and --lora: not supported for {a14b_model}, a two-expert "
