@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
+from safetensors.torch import load_file
 
 import finetune
 import wan.train.run_folder
@@ -133,6 +134,27 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
     for got, want in zip(resumed, expected):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["lr"] == pytest.approx(want["lr"])
     assert plot(output, output / "loss.png", smooth=2).stat().st_size > 0
+
+
+def test_resume_from_a_named_checkpoint_equals_uninterrupted(tiny_model, data, reference, tmp_path, capsys):
+    """--resume step-00000004 on a copy of the finished reference run: steps 5 and 6 again, the newer checkpoint
+    dropped first, the same losses and the same LoRA; a name the run lacks is one line."""
+    run, expected = reference
+    output = tmp_path / "run"
+    shutil.copytree(run, output)
+    config = write_config(tmp_path)
+    assert finetune.main(train_args(tiny_model, data, config, output, "--resume", "step-00000009")) == 2
+    assert capsys.readouterr().err == ("error: resume: step-00000009 is not a checkpoint of this run; it has: "
+                                       "step-00000004, step-00000006 (or give --resume alone for the latest)\n")
+    assert finetune.main(train_args(tiny_model, data, config, output, "--resume",
+                                    str(output / "checkpoints" / "step-00000004"))) == 0
+    resumed = read_log(output)
+    assert [e["step"] for e in resumed] == list(range(1, 7))
+    for got, want in zip(resumed[4:], expected[4:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    lora = "lora/pytorch_lora_weights.safetensors"
+    for key, value in load_file(str(run / lora)).items():
+        torch.testing.assert_close(load_file(str(output / lora))[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):

@@ -48,6 +48,20 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), key=lambda p: p.name)
 
 
+def chosen_checkpoint(folder: Path, name: str | Path) -> Path:
+    """The checkpoint that `--resume NAME` names (a path, or a folder name in `folder`); a one-line ValueError that
+    lists the run's checkpoints otherwise."""
+    saved = list_checkpoints(folder)
+    path = Path(name).expanduser()
+    found = next((p for p in saved if p.name == path.name and (path.parent == Path(".") or
+                                                              path.resolve() == p.resolve())), None)
+    if found is None:
+        have = ", ".join(p.name for p in saved) or "none yet"
+        raise ValueError(f"resume: {name} is not a checkpoint of this run; it has: {have} (or give --resume alone "
+                         "for the latest)")
+    return found
+
+
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, parallel: DataParallel, trainable_only: bool, keep_last: int) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`. Collective: call on every rank."""

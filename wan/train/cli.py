@@ -50,8 +50,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         if name == "train":
             sub.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, log.jsonl, the "
                              "result (OUT/lora or OUT/transformer), validation videos")
-            sub.add_argument("--resume", action="store_true", help="continue the run in --output from its latest "
-                             "checkpoint (starts fresh if it has none)")
+            sub.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT", help="continue the run in "
+                             "--output from its latest checkpoint (starts fresh if it has none), or from CHECKPOINT: "
+                             "one of OUT/checkpoints/step-NNNNNNNN, by path or name (the newer ones are then "
+                             "dropped)")
             sub.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
     return parser
 
@@ -122,6 +124,10 @@ def check_inputs(args: argparse.Namespace):
         from wan.train.run_folder import check_resume
 
         check_resume(args.output, run_settings(args, sparsity, training))
+    if args.command == "train" and args.resume not in (None, "latest"):
+        from wan.train.checkpoints import chosen_checkpoint
+
+        args.resume = chosen_checkpoint(args.output / "checkpoints", args.resume)
     return sparsity, training, check_model(args.model, training)
 
 
@@ -159,7 +165,7 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: Mo
                                   torch.bfloat16 if parallel.device.type == "cuda" else torch.float32, spec)
         trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
                           flow_shift(args.model, training), validator, spec)
-        start = trainer.resume() if args.resume else 0
+        start = trainer.resume(None if args.resume == "latest" else args.resume) if args.resume else 0
         code = trainer.run(start)
         if code == 0:
             results = ", ".join(str(path) for path in trainer.export())

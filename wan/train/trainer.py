@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import signal
 import sys
 import time
@@ -193,12 +194,17 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.model, training)
         self.checkpoints = output / "checkpoints"
 
-    def resume(self) -> int:
-        """Continue from the latest checkpoint (0 if there is none); the log keeps the steps up to it."""
+    def resume(self, checkpoint: Path | None = None) -> int:
+        """Continue from `checkpoint`, else the latest (0 if there is none); the log keeps the steps up to it, and
+        the checkpoints after it are dropped (the run goes on from there)."""
         saved = list_checkpoints(self.checkpoints)
-        step = load_checkpoint(saved[-1], self.model, self.optimizer, self.scheduler, self.lora) if saved else 0
+        checkpoint = checkpoint or (saved[-1] if saved else None)
+        step = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.lora) if checkpoint else 0
+        self.parallel.barrier()  # every rank has read it before a newer one goes
         if self.parallel.is_main:
             truncate_log(self.output, step)
+            for newer in saved[saved.index(checkpoint) + 1:] if checkpoint else []:
+                shutil.rmtree(newer)
         return step
 
     def save(self, step: int) -> Path:
