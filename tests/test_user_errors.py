@@ -95,7 +95,7 @@ def test_each_command_offers_its_own_configs(capsys):
     assert "fastest" in help_text and "finetune-lora" not in help_text
     assert call(finetune.main, "train", "--help") == 0
     out = capsys.readouterr().out
-    assert "finetune-full, finetune-lora" in " ".join(out.split()) and "fastest" not in out
+    assert "finetune-full,finetune-lora,finetune-tiny" in "".join(out.split()) and "fastest" not in out
     assert console(["--help"]) == 0
     out = capsys.readouterr().out
     assert "finetune" in out and "wan2.2-i2v-a14b" in out
@@ -137,4 +137,42 @@ def test_the_tiny_fine_tuning_recipe_runs_in_seconds(tiny_model, tmp_path, capsy
     lora = tmp_path / "run" / "lora"
     assert {p.name for p in lora.iterdir()} == {"pytorch_lora_weights.safetensors", "wan_lora.safetensors"}
     assert list((tmp_path / "run" / "validation").rglob("*.mp4"))
-    assert "4 clips usable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 clips usable" in out and "resolved config:\nsparsity:\n  mode: nabla\n" in out
+    assert "  optimizer: adamw\n" in out and "trainable parameters: 3,072 of 26,024 (11.80%)" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/density", "train/s_per_step"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    ("adamw8bit", "'training.optimizer': 'adamw8bit'; allowed: "),
+    ("lion", "'training.optimizer': 'lion'; allowed: adamw, adam, sgd, adamw8bit, prodigy"),
+])
+def test_optimizers_that_cannot_run_are_one_line(tiny_model, clip_folder, tmp_path, no_weights, capsys,  # noqa: F811
+                                                optimizer, message):
+    config = tmp_path / "opt.yaml"
+    config.write_text(f"training: {{optimizer: {optimizer}, height: 32, width: 32}}\n")
+    assert call(finetune.main, "precompute", "--model", tiny_model, "--data", clip_folder, "--config", config) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_torch_optimizers_train(tiny_model, tmp_path, optimizer):
+    from wan.models.tiny import write_demo_clips
+    from wan.train.run_folder import read_log
+
+    clips = write_demo_clips(tmp_path / "clips", count=1)
+    config = tmp_path / "opt.yaml"
+    config.write_text(f"training: {{optimizer: {optimizer}, tracker: null, height: 32, width: 32, frames: 9, fps: 8, "
+                      "rank: 4, alpha: 4, steps: 3, checkpoint_every: 3, learning_rate: 1.0e-3}\n")
+    assert finetune.main(["train", "--model", str(tiny_model), "--data", str(clips), "--config", str(config),
+                          "--output", str(tmp_path / "run")]) == 0
+    log = read_log(tmp_path / "run")
+    assert len(log) == 3 and all(e["grad_norm"] > 0 for e in log)
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -67,3 +67,20 @@ def first_frame_prob(training: TrainingConfig) -> float:
     """How often a Wan2.2 TI2V-5B sample is trained image to video (its first latent frame the clean condition)."""
     prob = training.first_frame_condition_prob
     return TI2V_FIRST_FRAME_PROB if prob is None else float(prob)
+
+
+#: the optimizers that need a package beside torch, and what it is called on PyPI
+OPTIONAL_OPTIMIZERS = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
+
+
+def check_optimizer(training: TrainingConfig, device: str) -> None:
+    """`training.optimizer` can run here: its package is installed, and 8-bit AdamW has a GPU."""
+    import importlib.util
+
+    needs = OPTIONAL_OPTIMIZERS.get(training.optimizer)
+    if needs is not None and importlib.util.find_spec(needs[0]) is None:
+        bad_value("optimizer", training.optimizer, f"one whose package is installed (pip install {needs[1]}), or "
+                  "adamw, adam, sgd")
+    if training.optimizer == "adamw8bit" and not device.startswith("cuda"):
+        bad_value("optimizer", training.optimizer, f"adamw, adam, sgd or prodigy on {device} (8-bit AdamW runs on "
+                  "CUDA GPUs)")

@@ -26,7 +26,7 @@ from wan.defaults import DEFAULT_MODEL, OneLineParser, check_device, find_config
 from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import ModelSpec
-from wan.train.checks import check_trainable_model, check_training_keys, trained_experts
+from wan.train.checks import check_optimizer, check_trainable_model, check_training_keys, trained_experts
 from wan.train.clips import find_clips
 from wan.train.config import TrainingConfig, check_target_modules, load_finetune_config
 
@@ -113,7 +113,9 @@ def check_inputs(args: argparse.Namespace):
     """Every setting, before any model loads: config, data folder, output folder, model configs and LoRA targets.
     Returns the sparsity and training configs and the model's spec."""
     sparsity, training = load_finetune_config(None if args.config is None else find_config(args.config))
-    check_trainable(sparsity, check_device(args.device))  # e.g. 64-token blocks on CUDA: refused before loading
+    device = check_device(args.device)
+    check_trainable(sparsity, device)  # e.g. 64-token blocks on CUDA: refused before loading
+    check_optimizer(training, device)
     if args.command == "train":
         from wan.train.run_folder import check_output
 
@@ -165,6 +167,8 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: Mo
                                   torch.bfloat16 if parallel.device.type == "cuda" else torch.float32, spec)
         trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
                           flow_shift(args.model, training), validator, spec)
+        if parallel.is_main:
+            print(describe_start(sparsity, training, trainer))
         start = trainer.resume(None if args.resume == "latest" else args.resume) if args.resume else 0
         code = trainer.run(start)
         if code == 0:
@@ -174,6 +178,17 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: Mo
         return code
     finally:
         close(parallel)
+
+
+def describe_start(sparsity, training: TrainingConfig, trainer) -> str:
+    """What a run starts with: the resolved config (every key, defaults included) and the parameters it trains."""
+    import yaml
+
+    trainable, total = trainer.parameter_counts()
+    config = yaml.safe_dump({"sparsity": vars(sparsity), "training": training.to_dict()}, sort_keys=False,
+                            default_flow_style=None, width=120)
+    return (f"resolved config:\n{config.rstrip()}\ntrainable parameters: {trainable:,} of {total:,} "
+            f"({100 * trainable / total:.2f}%)")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

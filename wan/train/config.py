@@ -18,6 +18,7 @@ from wan.defaults import MAX_FRAMES, MAX_SIDE
 METHODS = ("lora", "full")
 EXPERTS = ("high", "low", "both")  # Wan2.2 A14B's `transformer`, its `transformer_2`, or both
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")  # compute_density_for_timestep_sampling's; else uniform
+OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "prodigy")
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")  # those without step rules
 #: peft's default for Wan: self- and cross-attention projections and the feed-forward (Kandinsky 5's choice too).
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -103,6 +104,11 @@ class TrainingConfig:
     weight_decay: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     lr_scheduler: str = "constant_with_warmup"
+    #: adamw, adam, sgd (torch's), adamw8bit (bitsandbytes' 8-bit AdamW, on CUDA) or prodigy (prodigyopt; it sets its
+    #: own step size: learning_rate 1.0)
+    optimizer: str = "adamw"
+    #: where the scalars of each step go beside log.jsonl: tensorboard (OUT/tensorboard) or null
+    tracker: str | None = "tensorboard"
     warmup_steps: int = 0
     steps: int = 1000
     batch_size: int = 1
@@ -117,10 +123,10 @@ class TrainingConfig:
     checkpoint_every: int = 250
     keep_last: int = 3
     seed: int = 0
-    #: two-expert models (Wan2.2 A14B): which to train; null: both (wan/train/families.py)
+    #: two-expert models (Wan2.2 A14B): which to train; null: both (wan/train/checks.py)
     expert: str | None = None
     #: Wan2.2 TI2V-5B: the chance a sample is trained image to video (first latent frame clean, at timestep 0);
-    #: null: wan.train.families.TI2V_FIRST_FRAME_PROB
+    #: null: wan.train.checks.TI2V_FIRST_FRAME_PROB
     first_frame_condition_prob: float | None = None
     sparsity_schedule: SparsitySchedule = dataclasses.field(default_factory=SparsitySchedule)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
@@ -149,6 +155,10 @@ class TrainingConfig:
         object.__setattr__(self, "betas", tuple(betas))
         if self.lr_scheduler not in LR_SCHEDULERS:
             bad_value("lr_scheduler", self.lr_scheduler, ", ".join(LR_SCHEDULERS))
+        if self.optimizer not in OPTIMIZERS:
+            bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        if self.tracker not in (None, "tensorboard"):
+            bad_value("tracker", self.tracker, "tensorboard or null")
         _int("steps", self.steps, 1)
         _int("warmup_steps", self.warmup_steps, 0, self.steps)
         _int("batch_size", self.batch_size, 1, 1024)
@@ -177,7 +187,7 @@ class TrainingConfig:
         object.__setattr__(self, "target_modules", tuple(targets))
 
     def _check_family_keys(self) -> None:
-        """The keys of some families only (wan.train.families.check_family_training checks them against the model)."""
+        """The keys of some families only (wan.train.checks.check_training_keys checks them against the model)."""
         if self.expert is not None and self.expert not in EXPERTS:
             bad_value("expert", self.expert, f"{', '.join(EXPERTS)} or null (both)")
         prob = self.first_frame_condition_prob

@@ -41,7 +41,7 @@ def check_output(folder: str | Path, resume: bool, overwrite: bool) -> Path:
 
 
 #: settings a resumed run may change: train for longer, validate differently
-RESUMABLE_CHANGES = ("training.steps", "training.validation")
+RESUMABLE_CHANGES = ("training.steps", "training.validation", "training.tracker")
 
 
 def check_resume(folder: Path, settings: dict[str, Any]) -> None:

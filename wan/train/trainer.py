@@ -10,6 +10,7 @@ all ranks run the same expert (FSDP's collectives) and each expert sees the time
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -152,12 +153,30 @@ def load_trainable_transformer(model: str, training: TrainingConfig, device: tor
 
 
 def build_optimizer(transformer: torch.nn.Module, training: TrainingConfig):
+    """The optimizer `training.optimizer` names over the trainable parameters, and its learning-rate schedule."""
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, betas=training.betas,
-                                  weight_decay=training.weight_decay)
+    lr, betas, decay = training.learning_rate, training.betas, training.weight_decay
+    if training.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=decay)
+    elif training.optimizer == "prodigy":
+        import prodigyopt
+
+        optimizer = prodigyopt.Prodigy(params, lr=lr, betas=betas, weight_decay=decay)
+    elif training.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=decay)
+    else:
+        kind = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
+        optimizer = kind(params, lr=lr, betas=betas, weight_decay=decay)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=training.steps)
     return optimizer, scheduler
+
+
+class _NoTracker:
+    def close(self) -> None:
+        pass
 
 
 @contextmanager
@@ -193,6 +212,16 @@ class Trainer:
                 shard_transformer(transformer, self.compute_dtype)
         self.optimizer, self.scheduler = build_optimizer(self.model, training)
         self.checkpoints = output / "checkpoints"
+        self.tracker = None
+        if parallel.is_main and training.tracker == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tracker = SummaryWriter(str(output / "tensorboard"))
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) parameters of the transformers that train."""
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def resume(self, checkpoint: Path | None = None) -> int:
         """Continue from `checkpoint`, else the latest (0 if there is none); the log keeps the steps up to it, and
@@ -240,7 +269,7 @@ class Trainer:
         self.last_saved = list_checkpoints(self.checkpoints)[-1:]
         bar = tqdm(total=self.training.steps, initial=start, disable=not self.parallel.is_main, desc="training",
                    unit="step")
-        with stop_requests() as stop_requested, bar:
+        with stop_requests() as stop_requested, bar, contextlib.closing(self.tracker or _NoTracker()):
             for step in range(start, self.training.steps):
                 entry = self.step(step)
                 if not math.isfinite(entry["loss"]):
@@ -263,6 +292,11 @@ class Trainer:
     def _record(self, bar: tqdm, entry: dict) -> None:
         if self.parallel.is_main:
             append_log(self.output, entry)
+            if self.tracker is not None:
+                for key in ("loss", "lr", "grad_norm", "density", "max_density", "s_per_step"):
+                    if isinstance(entry.get(key), (int, float)):
+                        self.tracker.add_scalar(f"train/{key}", entry[key], entry["step"])
+                self.tracker.flush()
             bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}", s_per_step=entry["s_per_step"])
             bar.update()
 
