@@ -160,3 +160,24 @@ def test_shipped_configs_load(name):
 
     sparsity, training = load_finetune_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert sparsity.mode == "nabla" and sparsity.block_size == 128 and training.method == name.split("-")[1][:-5]
+
+
+def test_caption_dropout_replaces_the_caption_at_its_rate_and_nothing_else():
+    from wan.train.config import TrainingConfig
+    from wan.train.trainer import caption_dropped, make_batch
+
+    training = TrainingConfig(height=32, width=32, frames=9, caption_dropout=0.25)
+    dropped = [caption_dropped(n, training) for n in range(4000)]
+    assert 0.22 < sum(dropped) / len(dropped) < 0.28
+    entries = [{"latents": torch.randn(16, 3, 4, 4), "prompt_embeds": torch.full((8, 4), float(i))} for i in range(3)]
+    empty = torch.full((8, 4), -1.0)
+    args = (range(40), training, 3.0, torch.device("cpu"), torch.float32)
+    with_dropout = make_batch(entries, *args, empty_prompt=empty)
+    without = make_batch(entries, range(40), TrainingConfig(height=32, width=32, frames=9), 3.0,
+                         torch.device("cpu"), torch.float32)
+    prompts = with_dropout["encoder_hidden_states"]
+    is_empty = (prompts == -1).all(dim=(1, 2))
+    assert is_empty.tolist() == dropped[:40]
+    assert torch.equal(prompts[~is_empty], without["encoder_hidden_states"][~is_empty])
+    for key in ("hidden_states", "timestep", "target"):  # the noise and noise levels are the same draws
+        assert torch.equal(with_dropout[key], without[key])

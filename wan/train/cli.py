@@ -161,12 +161,18 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: Mo
         parallel.barrier()
         if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
             entries = precompute_cache(args, training, spec, parallel.device, show=False)
-        validator = None
+        validator, empty_prompt, encoders = None, None, None
+        if training.validation.every or training.caption_dropout:
+            encoders = load_encoders(args.model, parallel.device, spec)
+        if training.caption_dropout:
+            from wan.train.latent_cache import empty_prompt_embeds
+
+            empty_prompt = empty_prompt_embeds(encoders)
         if training.validation.every:
-            validator = Validator(load_encoders(args.model, parallel.device, spec), training, parallel.device,
+            validator = Validator(encoders, training, parallel.device,
                                   torch.bfloat16 if parallel.device.type == "cuda" else torch.float32, spec)
         trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
-                          flow_shift(args.model, training), validator, spec)
+                          flow_shift(args.model, training), validator, spec, empty_prompt)
         if parallel.is_main:
             print(describe_start(sparsity, training, trainer))
         start = trainer.resume(None if args.resume == "latest" else args.resume) if args.resume else 0

@@ -107,6 +107,9 @@ class TrainingConfig:
     #: adamw, adam, sgd (torch's), adamw8bit (bitsandbytes' 8-bit AdamW, on CUDA) or prodigy (prodigyopt; it sets its
     #: own step size: learning_rate 1.0)
     optimizer: str = "adamw"
+    #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
+    #: samples against); 0: never
+    caption_dropout: float = 0.0
     #: where the scalars of each step go beside log.jsonl: tensorboard (OUT/tensorboard) or null
     tracker: str | None = "tensorboard"
     warmup_steps: int = 0
@@ -157,6 +160,8 @@ class TrainingConfig:
             bad_value("lr_scheduler", self.lr_scheduler, ", ".join(LR_SCHEDULERS))
         if self.optimizer not in OPTIMIZERS:
             bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
+            bad_value("caption_dropout", self.caption_dropout, "a number in [0, 1)")
         if self.tracker not in (None, "tensorboard"):
             bad_value("tracker", self.tracker, "tensorboard or null")
         _int("steps", self.steps, 1)

@@ -129,3 +129,11 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
 
 def load_entries(entries: Iterable[Path]) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(entry)) for entry in entries]
+
+
+@torch.no_grad()
+def empty_prompt_embeds(encoders) -> torch.Tensor:
+    """The empty prompt's text embeddings [512, D] on the CPU, as a clip's caption is encoded (caption dropout)."""
+    embeds, _ = encoders.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=MAX_TEXT_TOKENS,
+                                       device=encoders.text_encoder.device)
+    return embeds[0].cpu()

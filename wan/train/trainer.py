@@ -52,6 +52,12 @@ def _epoch_order(clips: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(clips, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def caption_dropped(n: int, training: TrainingConfig) -> bool:
+    """Whether global sample n trains with the empty prompt (a draw of its own: the other draws stay as they are)."""
+    generator = torch.Generator().manual_seed((training.seed * 7_000_003 + n) % 2**63 + 1)
+    return bool(torch.rand((), generator=generator) < training.caption_dropout)
+
+
 def sample_generator(n: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + n) % 2**63)
 
@@ -65,12 +71,16 @@ def sample_numbers(step: int, micro: int, training: TrainingConfig, parallel: Da
 
 def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training: TrainingConfig, shift: float,
                device: torch.device, dtype: torch.dtype, spec: ModelSpec = T2V,
-               timesteps: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+               timesteps: tuple[float, float] | None = None,
+               empty_prompt: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The transformer's inputs and the flow targets of the samples `numbers`, as `spec`'s pipeline feeds it; their
-    timesteps drawn within `timesteps` [low, high) (an A14B expert's side of the boundary) where given."""
+    timesteps drawn within `timesteps` [low, high) (an A14B expert's side of the boundary) where given; a sample's
+    caption replaced by `empty_prompt` (the empty prompt's embeddings) at the rate training.caption_dropout."""
     picked, noise, sigmas, conditioned = [], [], [], []
     for n in numbers:
         entry, generator = entries[sample_clip(n, len(entries), training.seed)], sample_generator(n, training.seed)
+        if training.caption_dropout and caption_dropped(n, training):
+            entry = {**entry, "prompt_embeds": empty_prompt}
         sigmas.append(flow_matching.sample_sigma_in(timesteps, training.weighting_scheme, training.logit_mean,
                                                     training.logit_std, training.mode_scale, shift, generator))
         noise.append(torch.randn(entry["latents"].shape, generator=generator))
@@ -196,9 +206,10 @@ class Trainer:
 
     def __init__(self, model: str, entries: list[dict[str, torch.Tensor]], output: Path, sparsity: SparsityConfig,
                  training: TrainingConfig, parallel: DataParallel, shift: float, validator: Validator | None = None,
-                 spec: ModelSpec = T2V):
+                 spec: ModelSpec = T2V, empty_prompt: torch.Tensor | None = None):
         self.entries, self.output, self.training, self.parallel = entries, output, training, parallel
         self.shift, self.validator, self.lora, self.spec = shift, validator, training.method == "lora", spec
+        self.empty_prompt = empty_prompt  # the empty prompt's embeddings, for caption dropout
         cuda = parallel.device.type == "cuda"
         self.compute_dtype = torch.bfloat16 if cuda else torch.float32
         self.experts = {name: load_trainable_transformer(model, training, parallel.device, name)
@@ -250,7 +261,7 @@ class Trainer:
         for micro in range(self.training.gradient_accumulation):
             numbers = sample_numbers(step, micro, self.training, self.parallel)
             yield make_batch(self.entries, numbers, self.training, self.shift, self.parallel.device,
-                             self.compute_dtype, self.spec, timesteps)
+                             self.compute_dtype, self.spec, timesteps, self.empty_prompt)
 
     def step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its log entry (step counted from 1; `expert` for Wan2.2 A14B)."""
