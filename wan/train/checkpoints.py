@@ -63,8 +63,10 @@ def chosen_checkpoint(folder: Path, name: str | Path) -> Path:
 
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, parallel: DataParallel, trainable_only: bool, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last`. Collective: call on every rank."""
+                    scheduler: Any, parallel: DataParallel, trainable_only: bool, keep_last: int,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically (with `extra` state, such as the EMA weights, in trainer.pt) and delete all
+    but the newest `keep_last`. Collective: call on every rank."""
     weights = trainable_state(model, trainable_only)
     optim = get_optimizer_state_dict(model, optimizer, options=_options(trainable_only))
     target = folder / f"step-{step:08d}"
@@ -76,7 +78,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         torch.save(optim, tmp / "optimizer.pt")
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), **(extra or {})}, tmp / "trainer.pt")
         if target.exists():  # the same step saved again (a stop right after a scheduled save): replace it
             shutil.rmtree(target)
         tmp.rename(target)
@@ -87,8 +89,9 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
 
 
 def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    trainable_only: bool) -> int:
-    """Restore weights, optimizer and LR schedule from `checkpoint` on every rank; returns its step."""
+                    trainable_only: bool, extra: dict | None = None) -> int:
+    """Restore weights, optimizer and LR schedule from `checkpoint` on every rank; returns its step. `extra` receives
+    the extra state it was saved with."""
     options = _options(trainable_only)
     set_model_state_dict(model, load_file(str(checkpoint / "model.safetensors")),
                          options=StateDictOptions(full_state_dict=True, strict=not trainable_only))
@@ -96,4 +99,6 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
                              options=options)
     state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
+    if extra is not None:
+        extra.update({k: v for k, v in state.items() if k not in ("step", "scheduler")})
     return int(state["step"])

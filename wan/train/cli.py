@@ -16,6 +16,7 @@ any model loads, with one line on stderr and exit code 2. Exit codes: 0 done, 1 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import ModelSpec
 from wan.train.checks import check_optimizer, check_trainable_model, check_training_keys, trained_experts
 from wan.train.clips import find_clips
-from wan.train.config import TrainingConfig, check_target_modules, load_finetune_config
+from wan.train.config import TrainingConfig, bad_value, check_target_modules, load_finetune_config
 
 EXIT_BAD_INPUT = 2
 
@@ -116,6 +117,8 @@ def check_inputs(args: argparse.Namespace):
     device = check_device(args.device)
     check_trainable(sparsity, device)  # e.g. 64-token blocks on CUDA: refused before loading
     check_optimizer(training, device)
+    if training.ema_decay is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bad_value("ema_decay", training.ema_decay, "null under several processes (EMA runs in one process for now)")
     if args.command == "train":
         from wan.train.run_folder import check_output
 

@@ -110,6 +110,9 @@ class TrainingConfig:
     #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
     #: samples against); 0: never
     caption_dropout: float = 0.0
+    #: an exponential moving average of the trainable weights (diffusers' EMAModel, this decay; one process), saved
+    #: beside the raw result as OUT/lora_ema or OUT/transformer_ema; null: none
+    ema_decay: float | None = None
     #: where the scalars of each step go beside log.jsonl: tensorboard (OUT/tensorboard) or null
     tracker: str | None = "tensorboard"
     warmup_steps: int = 0
@@ -162,6 +165,8 @@ class TrainingConfig:
             bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
             bad_value("caption_dropout", self.caption_dropout, "a number in [0, 1)")
+        if self.ema_decay is not None and (not _is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
+            bad_value("ema_decay", self.ema_decay, "a number in (0, 1) or null")
         if self.tracker not in (None, "tensorboard"):
             bad_value("tracker", self.tracker, "tensorboard or null")
         _int("steps", self.steps, 1)

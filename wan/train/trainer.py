@@ -222,12 +222,20 @@ class Trainer:
             for transformer in self.experts.values():
                 shard_transformer(transformer, self.compute_dtype)
         self.optimizer, self.scheduler = build_optimizer(self.model, training)
+        self.ema = None
+        if training.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable(), decay=training.ema_decay)
         self.checkpoints = output / "checkpoints"
         self.tracker = None
         if parallel.is_main and training.tracker == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.tracker = SummaryWriter(str(output / "tensorboard"))
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) parameters of the transformers that train."""
@@ -238,8 +246,11 @@ class Trainer:
         """Continue from `checkpoint`, else the latest (0 if there is none); the log keeps the steps up to it, and
         the checkpoints after it are dropped (the run goes on from there)."""
         saved = list_checkpoints(self.checkpoints)
-        checkpoint = checkpoint or (saved[-1] if saved else None)
-        step = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.lora) if checkpoint else 0
+        checkpoint, extra = checkpoint or (saved[-1] if saved else None), {}
+        step = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.lora, extra) if checkpoint \
+            else 0
+        if self.ema is not None and "ema" in extra:
+            self.ema.load_state_dict(extra["ema"])
         self.parallel.barrier()  # every rank has read it before a newer one goes
         if self.parallel.is_main:
             truncate_log(self.output, step)
@@ -248,8 +259,9 @@ class Trainer:
         return step
 
     def save(self, step: int) -> Path:
+        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
         return save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler,
-                               self.parallel, self.lora, self.training.keep_last)
+                               self.parallel, self.lora, self.training.keep_last, extra)
 
     def expert_at(self, step: int) -> str:
         """The expert that optimizer step `step` trains: the only one, or both in turn."""
@@ -270,6 +282,8 @@ class Trainer:
         lr, expert = self.scheduler.get_last_lr()[0], self.expert_at(step)
         loss, norm = optimizer_step(self.experts[expert], self.optimizer, self.scheduler, self.batches(step, expert),
                                     self.training.max_grad_norm, self.parallel)
+        if self.ema is not None and norm is not None:
+            self.ema.step(self.trainable())
         entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
                  "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
                  "s_per_step": round(time.perf_counter() - start, 4)}
@@ -327,11 +341,20 @@ class Trainer:
     def export(self) -> list[Path]:
         """Write the result of each trained expert: OUT/lora (a diffusers LoRA) or OUT/transformer (a diffusers
         transformer folder); Wan2.2's low-noise expert's go to OUT/lora_2 (loaded with load_into_transformer_2=True)
-        or OUT/transformer_2."""
+        or OUT/transformer_2. With EMA, its weights too: OUT/lora_ema, OUT/transformer_ema, ..."""
+        targets = self._export("")
+        if self.ema is not None:
+            self.ema.store(self.trainable())
+            self.ema.copy_to(self.trainable())
+            targets += self._export("_ema")
+            self.ema.restore(self.trainable())
+        return targets
+
+    def _export(self, suffix: str) -> list[Path]:
         targets = []
         for name, transformer in self.experts.items():
             weights = trainable_state(transformer, self.lora)
-            target = self.output / result_folder(name, self.lora)
+            target = self.output / (result_folder(name, self.lora) + suffix)
             if self.parallel.is_main and self.lora:
                 save_lora(target, transformer, weights)
             elif self.parallel.is_main:
