@@ -111,6 +111,16 @@ def phases_line(phases: dict, startup: dict[str, float]) -> str:
     return line
 
 
+def _model_lines(plan: Plan, session: Session, settings: GenerationSettings) -> list[str]:
+    """The LoRAs fused and the sampler, where they were set."""
+    lines = []
+    if plan.loras:
+        lines.append("LoRAs fused: " + ", ".join(f"{path} (scale {scale:g})" for path, scale in plan.loras))
+    if settings.scheduler is not None or settings.flow_shift is not None or settings.sigmas is not None:
+        lines.append(f"sampler: {describe_sampler(session.pipe.scheduler)}, guidance {settings.guidance_scale:g}")
+    return lines
+
+
 def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, outcome: Outcome) -> list[str]:
     """What a finished video prints: the file and its run, the levers, fallbacks, and --compare's table last."""
     from nabla.backend import dense_above
@@ -123,10 +133,7 @@ def summary_lines(plan: Plan, session: Session, settings: GenerationSettings, ou
     label = describe_run(sparsity, plan.precision, plan.cache, backend, plan.sparsity_2)
     lines = [f"wrote {outcome.written} ({size}, {label}, transformer blocks {blocks}) in {outcome.seconds:.2f} s",
              phases_line(outcome.phases, session.startup)]
-    if plan.loras:
-        lines.append("LoRAs fused: " + ", ".join(f"{path} (scale {scale:g})" for path, scale in plan.loras))
-    if settings.scheduler is not None or settings.flow_shift is not None or settings.sigmas is not None:
-        lines.append(f"sampler: {describe_sampler(session.pipe.scheduler)}, guidance {settings.guidance_scale:g}")
+    lines += _model_lines(plan, session, settings)
     if plan.precision != "bf16" or plan.cache is not None:
         linears = "FP8 linear layers" if plan.precision == "fp8" else "linear layers in the model's dtype"
         lines.append(f"levers: {linears}, {describe_cache(plan.cache)}; denoising steps computed: {outcome.computed} "

@@ -161,14 +161,7 @@ class TrainingConfig:
         object.__setattr__(self, "betas", tuple(betas))
         if self.lr_scheduler not in LR_SCHEDULERS:
             bad_value("lr_scheduler", self.lr_scheduler, ", ".join(LR_SCHEDULERS))
-        if self.optimizer not in OPTIMIZERS:
-            bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
-        if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
-            bad_value("caption_dropout", self.caption_dropout, "a number in [0, 1)")
-        if self.ema_decay is not None and (not _is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
-            bad_value("ema_decay", self.ema_decay, "a number in (0, 1) or null")
-        if self.tracker not in (None, "tensorboard"):
-            bad_value("tracker", self.tracker, "tensorboard or null")
+        self._check_trainer_keys()
         _int("steps", self.steps, 1)
         _int("warmup_steps", self.warmup_steps, 0, self.steps)
         _int("batch_size", self.batch_size, 1, 1024)
@@ -188,6 +181,17 @@ class TrainingConfig:
         _int("keep_last", self.keep_last, 1, 1000)
         _int("seed", self.seed, 0, 2**63 - 1)
         self._check_family_keys()
+
+    def _check_trainer_keys(self) -> None:
+        """The optimizer, caption dropout, EMA and tracker."""
+        if self.optimizer not in OPTIMIZERS:
+            bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
+            bad_value("caption_dropout", self.caption_dropout, "a number in [0, 1)")
+        if self.ema_decay is not None and (not _is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
+            bad_value("ema_decay", self.ema_decay, "a number in (0, 1) or null")
+        if self.tracker not in (None, "tensorboard"):
+            bad_value("tracker", self.tracker, "tensorboard or null")
 
     def _check_targets(self) -> None:
         targets = self.target_modules
