@@ -57,6 +57,11 @@ def no_weights(monkeypatch):
     ({"learning_rte": 1}, "unknown key 'training.learning_rte'"),
     ({"sparsity_schedule": {"ramp_steps": 10}}, "'training.sparsity_schedule.ramp_steps': 10; allowed: 0 unless"),
     ({"validation": {"every": 5}}, "'training.validation.every': 5; allowed: 0 unless validation.prompts"),
+    ({"frame_sampling": "random"}, "'training.frame_sampling': 'random'; allowed: start, uniform, windows"),
+    ({"samples_per_clip": 2}, "'training.samples_per_clip': 2; allowed: 1 with frame_sampling start"),
+    ({"caption_dropout": 1}, "'training.caption_dropout': 1; allowed: a number in [0, 1)"),
+    ({"ema_decay": 1.5}, "'training.ema_decay': 1.5; allowed: a number in (0, 1) or null"),
+    ({"tracker": "wandb"}, "'training.tracker': 'wandb'; allowed: tensorboard or null"),
 ])
 def test_bad_training_settings(tiny_model, clip_folder, tmp_path, no_weights, capsys, training, message):
     config = tmp_path / "c.yaml"
@@ -181,3 +186,43 @@ def test_caption_dropout_replaces_the_caption_at_its_rate_and_nothing_else():
     assert torch.equal(prompts[~is_empty], without["encoder_hidden_states"][~is_empty])
     for key in ("hidden_states", "timestep", "target"):  # the noise and noise levels are the same draws
         assert torch.equal(with_dropout[key], without[key])
+
+
+def test_window_offsets_draw_the_asked_samples():
+    from wan.train.clips import window_offsets
+
+    assert window_offsets(41, 9, "start", 1, None) == [0]
+    assert window_offsets(41, 9, "uniform", 3, None) == [0, 16, 32]
+    assert window_offsets(41, 9, "windows", 1, 8) == [0, 8, 16, 24, 32]
+    assert window_offsets(41, 9, "windows", 2, 8) == [0, 8]
+    assert window_offsets(41, 9, "windows", 1, None) == [0, 9, 18, 27]  # stride: a window's length
+    assert window_offsets(9, 9, "uniform", 4, None) == [0] and window_offsets(5, 9, "uniform", 2, None) == []
+    assert frame_indices(4, 8, 8, offset=3) == [3, 4, 5, 6] and frame_indices(2, 8, 24, offset=1) == [3, 6]
+
+
+def test_uniform_frame_sampling_caches_several_samples_of_a_long_clip(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from wan.train.clips import clip_length
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    imageio.mimwrite(folder / "long.mp4", [np.full((32, 32, 3), 6 * t, np.uint8) for t in range(41)], fps=8,
+                     macro_block_size=8)
+    (folder / "long.txt").write_text("a cat")
+    assert clip_length(folder / "long.mp4", 8) == 41 and clip_length(folder / "long.mp4", 4) == 21
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {height: 32, width: 32, frames: 9, fps: 8, frame_sampling: uniform, "
+                      "samples_per_clip: 3}\n")
+    cache = tmp_path / "cache"
+    assert finetune.main(["precompute", "--model", str(tiny_model), "--data", str(folder), "--config", str(config),
+                          "--cache", str(cache)]) == 0
+    entries = sorted(cache.glob("long-*.safetensors"))
+    assert len(entries) == 3
+    latents = [load_file(str(e))["latents"] for e in entries]
+    assert not torch.equal(latents[0], latents[1]) and not torch.equal(latents[1], latents[2])
+    start = tmp_path / "start.yaml"  # the first window is the entry frame_sampling start makes: reused
+    start.write_text("training: {height: 32, width: 32, frames: 9, fps: 8}\n")
+    assert finetune.main(["precompute", "--model", str(tiny_model), "--data", str(folder), "--config", str(start),
+                          "--cache", str(cache)]) == 0
+    assert len(list(cache.glob("long-*.safetensors"))) == 3

@@ -67,9 +67,39 @@ def find_clips(folder: str | Path) -> list[Clip]:
     return clips
 
 
-def frame_indices(frames: int, fps: float, source_fps: float) -> list[int]:
-    """Source frame of each of `frames` frames at `fps`, from the start: the frame showing time i / fps."""
-    return [math.floor(i * source_fps / fps + 1e-6) for i in range(frames)]
+def frame_indices(frames: int, fps: float, source_fps: float, offset: int = 0) -> list[int]:
+    """Source frame of each of `frames` frames at `fps`, starting `offset` frames (at `fps`) in: the frame showing
+    time (offset + i) / fps."""
+    return [math.floor((offset + i) * source_fps / fps + 1e-6) for i in range(frames)]
+
+
+def clip_length(path: str | Path, fps: int) -> int:
+    """How many frames at `fps` the clip at `path` holds (its duration at that rate); ClipError if unreadable."""
+    try:
+        with imageio.get_reader(path, "ffmpeg") as reader:
+            source_fps = float(reader.get_meta_data().get("fps") or 0)
+            count = reader.count_frames()
+    except Exception as err:  # noqa: BLE001 - whatever the decoder says, the clip is unreadable
+        raise ClipError(f"unreadable ({type(err).__name__})") from None
+    if source_fps <= 0:
+        raise ClipError("unreadable (no frame rate in the file)")
+    return math.floor((count - 1) * fps / source_fps + 1e-6) + 1
+
+
+def window_offsets(length: int, frames: int, sampling: str, samples: int, stride: int | None) -> list[int]:
+    """The first frame (at the training fps) of each sample drawn from a clip `length` frames long: `start` one at 0,
+    `uniform` `samples` evenly spread over the clip, `windows` one every `stride` frames (at most `samples`, where it
+    is more than 1); none if the clip is shorter than `frames`."""
+    last = length - frames
+    if last < 0:
+        return []
+    if sampling == "start":
+        return [0]
+    if sampling == "uniform":
+        count = min(samples, last + 1)
+        return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
+    offsets = list(range(0, last + 1, stride or frames))
+    return offsets[:samples] if samples > 1 else offsets
 
 
 def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -82,8 +112,9 @@ def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Te
     return video[..., top:top + height, left:left + width]
 
 
-def read_clip(path: str | Path, height: int, width: int, frames: int, fps: int) -> torch.Tensor:
-    """`frames` consecutive frames at `fps` from the clip's start as [3, F, H, W] floats in [-1, 1] (the VAE's input).
+def read_clip(path: str | Path, height: int, width: int, frames: int, fps: int, offset: int = 0) -> torch.Tensor:
+    """`frames` consecutive frames at `fps`, `offset` frames (at `fps`) from the clip's start, as [3, F, H, W] floats
+    in [-1, 1] (the VAE's input).
 
     ClipError if the file cannot be read or is shorter than frames / fps seconds.
     """
@@ -95,7 +126,7 @@ def read_clip(path: str | Path, height: int, width: int, frames: int, fps: int) 
         source_fps = float(reader.get_meta_data().get("fps") or 0)
         if source_fps <= 0:
             raise ClipError("unreadable (no frame rate in the file)")
-        wanted = frame_indices(frames, fps, source_fps)
+        wanted = frame_indices(frames, fps, source_fps, offset)
         picked: dict[int, np.ndarray] = {}
         seen = 0
         try:

@@ -18,6 +18,7 @@ from wan.defaults import MAX_FRAMES, MAX_SIDE
 METHODS = ("lora", "full")
 EXPERTS = ("high", "low", "both")  # Wan2.2 A14B's `transformer`, its `transformer_2`, or both
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")  # compute_density_for_timestep_sampling's; else uniform
+FRAME_SAMPLING = ("start", "uniform", "windows")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit", "prodigy")
 LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")  # those without step rules
 #: peft's default for Wan: self- and cross-attention projections and the feed-forward (Kandinsky 5's choice too).
@@ -107,6 +108,11 @@ class TrainingConfig:
     #: adamw, adam, sgd (torch's), adamw8bit (bitsandbytes' 8-bit AdamW, on CUDA) or prodigy (prodigyopt; it sets its
     #: own step size: learning_rate 1.0)
     optimizer: str = "adamw"
+    #: which frames of a clip make samples: start (the first `frames`), uniform (`samples_per_clip` windows spread
+    #: over the clip) or windows (one every `window_stride` frames at `fps`, at most `samples_per_clip` where > 1)
+    frame_sampling: str = "start"
+    samples_per_clip: int = 1
+    window_stride: int | None = None
     #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
     #: samples against); 0: never
     caption_dropout: float = 0.0
@@ -183,7 +189,15 @@ class TrainingConfig:
         self._check_family_keys()
 
     def _check_trainer_keys(self) -> None:
-        """The optimizer, caption dropout, EMA and tracker."""
+        """The frame sampling, optimizer, caption dropout, EMA and tracker."""
+        if self.frame_sampling not in FRAME_SAMPLING:
+            bad_value("frame_sampling", self.frame_sampling, ", ".join(FRAME_SAMPLING))
+        _int("samples_per_clip", self.samples_per_clip, 1, 1000)
+        if self.frame_sampling == "start" and self.samples_per_clip != 1:
+            bad_value("samples_per_clip", self.samples_per_clip, "1 with frame_sampling start (uniform or windows "
+                      "draw several samples from a clip)")
+        if self.window_stride is not None:
+            _int("window_stride", self.window_stride, 1)
         if self.optimizer not in OPTIMIZERS:
             bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from wan.io.files import atomic_write
 from wan.models.spec import T2V, ModelSpec
-from wan.train.clips import Clip, ClipError, read_clip
+from wan.train.clips import Clip, ClipError, clip_length, read_clip, window_offsets
 from wan.train.config import TrainingConfig
 
 CACHE_VERSION = 1  # bump when what an entry holds changes
@@ -34,13 +34,15 @@ class CacheReport:
     encoded: int  # entries written by this call (the rest were reused)
 
 
-def cache_key(clip: Clip, training: TrainingConfig, model: str, spec: ModelSpec = T2V) -> str:
+def cache_key(clip: Clip, training: TrainingConfig, model: str, spec: ModelSpec = T2V, offset: int = 0) -> str:
     stat = clip.path.stat()
     fields = {"clip": str(clip.path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
               "caption": clip.caption, "height": training.height, "width": training.width,
               "frames": training.frames, "fps": training.fps, "model": model, "version": CACHE_VERSION}
     if spec.image_condition:  # only there: the keys of text-to-video entries stay what they were
         fields["condition"] = "first frame"
+    if offset:  # a window past the start: the keys of the first window stay what they were
+        fields["offset"] = offset
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -104,27 +106,46 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
     cache_dir.mkdir(parents=True, exist_ok=True)
     report, encoders = CacheReport([], [], 0), None
     for clip in progress(list(clips)):
-        entry = entry_path(cache_dir, clip, cache_key(clip, training, model, spec))
-        if entry.is_file():
-            report.entries.append(entry)
-            continue
-        if _skip_path(entry).is_file():
-            report.skipped.append((clip.path, json.loads(_skip_path(entry).read_text())["reason"]))
-            continue
         try:
-            if clip.caption is None:
-                raise ClipError("no caption (a same-name .txt or a metadata.jsonl line)")
-            video = read_clip(clip.path, training.height, training.width, training.frames, training.fps)
+            offsets = clip_offsets(clip, training)
         except ClipError as err:
-            _write_skip(entry, str(err))
             report.skipped.append((clip.path, str(err)))
             continue
-        encoders = encoders or load_encoders()
-        tensors = encode_clip(encoders, video, clip.caption, spec)
-        atomic_write(entry, lambda tmp, t=tensors, name=str(clip.path): save_file(t, tmp, metadata={"clip": name}))
-        report.entries.append(entry)
-        report.encoded += 1
+        for offset in offsets:
+            entry = entry_path(cache_dir, clip, cache_key(clip, training, model, spec, offset))
+            if entry.is_file():
+                report.entries.append(entry)
+                continue
+            if _skip_path(entry).is_file():
+                report.skipped.append((clip.path, json.loads(_skip_path(entry).read_text())["reason"]))
+                continue
+            try:
+                if clip.caption is None:
+                    raise ClipError("no caption (a same-name .txt or a metadata.jsonl line)")
+                video = read_clip(clip.path, training.height, training.width, training.frames, training.fps, offset)
+            except ClipError as err:
+                _write_skip(entry, str(err))
+                report.skipped.append((clip.path, str(err)))
+                continue
+            encoders = encoders or load_encoders()
+            tensors = encode_clip(encoders, video, clip.caption, spec)
+            atomic_write(entry, lambda tmp, t=tensors, name=str(clip.path): save_file(t, tmp, metadata={"clip": name}))
+            report.entries.append(entry)
+            report.encoded += 1
     return report
+
+
+def clip_offsets(clip: Clip, training: TrainingConfig) -> list[int]:
+    """The first frames of the samples a clip gives (wan.train.clips.window_offsets): the start alone unless
+    training.frame_sampling draws more, which needs the clip's length."""
+    if training.frame_sampling == "start":
+        return [0]
+    length = clip_length(clip.path, training.fps)
+    offsets = window_offsets(length, training.frames, training.frame_sampling, training.samples_per_clip,
+                             training.window_stride)
+    if not offsets:
+        raise ClipError(f"too short: {length} frames at {training.fps} fps; needs {training.frames}")
+    return offsets
 
 
 def load_entries(entries: Iterable[Path]) -> list[dict[str, torch.Tensor]]:
