@@ -226,3 +226,18 @@ def test_uniform_frame_sampling_caches_several_samples_of_a_long_clip(tiny_model
     assert finetune.main(["precompute", "--model", str(tiny_model), "--data", str(folder), "--config", str(start),
                           "--cache", str(cache)]) == 0
     assert len(list(cache.glob("long-*.safetensors"))) == 3
+
+
+def test_repeats_visit_each_sample_that_often_an_epoch():
+    from wan.train.config import TrainingConfig
+    from wan.train.trainer import make_batch
+
+    entries = [{"latents": torch.zeros(16, 3, 4, 4), "prompt_embeds": torch.full((8, 4), float(i))} for i in range(3)]
+    for repeats in (1, 3):
+        training = TrainingConfig(height=32, width=32, frames=9, repeats=repeats)
+        batch = make_batch(entries, range(3 * repeats), training, 3.0, torch.device("cpu"), torch.float32)
+        seen = batch["encoder_hidden_states"][:, 0, 0].tolist()
+        assert sorted(seen) == sorted([0.0, 1.0, 2.0] * repeats)
+    once = make_batch(entries, range(6), TrainingConfig(height=32, width=32, frames=9), 3.0, torch.device("cpu"),
+                      torch.float32)
+    assert [sample_clip(n, 3, 0) for n in range(6)] == once["encoder_hidden_states"][:, 0, 0].int().tolist()

@@ -200,3 +200,28 @@ def test_ema_weights_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_model
     resumed = load_file(str(again / "lora_ema" / "pytorch_lora_weights.safetensors"))
     for key, value in ema.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_images_train_as_one_frame_samples(tiny_model, i2v_model, tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from wan.models.tiny import write_demo_clips
+
+    data = write_demo_clips(tmp_path / "data", count=1)
+    for index in range(2):
+        Image.new("RGB", (40, 30), (60 * index, 120, 200)).save(data / f"image{index}.png")
+        (data / f"image{index}.txt").write_text("a red car")
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {height: 32, width: 32, frames: 9, fps: 8, rank: 4, alpha: 4, steps: 3, "
+                      "checkpoint_every: 3, tracker: null, batch_size: 2}\n")
+    args = ["train", "--model", str(tiny_model), "--data", str(data), "--config", str(config), "--output"]
+    assert finetune.main([*args, str(tmp_path / "mixed")]) == 2  # a frame and 9 frames stack into no batch
+    assert "'training.batch_size': 2; allowed: 1 for data of images and videos together (2 images, 1 videos" in \
+        capsys.readouterr().err
+    config.write_text(config.read_text().replace("batch_size: 2", "batch_size: 1"))
+    assert finetune.main([*args, str(tmp_path / "run"), "--cache", str(tmp_path / "cache")]) == 0
+    frames = sorted(load_file(str(e))["latents"].shape[1] for e in (tmp_path / "cache").glob("*.safetensors"))
+    assert frames == [1, 1, 3]  # two images, one latent frame each; the clip's 9 frames in 3
+    assert finetune.main(["precompute", "--model", str(i2v_model), "--data", str(data), "--config", str(config)]) == 2
+    assert "holds images, which train text-to-video models only" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from nabla.backend import check_trainable
 from wan.defaults import DEFAULT_MODEL, OneLineParser, check_device, find_config, shipped_configs
 from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
-from wan.models.spec import ModelSpec
+from wan.models.spec import T2V_PIPELINE, ModelSpec
 from wan.train.checks import check_optimizer, check_trainable_model, check_training_keys, trained_experts
 from wan.train.clips import find_clips
 from wan.train.config import TrainingConfig, bad_value, check_target_modules, load_finetune_config
@@ -123,17 +123,30 @@ def check_inputs(args: argparse.Namespace):
         from wan.train.run_folder import check_output
 
         check_output(args.output, args.resume, args.overwrite)
-    find_clips(args.data)
+    clips = find_clips(args.data)
+    check_images(clips, training)
     check_folder(cache_folder(args), "cache", "give a writable one with --cache DIR")
     if args.command == "train" and args.resume and (args.output / "run.json").is_file():
         from wan.train.run_folder import check_resume
 
         check_resume(args.output, run_settings(args, sparsity, training))
+    spec = check_model(args.model, training)
+    if any(clip.is_image for clip in clips) and (spec.pipeline != T2V_PIPELINE or spec.ti2v):
+        raise ValueError(f"data: {args.data} holds images, which train text-to-video models only (Wan2.1 T2V, "
+                         f"Wan2.2 T2V-A14B); {spec.model} is a {spec.name} model")
     if args.command == "train" and args.resume not in (None, "latest"):
         from wan.train.checkpoints import chosen_checkpoint
 
         args.resume = chosen_checkpoint(args.output / "checkpoints", args.resume)
-    return sparsity, training, check_model(args.model, training)
+    return sparsity, training, spec
+
+
+def check_images(clips: list, training: TrainingConfig) -> None:
+    """Images (one-frame samples) beside videos stack into no batch: batch_size 1 then."""
+    images = sum(clip.is_image for clip in clips)
+    if images and images < len(clips) and training.frames > 1 and training.batch_size > 1:
+        bad_value("batch_size", training.batch_size, f"1 for data of images and videos together ({images} images, "
+                  f"{len(clips) - images} videos: one frame against {training.frames} do not stack)")
 
 
 def cache_folder(args: argparse.Namespace) -> Path:

@@ -18,12 +18,18 @@ import torch
 import torch.nn.functional as F
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+#: images: one-frame samples (text to image, as Wan's pretraining mixed them in)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
     path: Path
     caption: str | None  # None: no caption found (the clip is skipped with that reason)
+
+    @property
+    def is_image(self) -> bool:
+        return self.path.suffix.lower() in IMAGE_SUFFIXES
 
 
 class ClipError(ValueError):
@@ -55,10 +61,11 @@ def find_clips(folder: str | Path) -> list[Clip]:
     if not folder.is_dir():
         raise ValueError(f"data: folder {folder} does not exist")
     metadata = _metadata_captions(folder)
-    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES
+                    and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not videos:
-        raise ValueError(f"data: folder {folder} holds no video (allowed: {', '.join(VIDEO_SUFFIXES)})")
+        raise ValueError(f"data: folder {folder} holds no video or image (allowed: "
+                         f"{', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)})")
     clips = []
     for video in videos:
         txt = video.with_suffix(".txt")
@@ -110,6 +117,19 @@ def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Te
     video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return video[..., top:top + height, left:left + width]
+
+
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image as a one-frame clip [3, 1, H, W] in [-1, 1], scaled and centre-cropped as clips are."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ClipError(f"unreadable ({type(err).__name__})") from None
+    frame = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return resize_center_crop(frame, height, width).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
 def read_clip(path: str | Path, height: int, width: int, frames: int, fps: int, offset: int = 0) -> torch.Tensor:

@@ -113,6 +113,8 @@ class TrainingConfig:
     frame_sampling: str = "start"
     samples_per_clip: int = 1
     window_stride: int | None = None
+    #: how many times an epoch visits each sample (in a new shuffled order each epoch)
+    repeats: int = 1
     #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
     #: samples against); 0: never
     caption_dropout: float = 0.0
@@ -198,6 +200,7 @@ class TrainingConfig:
                       "draw several samples from a clip)")
         if self.window_stride is not None:
             _int("window_stride", self.window_stride, 1)
+        _int("repeats", self.repeats, 1, 10_000)
         if self.optimizer not in OPTIMIZERS:
             bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:

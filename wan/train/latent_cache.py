@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from wan.io.files import atomic_write
 from wan.models.spec import T2V, ModelSpec
-from wan.train.clips import Clip, ClipError, clip_length, read_clip, window_offsets
+from wan.train.clips import Clip, ClipError, clip_length, read_clip, read_image, window_offsets
 from wan.train.config import TrainingConfig
 
 CACHE_VERSION = 1  # bump when what an entry holds changes
@@ -122,7 +122,8 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
             try:
                 if clip.caption is None:
                     raise ClipError("no caption (a same-name .txt or a metadata.jsonl line)")
-                video = read_clip(clip.path, training.height, training.width, training.frames, training.fps, offset)
+                video = read_image(clip.path, training.height, training.width) if clip.is_image else read_clip(
+                    clip.path, training.height, training.width, training.frames, training.fps, offset)
             except ClipError as err:
                 _write_skip(entry, str(err))
                 report.skipped.append((clip.path, str(err)))
@@ -138,7 +139,7 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
 def clip_offsets(clip: Clip, training: TrainingConfig) -> list[int]:
     """The first frames of the samples a clip gives (wan.train.clips.window_offsets): the start alone unless
     training.frame_sampling draws more, which needs the clip's length."""
-    if training.frame_sampling == "start":
+    if training.frame_sampling == "start" or clip.is_image:
         return [0]
     length = clip_length(clip.path, training.fps)
     offsets = window_offsets(length, training.frames, training.frame_sampling, training.samples_per_clip,

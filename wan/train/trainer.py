@@ -78,7 +78,8 @@ def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training:
     caption replaced by `empty_prompt` (the empty prompt's embeddings) at the rate training.caption_dropout."""
     picked, noise, sigmas, conditioned = [], [], [], []
     for n in numbers:
-        entry, generator = entries[sample_clip(n, len(entries), training.seed)], sample_generator(n, training.seed)
+        clip = sample_clip(n, len(entries) * training.repeats, training.seed) % len(entries)
+        entry, generator = entries[clip], sample_generator(n, training.seed)
         if training.caption_dropout and caption_dropped(n, training):
             entry = {**entry, "prompt_embeds": empty_prompt}
         sigmas.append(flow_matching.sample_sigma_in(timesteps, training.weighting_scheme, training.logit_mean,
