@@ -225,3 +225,33 @@ def test_images_train_as_one_frame_samples(tiny_model, i2v_model, tmp_path, caps
     assert frames == [1, 1, 3]  # two images, one latent frame each; the clip's 9 frames in 3
     assert finetune.main(["precompute", "--model", str(i2v_model), "--data", str(data), "--config", str(config)]) == 2
     assert "holds images, which train text-to-video models only" in capsys.readouterr().err
+
+
+def test_buckets_keep_each_batch_to_one_size(tiny_model, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from wan.models.tiny import write_demo_clips
+    from wan.train.clips import nearest_bucket
+    from wan.train.config import TrainingConfig
+    from wan.train.trainer import sample_entry
+
+    assert nearest_bucket((48, 64), [[32, 32], [32, 48]]) == (32, 48)
+    assert nearest_bucket((64, 48), [[32, 32], [32, 48], [48, 32]]) == (48, 32)
+    data = write_demo_clips(tmp_path / "data", count=3)  # 48x64 clips: the 32x48 bucket
+    for index in range(3):
+        Image.new("RGB", (40, 40), (60 * index, 120, 200)).save(data / f"image{index}.png")  # square: 32x32
+        (data / f"image{index}.txt").write_text("a red car")
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {buckets: [[32, 32], [32, 48]], height: 32, width: 32, frames: 9, fps: 8, rank: 4, "
+                      "alpha: 4, steps: 3, checkpoint_every: 3, tracker: null, batch_size: 2}\n")
+    assert finetune.main(["train", "--model", str(tiny_model), "--data", str(data), "--config", str(config),
+                          "--output", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")]) == 0
+    shapes = sorted(tuple(load_file(str(e))["latents"].shape) for e in (tmp_path / "cache").glob("*.safetensors"))
+    assert shapes == [(16, 1, 4, 4)] * 3 + [(16, 3, 4, 6)] * 3
+    training = TrainingConfig(height=32, width=32, frames=9, buckets=[[32, 32], [32, 48]], batch_size=2)
+    kinds = ((16, 1, 4, 4),) * 3 + ((16, 3, 4, 6),) * 3
+    for epoch_start in (0, 8):
+        batches = [[kinds[sample_entry(n, 6, kinds, training)] for n in range(b, b + 2)]
+                   for b in range(epoch_start, epoch_start + 8, 2)]
+        assert all(a == b for a, b in batches)  # one size a batch

@@ -142,9 +142,10 @@ def check_inputs(args: argparse.Namespace):
 
 
 def check_images(clips: list, training: TrainingConfig) -> None:
-    """Images (one-frame samples) beside videos stack into no batch: batch_size 1 then."""
+    """Images (one-frame samples) beside videos stack into no batch: batch_size 1 then, or buckets (which keep them
+    apart)."""
     images = sum(clip.is_image for clip in clips)
-    if images and images < len(clips) and training.frames > 1 and training.batch_size > 1:
+    if images and images < len(clips) and training.frames > 1 and training.batch_size > 1 and not training.buckets:
         bad_value("batch_size", training.batch_size, f"1 for data of images and videos together ({images} images, "
                   f"{len(clips) - images} videos: one frame against {training.frames} do not stack)")
 

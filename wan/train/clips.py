@@ -80,6 +80,28 @@ def frame_indices(frames: int, fps: float, source_fps: float, offset: int = 0) -
     return [math.floor((offset + i) * source_fps / fps + 1e-6) for i in range(frames)]
 
 
+def clip_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a clip's frames or an image; ClipError if unreadable."""
+    try:
+        if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.height, image.width
+        with imageio.get_reader(path, "ffmpeg") as reader:
+            width, height = reader.get_meta_data()["size"]
+            return int(height), int(width)
+    except Exception as err:  # noqa: BLE001 - whatever the decoder says, the clip is unreadable
+        raise ClipError(f"unreadable ({type(err).__name__})") from None
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[list[int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest `size`'s (in log ratio: 2:1 and 1:2 are as far from 1:1)."""
+    ratio = math.log(size[1] / size[0])
+    height, width = min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+    return height, width
+
+
 def clip_length(path: str | Path, fps: int) -> int:
     """How many frames at `fps` the clip at `path` holds (its duration at that rate); ClipError if unreadable."""
     try:

@@ -113,6 +113,9 @@ class TrainingConfig:
     frame_sampling: str = "start"
     samples_per_clip: int = 1
     window_stride: int | None = None
+    #: resolution buckets: [[height, width], ...] (multiples of 16); each clip goes to the one nearest its aspect
+    #: ratio and every batch holds one bucket's samples; null: every clip at height x width
+    buckets: list[list[int]] | None = None
     #: how many times an epoch visits each sample (in a new shuffled order each epoch)
     repeats: int = 1
     #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
@@ -201,6 +204,7 @@ class TrainingConfig:
         if self.window_stride is not None:
             _int("window_stride", self.window_stride, 1)
         _int("repeats", self.repeats, 1, 10_000)
+        self._check_buckets()
         if self.optimizer not in OPTIMIZERS:
             bad_value("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
@@ -209,6 +213,18 @@ class TrainingConfig:
             bad_value("ema_decay", self.ema_decay, "a number in (0, 1) or null")
         if self.tracker not in (None, "tensorboard"):
             bad_value("tracker", self.tracker, "tensorboard or null")
+
+    def _check_buckets(self) -> None:
+        buckets = self.buckets
+        if buckets is None:
+            return
+        sizes = isinstance(buckets, Sequence) and not isinstance(buckets, str) and buckets and all(
+            isinstance(b, Sequence) and len(b) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and
+                                                             16 <= v <= MAX_SIDE and v % 16 == 0 for v in b)
+            for b in buckets)
+        if not sizes:
+            bad_value("buckets", buckets, f"a list of [height, width] pairs, multiples of 16 up to {MAX_SIDE}, or null")
+        object.__setattr__(self, "buckets", [list(b) for b in buckets])
 
     def _check_targets(self) -> None:
         targets = self.target_modules

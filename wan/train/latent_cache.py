@@ -20,7 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from wan.io.files import atomic_write
 from wan.models.spec import T2V, ModelSpec
-from wan.train.clips import Clip, ClipError, clip_length, read_clip, read_image, window_offsets
+from wan.train.clips import (
+    Clip,
+    ClipError,
+    clip_length,
+    clip_size,
+    nearest_bucket,
+    read_clip,
+    read_image,
+    window_offsets,
+)
 from wan.train.config import TrainingConfig
 
 CACHE_VERSION = 1  # bump when what an entry holds changes
@@ -34,7 +43,8 @@ class CacheReport:
     encoded: int  # entries written by this call (the rest were reused)
 
 
-def cache_key(clip: Clip, training: TrainingConfig, model: str, spec: ModelSpec = T2V, offset: int = 0) -> str:
+def cache_key(clip: Clip, training: TrainingConfig, model: str, spec: ModelSpec = T2V, offset: int = 0,
+              size: tuple[int, int] | None = None) -> str:
     stat = clip.path.stat()
     fields = {"clip": str(clip.path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
               "caption": clip.caption, "height": training.height, "width": training.width,
@@ -43,6 +53,8 @@ def cache_key(clip: Clip, training: TrainingConfig, model: str, spec: ModelSpec 
         fields["condition"] = "first frame"
     if offset:  # a window past the start: the keys of the first window stay what they were
         fields["offset"] = offset
+    if size is not None:  # a bucket's size
+        fields["height"], fields["width"] = size
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -108,11 +120,13 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
     for clip in progress(list(clips)):
         try:
             offsets = clip_offsets(clip, training)
+            size = nearest_bucket(clip_size(clip.path), training.buckets) if training.buckets else None
         except ClipError as err:
             report.skipped.append((clip.path, str(err)))
             continue
+        height, width = size or (training.height, training.width)
         for offset in offsets:
-            entry = entry_path(cache_dir, clip, cache_key(clip, training, model, spec, offset))
+            entry = entry_path(cache_dir, clip, cache_key(clip, training, model, spec, offset, size))
             if entry.is_file():
                 report.entries.append(entry)
                 continue
@@ -122,8 +136,8 @@ def precompute(clips: Iterable[Clip], cache_dir: Path, training: TrainingConfig,
             try:
                 if clip.caption is None:
                     raise ClipError("no caption (a same-name .txt or a metadata.jsonl line)")
-                video = read_image(clip.path, training.height, training.width) if clip.is_image else read_clip(
-                    clip.path, training.height, training.width, training.frames, training.fps, offset)
+                video = read_image(clip.path, height, width) if clip.is_image else read_clip(
+                    clip.path, height, width, training.frames, training.fps, offset)
             except ClipError as err:
                 _write_skip(entry, str(err))
                 report.skipped.append((clip.path, str(err)))

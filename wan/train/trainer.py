@@ -58,6 +58,33 @@ def caption_dropped(n: int, training: TrainingConfig) -> bool:
     return bool(torch.rand((), generator=generator) < training.caption_dropout)
 
 
+def sample_entry(n: int, count: int, shapes: tuple, training: TrainingConfig) -> int:
+    """The entry (of `count`) of global sample n: each epoch visits every entry `repeats` times in a seeded order;
+    with buckets (`shapes`: each entry's latent shape) the order runs in whole batches of one shape each."""
+    if not training.buckets:
+        return sample_clip(n, count * training.repeats, training.seed) % count
+    length = len(_bucket_order(shapes, training.batch_size, training.repeats, training.seed, 0))
+    epoch, position = divmod(n, length)
+    return _bucket_order(shapes, training.batch_size, training.repeats, training.seed, epoch)[position]
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_order(shapes: tuple, batch: int, repeats: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """An epoch's entries in batches of one shape: each bucket shuffled and cut into batches (its last one filled
+    from its own start), the batches shuffled."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    buckets: dict[tuple, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        buckets.setdefault(shape, []).append(index)
+    chunks = []
+    for members in buckets.values():
+        members = members * repeats
+        shuffled = [members[k] for k in torch.randperm(len(members), generator=generator).tolist()]
+        shuffled += (shuffled * batch)[:-len(shuffled) % batch]
+        chunks += [shuffled[k:k + batch] for k in range(0, len(shuffled), batch)]
+    return tuple(i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k])
+
+
 def sample_generator(n: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + n) % 2**63)
 
@@ -77,9 +104,10 @@ def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training:
     timesteps drawn within `timesteps` [low, high) (an A14B expert's side of the boundary) where given; a sample's
     caption replaced by `empty_prompt` (the empty prompt's embeddings) at the rate training.caption_dropout."""
     picked, noise, sigmas, conditioned = [], [], [], []
+    shapes = tuple(tuple(entry["latents"].shape) for entry in entries) if training.buckets else ()
     for n in numbers:
-        clip = sample_clip(n, len(entries) * training.repeats, training.seed) % len(entries)
-        entry, generator = entries[clip], sample_generator(n, training.seed)
+        entry = entries[sample_entry(n, len(entries), shapes, training)]
+        generator = sample_generator(n, training.seed)
         if training.caption_dropout and caption_dropped(n, training):
             entry = {**entry, "prompt_embeds": empty_prompt}
         sigmas.append(flow_matching.sample_sigma_in(timesteps, training.weighting_scheme, training.logit_mean,
