@@ -147,6 +147,7 @@ def test_the_tiny_fine_tuning_recipe_runs_in_seconds(tiny_model, tmp_path, capsy
     assert {"train/loss", "train/lr", "train/grad_norm", "train/density", "train/s_per_step"} <= set(
         events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+    assert [e.step for e in events.Images("validation/0")] == [20]  # its first, middle and last frames
 
 
 @pytest.mark.parametrize("optimizer, message", [

@@ -364,7 +364,7 @@ class Trainer:
     def validate(self, step: int) -> None:
         self.attention.for_sampling()
         self.model.eval()
-        self.validator.run(self.model, step, self.output / "validation", self.parallel.is_main)
+        self.validator.run(self.model, step, self.output / "validation", self.parallel.is_main, self.tracker)
         self.model.train()
 
     def export(self) -> list[Path]:

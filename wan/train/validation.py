@@ -33,8 +33,9 @@ class Validator:
         return bool(every) and step % every == 0
 
     @torch.no_grad()
-    def run(self, transformer: torch.nn.Module, step: int, folder: Path, write: bool) -> list[Path]:
-        """Sample each prompt (every rank), write the videos (where `write`); returns the files written."""
+    def run(self, transformer: torch.nn.Module, step: int, folder: Path, write: bool, tracker=None) -> list[Path]:
+        """Sample each prompt (every rank), write the videos (where `write`) and give the tracker (a TensorBoard
+        SummaryWriter, where given) their first, middle and last frames; returns the files written."""
         config, training = self.training.validation, self.training
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
                            transformer=transformer, expand_timesteps=self.expand_timesteps)
@@ -49,4 +50,7 @@ class Validator:
                 folder.mkdir(parents=True, exist_ok=True)
                 path, _ = write_video_or_frames(video, folder / f"step-{step:08d}-{index}.mp4", fps=training.fps)
                 written.append(path)
+            if write and tracker is not None:  # frames, not a video: TensorBoard's video summary needs moviepy 1
+                frames = video[[0, len(video) // 2, len(video) - 1]]
+                tracker.add_images(f"validation/{index}", frames, step, dataformats="NHWC")
         return written
