@@ -120,7 +120,8 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
 
     monkeypatch.setattr(wan.train.trainer, "append_log", interrupt_at_3)
     assert finetune.main(train_args(tiny_model, data, config, output)) == wan.train.trainer.EXIT_INTERRUPTED
-    assert "interrupted: checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the last line, after the progress bar's (not inside it)
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("interrupted: checkpoint"), err[-300:]
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     monkeypatch.undo()
     assert finetune.main(train_args(tiny_model, data, config, output)) == 2  # another run there: refused

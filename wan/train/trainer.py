@@ -340,8 +340,10 @@ class Trainer:
         return 0
 
     def _say(self, bar: tqdm, message: str) -> None:
+        """The run's last word: after the progress bar's last line, not inside it."""
+        bar.close()
         if self.parallel.is_main:
-            bar.write(message, file=sys.stderr)
+            print(message, file=sys.stderr, flush=True)
 
     def _record(self, bar: tqdm, entry: dict) -> None:
         if self.parallel.is_main:
