@@ -83,7 +83,7 @@ def test_bad_paths(tiny_model, clip_folder, tmp_path, no_weights, capsys):
 
     assert f"data: folder {tmp_path / 'nope'} does not exist" in refused(data=tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    assert "holds no video (allowed: .mp4, .mov" in refused(data=tmp_path / "empty")
+    assert "holds no video or image (allowed: .mp4, .mov" in refused(data=tmp_path / "empty")
     assert "is not a diffusers pipeline folder" in refused(model=tmp_path / "empty")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
