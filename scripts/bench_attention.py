@@ -341,7 +341,7 @@ def main() -> None:
     if device.type != "cuda" and not args.smoke:
         parser.error("the real shapes need CUDA; use --smoke on CPU")
     shapes = SMOKE_SHAPES if args.smoke else {name: SHAPES[name] for name in args.shapes}
-    rep_ms = 20 if args.smoke else 100  # per variant: keeps the whole run within one device call
+    rep_ms = 20 if args.smoke else 100  # per variant: keeps the whole table within a few minutes
     dtype = torch.bfloat16
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     # Each (density bound, blocking, backend) compiles its own mask graph and kernel: ~15 per shape, past

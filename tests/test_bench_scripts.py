@@ -1,6 +1,6 @@
 """The GPU benchmark scripts, in their --smoke mode on the CPU: they run to the end and print their table.
 
-Device time is short; a script that breaks there wastes it. These runs time nothing that matters.
+GPU time is costly; a script that breaks there wastes it. These runs time nothing that matters.
 """
 
 import ast

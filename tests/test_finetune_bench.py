@@ -1,5 +1,5 @@
 """scripts/bench_train.py --smoke on the CPU: it runs a LoRA and a full fine-tuning step to the end and prints its
-table (device time is short; a script that breaks there wastes it). The times mean nothing here."""
+table (GPU time is costly; a script that breaks there wastes it). The times mean nothing here."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""CUDA-only checks, run on the lent GPU (`python -m pytest -q tests/test_gpu.py`); CI has no GPU and skips them."""
+"""CUDA-only checks, run on a machine with a CUDA GPU (`python -m pytest -q tests/test_gpu.py`); CI has no GPU and skips them."""
 
 import pytest
 import torch
