@@ -21,11 +21,20 @@ def check_target(path: str | Path, suffix: str, what: str, overwrite: bool = Fal
     folder = path.parent
     if not folder.is_dir():
         raise ValueError(f"{what}: folder {folder} does not exist")
-    try:  # a real write test: permission bits say nothing for root or read-only mounts
+    reason = _unwritable(folder)
+    if reason is not None:
+        raise ValueError(f"{what}: folder {folder} is not writable ({reason})")
+    return path
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be written in `folder`, or None: a real write test, as permission bits say nothing for root or
+    read-only mounts."""
+    try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise ValueError(f"{what}: folder {folder} is not writable ({err.strerror})") from None
-    return path
+        return err.strerror
+    return None
 
 
 def check_folder(folder: str | Path, what: str, hint: str = "choose another folder") -> Path:
@@ -37,11 +46,10 @@ def check_folder(folder: str | Path, what: str, hint: str = "choose another fold
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{what}: {existing} is a file, so {folder} cannot be made")
-    try:  # a real write test: permission bits say nothing for root or read-only mounts
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
+    reason = _unwritable(existing)
+    if reason is not None:
         made = "" if existing == folder else f" (to make {folder} in)"
-        raise ValueError(f"{what}: folder {existing}{made} is not writable ({err.strerror}); {hint}") from None
+        raise ValueError(f"{what}: folder {existing}{made} is not writable ({reason}); {hint}")
     return folder
 
 
