@@ -12,6 +12,7 @@ from diffusers import WanTransformer3DModel
 
 import finetune
 from nabla.config import SparsityConfig
+from wan.models.spec import scheduler_shift
 from wan.train import flow_matching
 from wan.train.clips import find_clips, frame_indices, read_clip
 from wan.train.config import SparsitySchedule
@@ -140,7 +141,8 @@ def test_flow_matching():
                                torch.tensor([0.0, 0.75, 1.0]))
     sigmas = flow_matching.sample_sigmas(1000, "logit_normal", 0.0, 1.0, 1.29, 3.0, torch.Generator().manual_seed(0))
     assert 0 < sigmas.min() and sigmas.max() < 1 and sigmas.median() > 0.6
-    assert flow_matching.scheduler_shift({"flow_shift": 5.0}) == 5.0 and flow_matching.scheduler_shift({}) == 1.0
+    assert scheduler_shift({"flow_shift": 5.0}) == 5.0 and scheduler_shift({"shift": 3.0}) == 3.0
+    assert scheduler_shift({}) == 1.0
 
 
 def test_clip_reading(tmp_path):

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from wan.models.spec import scheduler_shift
+
 
 class _FixedSigmas:
     """A scheduler whose runs of `len(fixed_sigmas)` steps take those sigmas (before its shift); runs of another
@@ -33,17 +35,11 @@ def _build(name: str, current: Any, shift: float) -> Any:
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
 
 
-def model_shift(scheduler: Any) -> float:
-    """The flow shift of a Wan pipeline's scheduler (UniPC's and DPM++'s `flow_shift`, FlowMatchEuler's `shift`)."""
-    config = scheduler.config
-    return float(config.get("flow_shift") or config.get("shift") or 1.0)
-
-
 def scheduler_for(current: Any, name: str | None, shift: float | None, sigmas: list[float] | None) -> Any:
     """The scheduler a run of these settings samples with: `current` itself where none is set (the stock run)."""
     if name is None and shift is None and sigmas is None:
         return current
-    scheduler = _build(name or _name_of(current), current, model_shift(current) if shift is None else float(shift))
+    scheduler = _build(name or _name_of(current), current, scheduler_shift(current.config) if shift is None else float(shift))
     if sigmas is not None:
         fixed = type(f"{type(scheduler).__name__}WithSigmas", (_FixedSigmas, type(scheduler)), {})
         scheduler = fixed.from_config(scheduler.config)
@@ -53,12 +49,12 @@ def scheduler_for(current: Any, name: str | None, shift: float | None, sigmas: l
 
 def _name_of(scheduler: Any) -> str:
     names = {"FlowMatchEulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpm++"}
-    return next((name for cls, name in names.items() if cls in {c.__name__ for c in type(scheduler).__mro__}),
-                "unipc")
+    classes = {cls.__name__ for cls in type(scheduler).__mro__}  # a WithSigmas subclass keeps its base's name
+    return next((name for cls, name in names.items() if cls in classes), "unipc")
 
 
 def describe_sampler(scheduler: Any) -> str:
     """The sampler in a few words: "unipc, shift 5.0" or "euler, shift 5.0, sigmas 1.0 0.75 0.5 0.25"."""
-    text = f"{_name_of(scheduler)}, shift {model_shift(scheduler):g}"
+    text = f"{_name_of(scheduler)}, shift {scheduler_shift(scheduler.config):g}"
     sigmas = getattr(scheduler, "fixed_sigmas", ())
     return text + (", sigmas " + " ".join(f"{s:g}" for s in sigmas) if sigmas else "")

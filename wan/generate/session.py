@@ -17,6 +17,7 @@ from nabla.config import SparsityConfig
 from wan.generate.plan import DTYPES, Plan, check_model, token_grid
 from wan.generate.scheduler import scheduler_for
 from wan.generate.settings import GenerationSettings
+from wan.models.spec import MAX_TEXT_TOKENS
 
 
 def warm_up(pipe, patch, settings: GenerationSettings, device: str) -> None:
@@ -183,16 +184,12 @@ def _apply_levers(session: Session, transformers: list, plan: Plan, setup: Any, 
         enable_cache(transformer, expert_cache(plan.cache, first_step))
 
 
-#: the prompt tokens Wan's pipelines give the text encoder (their max_sequence_length)
-MAX_PROMPT_TOKENS = 512
-
-
 def warn_long_prompt(pipe: Any, prompt: str, where: str = "prompt") -> None:
     """One line on stderr where the text encoder will not read the whole prompt (the pipeline cuts it silently)."""
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None:
         return
     tokens = len(tokenizer(prompt, add_special_tokens=True).input_ids)
-    if tokens > MAX_PROMPT_TOKENS:
-        print(f"warning: {where} is {tokens} tokens long; the text encoder reads the first {MAX_PROMPT_TOKENS}, the "
+    if tokens > MAX_TEXT_TOKENS:
+        print(f"warning: {where} is {tokens} tokens long; the text encoder reads the first {MAX_TEXT_TOKENS}, the "
               "rest does not reach the video", file=sys.stderr)

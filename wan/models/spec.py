@@ -21,6 +21,8 @@ from typing import Any
 T2V_PIPELINE, I2V_PIPELINE = "WanPipeline", "WanImageToVideoPipeline"
 #: the pipeline attributes that hold experts, in the order of the steps they run
 EXPERT_NAMES = ("transformer", "transformer_2")
+#: the prompt tokens Wan's text encoder reads (WanPipeline's max_sequence_length; the embeddings it was trained on)
+MAX_TEXT_TOKENS = 512
 #: the VAE's temporal compression (Wan2.1's and Wan2.2's): 4k+1 frames make k+1 latent frames
 VAE_TEMPORAL_SCALE = 4
 
@@ -123,6 +125,12 @@ class ModelSpec:
         index["transformer_2"] = [None] if getattr(pipe, "transformer_2", None) is None else ["diffusers", "x"]
         vae = {"scale_factor_spatial": getattr(pipe, "vae_scale_factor_spatial", 8)}
         return cls.from_configs(model, index, dict(pipe.transformer.config), vae)
+
+
+def scheduler_shift(scheduler_config: Any) -> float:
+    """The flow shift a Wan scheduler config samples with: UniPC's and DPM++'s `flow_shift`, FlowMatchEuler's
+    `shift`, else 1."""
+    return float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
 
 
 def _read_json(model: str, part: str) -> dict[str, Any] | None:

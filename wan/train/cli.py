@@ -81,7 +81,7 @@ def check_model(model: str, training: TrainingConfig) -> ModelSpec:
 def flow_shift(model: str, training: TrainingConfig) -> float:
     from diffusers import UniPCMultistepScheduler
 
-    from wan.train.flow_matching import scheduler_shift
+    from wan.models.spec import scheduler_shift
 
     if training.flow_shift is not None:
         return training.flow_shift

@@ -50,11 +50,6 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def scheduler_shift(scheduler_config: dict) -> float:
-    """The shift a Wan scheduler config samples with: UniPC's `flow_shift`, FlowMatchEuler's `shift`, else 1."""
-    return float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
-
-
 def first_frame_mask(shape: torch.Size, conditioned: torch.Tensor) -> torch.Tensor:
     """[B, 1, F, H, W] for latents of `shape`: 0 on the first latent frame of the samples `conditioned` marks (their
     clean image condition), 1 elsewhere: WanImageToVideoPipeline's `first_frame_mask` under expand_timesteps, and all

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan.io.files import atomic_write
-from wan.models.spec import T2V, ModelSpec
+from wan.models.spec import MAX_TEXT_TOKENS, T2V, ModelSpec
 from wan.train.clips import (
     Clip,
     ClipError,
@@ -33,7 +33,6 @@ from wan.train.clips import (
 from wan.train.config import TrainingConfig
 
 CACHE_VERSION = 1  # bump when what an entry holds changes
-MAX_TEXT_TOKENS = 512  # WanPipeline's max_sequence_length: the text embeddings the transformer was trained on
 
 
 @dataclasses.dataclass

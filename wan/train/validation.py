@@ -12,9 +12,8 @@ import torch
 from diffusers import WanPipeline
 
 from wan.io.video import write_video_or_frames
-from wan.models.spec import T2V, ModelSpec
+from wan.models.spec import MAX_TEXT_TOKENS, T2V, ModelSpec
 from wan.train.config import TrainingConfig
-from wan.train.latent_cache import MAX_TEXT_TOKENS
 
 
 class Validator:
