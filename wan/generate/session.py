@@ -17,7 +17,7 @@ from nabla.config import SparsityConfig
 from wan.generate.plan import DTYPES, Plan, check_model, token_grid
 from wan.generate.scheduler import scheduler_for
 from wan.generate.settings import GenerationSettings
-from wan.models.spec import MAX_TEXT_TOKENS
+from wan.models.spec import MAX_TEXT_TOKENS, ModelSpec
 
 
 def warm_up(pipe, patch, settings: GenerationSettings, device: str) -> None:
@@ -123,8 +123,6 @@ def _load(args: argparse.Namespace, plan: Plan, device: str, main: bool) -> tupl
     pipe.set_progress_bar_config(disable=not main)
     transformers = experts(pipe, "generate")  # Wan2.2 A14B: both experts, each patched, quantised and cached
     if plan.spec is None:  # a hub id: its facts are known only now
-        from wan.models.spec import ModelSpec
-
         check_model(plan, ModelSpec.from_pipeline(pipe, settings.model))
     settings = plan.settings
     pipe.scheduler = scheduler_for(pipe.scheduler, settings.scheduler, settings.flow_shift, settings.sigmas)
