@@ -21,16 +21,18 @@ from nabla import SparsityConfig
 from wan.api import compile_blocks
 from wan.attention.patch import patch_transformer
 from wan.benchmarking import build_pipeline, model_args, run_steps
+from wan.defaults import DIST_BACKEND_HELP, DIST_BACKENDS
 from wan.speedups.parallel import enable_cfg_parallel, enable_ulysses, init_parallel
 
 
 def main() -> None:
-    args = model_args(__doc__, steps=1, archs=("1.3B", "14B"))  # one transformer: Wan2.1 T2V
+    args = model_args(__doc__, steps=1, archs=("1.3B", "14B"),  # one transformer: Wan2.1 T2V
+                      extra=lambda p: p.add_argument("--dist-backend", choices=DIST_BACKENDS, help=DIST_BACKEND_HELP))
 
     # One mesh for both modes: CFG parallel uses the (cfg) pairs, Ulysses a 2-rank ulysses group.
-    cfg_setup = init_parallel(1, cfg_parallel=True)
+    cfg_setup = init_parallel(1, cfg_parallel=True, backend=args.dist_backend)
     rank = cfg_setup.rank
-    uly_setup = init_parallel(2, cfg_parallel=False)
+    uly_setup = init_parallel(2, cfg_parallel=False, backend=args.dist_backend)
     pipe = build_pipeline(args, str(cfg_setup.device))
     device_name = torch.cuda.get_device_name() if cfg_setup.device.type == "cuda" else "CPU"
     nabla = SparsityConfig(mode="nabla", threshold=args.threshold, block_size=args.block_size,

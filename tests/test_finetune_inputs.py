@@ -96,6 +96,8 @@ def test_bad_paths(tiny_model, clip_folder, tmp_path, no_weights, capsys):
                                                      str(tmp_path / "c.yaml"))
     assert "--device 'gpu' is not allowed; allowed: cpu, cuda or cuda:N" in refused(
         tiny_model, clip_folder, tmp_path / "run", "--device", "gpu")
+    assert "--dist-backend gloo needs several processes (torchrun" in refused(
+        tiny_model, clip_folder, tmp_path / "run", "--dist-backend", "gloo")
 
 
 def test_no_usable_clip_exits_2(tiny_model, tmp_path, capsys):

@@ -57,7 +57,7 @@ def torchrun(tmp_path, model, config, out, *extra, procs, size=("64", "96")):
 # four-process one (each process run costs the CI machine about 12 s).
 @pytest.mark.parametrize("config, mode", [("nabla", "cfg"), ("cached", "ulysses")])
 def test_two_processes_match_one(tiny_model, tmp_path, single, config, mode, capsys):
-    flags = ["--ulysses", "2"] if mode == "ulysses" else ["--cfg-parallel"]
+    flags = ["--ulysses", "2"] if mode == "ulysses" else ["--cfg-parallel", "--dist-backend", "gloo"]
     multi = torchrun(tmp_path, tiny_model, config, tmp_path / "two.npy", *flags, procs=2)
     assert multi.returncode == 0, multi.stderr[-3000:]
     two = np.load(tmp_path / "two.npy")
@@ -99,3 +99,8 @@ def test_bad_degree_names_allowed_ones(tiny_model, tmp_path, capsys):
     assert generate.main([*args, "--ulysses", "2"]) == 2
     assert "--ulysses 2 needs 2 processes (torchrun --nproc_per_node=2" in capsys.readouterr().err
     assert not (tmp_path / "v.npy").exists()
+    assert generate.main([*args, "--dist-backend", "gloo"]) == 2  # a testing aid for several ranks only
+    assert capsys.readouterr().err.strip() == ("error: --dist-backend gloo needs --ulysses N or --cfg-parallel under "
+                                               "torchrun")
+    assert generate.main([*args, "--cfg-parallel", "--dist-backend", "nccl"]) == 2
+    assert "--dist-backend nccl needs CUDA GPUs; allowed here: gloo" in capsys.readouterr().err

@@ -4,6 +4,7 @@ the shipped configs (package data of `wan`; in a checkout a link to the top-leve
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -65,3 +66,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def local_device(rank: int) -> torch.device:  # noqa: F821 (torch is imported lazily)
+    """This rank's GPU: LOCAL_RANK's, wrapped round the GPUs there are."""
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+
+
+DIST_BACKENDS = ("nccl", "gloo")
+DIST_BACKEND_HELP = ("torchrun's collective backend (default: nccl on GPUs, gloo on the CPU); gloo lets several ranks "
+                     "share one GPU, a testing aid that runs the multi-GPU CUDA paths on one GPU, slowly")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from wan.defaults import DEFAULT_MODEL, OneLineParser, shipped_configs
+from wan.defaults import DEFAULT_MODEL, DIST_BACKEND_HELP, DIST_BACKENDS, OneLineParser, shipped_configs
 from wan.generate import report
 from wan.generate.batch import Job
 from wan.generate.plan import DTYPES, Plan, resolve
@@ -122,6 +122,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    "Ulysses sequence parallelism; launch with torchrun --nproc_per_node=N (default: 1)")
     p.add_argument("--cfg-parallel", action="store_true", help="run the conditional and unconditional passes on two "
                    "groups of GPUs at once; torchrun --nproc_per_node=2 (or 2 x --ulysses)")
+    p.add_argument("--dist-backend", choices=DIST_BACKENDS, help=DIST_BACKEND_HELP)
     p.add_argument("--compare", action="store_true", help="run the stock model (full attention, no FP8, no cache) and "
                    "the configured one (sparsity, precision, cache) on the same seed; print both times, the speedup, "
                    "the configured video's PSNR, SSIM and mean absolute "

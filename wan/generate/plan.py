@@ -183,7 +183,11 @@ def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, spec
     if args.ulysses < 1:
         raise ValueError(f"--ulysses {args.ulysses} is not allowed; it must be an integer >= 1")
     if args.ulysses == 1 and not args.cfg_parallel:
+        if args.dist_backend is not None:
+            raise ValueError(f"--dist-backend {args.dist_backend} needs --ulysses N or --cfg-parallel under torchrun")
         return
+    if args.dist_backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--dist-backend nccl needs CUDA GPUs; allowed here: gloo")
     if args.compare or args.cpu_offload:
         raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
     if args.cfg_parallel and settings.guidance_scale <= 1:

@@ -81,7 +81,7 @@ def prepare(args: argparse.Namespace, plan: Plan) -> Session:
     if args.ulysses > 1 or args.cfg_parallel:
         from wan.speedups.parallel import init_parallel
 
-        setup = init_parallel(args.ulysses, args.cfg_parallel)
+        setup = init_parallel(args.ulysses, args.cfg_parallel, args.dist_backend)
     device = str(setup.device) if setup else plan.device
     start = time.perf_counter()
     pipe, transformers = _load(args, plan, device, setup is None or setup.is_main)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from wan.defaults import local_device
+
 
 @dataclasses.dataclass
 class ParallelSetup:
@@ -62,8 +64,12 @@ def check_sequence(tokens: int, ulysses: int, what: str) -> None:
         raise ValueError(f"--ulysses {ulysses} does not divide the {tokens} {what}; choose a degree that divides it")
 
 
-def init_parallel(ulysses: int, cfg_parallel: bool) -> ParallelSetup:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) and build the device mesh."""
+def init_parallel(ulysses: int, cfg_parallel: bool, backend: str | None = None) -> ParallelSetup:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs, or `backend`) and build the device mesh.
+
+    Ranks take GPUs round-robin: with `backend="gloo"` several ranks may share one GPU (NCCL refuses that), which
+    runs every multi-GPU CUDA path on a machine with one GPU.
+    """
     expected = ulysses * (2 if cfg_parallel else 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != expected:
@@ -74,9 +80,9 @@ def init_parallel(ulysses: int, cfg_parallel: bool) -> ParallelSetup:
         )
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
     rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    device = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (2 if cfg_parallel else 1, 1, ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))

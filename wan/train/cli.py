@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 
 from nabla.backend import check_trainable
-from wan.defaults import DEFAULT_MODEL, OneLineParser, check_device, find_config, shipped_configs
+from wan.defaults import (
+    DEFAULT_MODEL,
+    DIST_BACKEND_HELP,
+    DIST_BACKENDS,
+    OneLineParser,
+    check_device,
+    find_config,
+    shipped_configs,
+)
 from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import T2V_PIPELINE, ModelSpec
@@ -56,6 +64,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "one of OUT/checkpoints/step-NNNNNNNN, by path or name (the newer ones are then "
                              "dropped)")
             sub.add_argument("--overwrite", action="store_true", help="delete the run in --output and start over")
+            sub.add_argument("--dist-backend", choices=DIST_BACKENDS, help=DIST_BACKEND_HELP)
     return parser
 
 
@@ -123,6 +132,8 @@ def check_inputs(args: argparse.Namespace):
         from wan.train.run_folder import check_output
 
         check_output(args.output, args.resume, args.overwrite)
+        if args.dist_backend is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise ValueError(f"--dist-backend {args.dist_backend} needs several processes (torchrun --nproc_per_node=N)")
     clips = find_clips(args.data)
     check_images(clips, training)
     check_folder(cache_folder(args), "cache", "give a writable one with --cache DIR")
@@ -168,7 +179,7 @@ def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: Mo
     from wan.train.trainer import Trainer
     from wan.train.validation import Validator
 
-    parallel = init_data_parallel(args.device)
+    parallel = init_data_parallel(args.device, args.dist_backend)
     try:
         if parallel.is_main:
             entries = precompute_cache(args, training, spec, parallel.device, show=True)

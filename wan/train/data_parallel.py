@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from wan.defaults import local_device
+
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
@@ -46,16 +48,17 @@ class DataParallel:
             dist.barrier()
 
 
-def init_data_parallel(device: str | None = None) -> DataParallel:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if WORLD_SIZE > 1; pick this rank's device."""
+def init_data_parallel(device: str | None = None, backend: str | None = None) -> DataParallel:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs, or `backend`: gloo lets ranks share one GPU) if
+    WORLD_SIZE > 1; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if world == 1:
         return DataParallel(0, 1, torch.device(device or ("cuda" if cuda else "cpu")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
     rank = dist.get_rank()
-    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    local = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(local)
     return DataParallel(rank, world, local)
