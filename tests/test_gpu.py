@@ -225,8 +225,9 @@ def test_compiled_patched_blocks_match_eager_blocks(block_size):
 def test_tiled_qk_kernels_match_the_torch_path_at_wan_shapes(shape, block_size):
     """wan/attention/tiled_qk.py against the processor's torch ops (gather, RMSNorm across heads, rotary, pool_blocks), bf16."""
     from nabla.layout import gather_tiles
-    from wan.attention.processor import _apply_rotary_pairwise, block_means
+    from wan.attention.processor import block_means
     from wan.attention.tiled_qk import tiled_qk
+    from wan.models.wan import rotate_pairwise as _apply_rotary_pairwise
 
     heads, *grid = WAN_SHAPES[shape]
     layout = TileLayout(*grid)
@@ -373,8 +374,8 @@ def test_tiled_qk_backward_matches_the_torch_path_at_the_14b_shape(dtype):
     """The q/k kernels' input gradient (from their output: the projections are not kept) against autograd through the
     processor's torch path, at 14B 720p's head layout on 3 frames (45 token rows padded to 48)."""
     from nabla.layout import gather_tiles
-    from wan.attention.processor import _apply_rotary_pairwise
     from wan.attention.tiled_qk import tiled_qk
+    from wan.models.wan import rotate_pairwise as _apply_rotary_pairwise
 
     torch.manual_seed(0)
     layout, heads, dim = TileLayout(3, 45, 80), 40, 128

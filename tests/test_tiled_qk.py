@@ -9,7 +9,8 @@ from tests.triton_helpers import make_hopper_ir, side_by_side
 CHECK = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
-from wan.attention.processor import _apply_rotary_pairwise, block_means
+from wan.attention.processor import block_means
+from wan.models.wan import rotate_pairwise as _apply_rotary_pairwise
 from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
@@ -63,7 +64,7 @@ def test_tiled_qk_kernel_matches_the_torch_path(interpreted):
 CHECK_GRAD = r"""
 import torch
 from nabla.layout import TileLayout, gather_tiles
-from wan.attention.processor import _apply_rotary_pairwise
+from wan.models.wan import rotate_pairwise as _apply_rotary_pairwise
 from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0

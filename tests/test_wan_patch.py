@@ -9,10 +9,11 @@ from nabla.block_mask import attended_mask, build_block_mask
 from nabla.layout import gather_tiles
 from wan.attention.fallback import FALLBACK_STEPS
 from wan.attention.patch import patch_transformer, unpatch
-from wan.attention.processor import NablaWanAttnProcessor, _apply_rotary_pairwise
+from wan.attention.processor import NablaWanAttnProcessor
 from wan.generate.run import generate
 from wan.generate.settings import GenerationSettings
 from wan.models.loading import load_pipeline
+from wan.models.wan import rotate_pairwise as _apply_rotary_pairwise
 
 # 128x160 px -> latent 16x20 -> token grid (3, 8, 10): W is not a multiple of the 8-token tile.
 SETTINGS = GenerationSettings(prompt="a cat plays piano", height=128, width=160, frames=9, steps=3, guidance_scale=4.0)

@@ -95,10 +95,12 @@ def patch_transformer(
     shared = {} if expert_of is None else {"clock": expert_of.state.clock, "records": expert_of.state.records,
                                            "expert": len(expert_of.experts)}
     family = family or family_of(transformer, "patch_transformer")
+    if pad_dense and not family.pads_stream:
+        raise ValueError(f"patch_transformer: pad_dense (sequence parallelism) is for Wan; {family.name} runs on one GPU")
     attentions = family.self_attention(transformer)
     state = NablaState(config, pad_dense=pad_dense, layers=len(attentions), **shared)
     hooks = _register_hooks(transformer, family, state)
-    _tile_rotary_tables(family.rotary(transformer), state)
+    _tile_rotary_tables(family, family.rotary(transformer), state)
     processors = [attn.processor for attn in attentions]
     for layer, attn in enumerate(attentions):
         attn.set_processor(NablaWanAttnProcessor(state, layer, invertible(*family.norms(attn)), family))
@@ -119,6 +121,7 @@ def _register_hooks(transformer: torch.nn.Module, family: AttentionFamily, state
         state.start_forward(latents, patch_size, timestep, parallel=module._parallel_config is not None)
         state.forward_context = no_custom_op_check()
         state.forward_context.__enter__()
+        return family.without_own_sparsity(args, kwargs)
 
     def after_transformer(module, args, output):
         state.key_rotary = None
@@ -150,20 +153,20 @@ def _register_hooks(transformer: torch.nn.Module, family: AttentionFamily, state
     ]
 
 
-def _tile_rotary_tables(module: torch.nn.Module, state: NablaState) -> None:
+def _tile_rotary_tables(family: AttentionFamily, module: torch.nn.Module, state: NablaState) -> None:
     # The rotary tables are tiled inside rope.forward itself (an instance attribute shadowing the class method), not
     # in a forward hook: context parallelism later wraps this forward and splits its output, which must already be
     # in tile order by then (pad_dense). On sparse steps of a raster stream they go to tile order for the processor,
     # once a forward, not in every block.
     rope_forward = module.forward
 
-    def tiled_rope_forward(hidden_states):
-        rope = rope_forward(hidden_states)
+    def tiled_rope_forward(*args, **kwargs):
+        rope = rope_forward(*args, **kwargs)
         if not (state.pad_dense or state.tile_indices is not None):
             return rope
-        rope = tuple(state.layout.tile(r, dim=1) for r in rope)
+        rope = family.tile_rotary(state.layout, rope)
         if state.tile_indices is not None and not torch.is_grad_enabled():  # inference: k rotates with its own copy
-            state.key_rotary = tuple(r.clone() for r in rope)
+            state.key_rotary = torch.utils._pytree.tree_map(torch.clone, rope)
         return rope
 
     module.forward = tiled_rope_forward

@@ -126,19 +126,6 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.
     return pool_blocks(x.transpose(1, 2), block_size, valid)[0]
 
 
-def _apply_rotary_pairwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' Wan rotary embedding without its stack, the same values: (x1 c - x2 s, x2 c + x1 s) as
-    x c + swap(x) (-s, s), in float32 where cos is float32 (as from_pretrained loads the tables).
-
-    Inductor writes the two halves of a stack to memory and stacks them in another kernel (two more passes over
-    q and k); flip and broadcasts fuse into the kernel that writes q, k.
-    """
-    pairs = x.unflatten(-1, (-1, 2))
-    cos = cos[..., 0::2].unsqueeze(-1)
-    sin = sin[..., 1::2].unsqueeze(-1) * torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device)
-    return (pairs * cos + pairs.flip(-1) * sin).flatten(-2).type_as(x)
-
-
 class NablaWanAttnProcessor:
     """Self-attention processor for WanAttention: diffusers' projections, NABLA attention.
 
@@ -169,6 +156,8 @@ class NablaWanAttnProcessor:
 
     def _fused(self, attn: Any, query: torch.Tensor, key: torch.Tensor,
                rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        if not self.family.fused_qk:
+            return False
         norms = self.family.norms(attn)
         # under autograd (q's or k's projection trains) the kernels' backward serves frozen norms without zeros: it
         # gives the weights no gradient
@@ -201,15 +190,13 @@ class NablaWanAttnProcessor:
             # each projection is freed as its tiled copy is written.
             query, key = gather_tiles(query, tiles.gather, dim=1), gather_tiles(key, tiles.gather_keys, dim=1)
             value = value.index_select(1, tiles.gather_values)
-        norm_q, norm_k = self.family.norms(attn)
-        query, key = norm_q(query), norm_k(key)
-        heads = self.family.heads(attn)
-        query, key, value = (x.unflatten(2, (heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:  # diffusers' arithmetic, without the stack that inductor writes out
-            query = _apply_rotary_pairwise(query, *rotary_emb)
+        query, key = self.family.normalise(attn, query, key)
+        value = value.unflatten(2, (self.family.heads(attn), -1))
+        if rotary_emb is not None:  # the model's arithmetic (Wan's without the stack that inductor writes out)
+            query = self.family.rotate(query, rotary_emb)
             # k's own copy of the tiled tables at inference; under autograd (and in the recomputation of gradient
             # checkpointing, after the forward dropped that copy) the tables the block was given
-            key = _apply_rotary_pairwise(key, *(self.state.key_rotary or rotary_emb))
+            key = self.family.rotate(key, rotary_emb if self.state.key_rotary is None else self.state.key_rotary)
         block_size = self.state.config.block_size
         means = tuple(block_means(x, block_size, tiles.valid) for x in (query, key)) if with_means else None
         return query, key, value, means
@@ -220,9 +207,11 @@ class NablaWanAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary_emb: Any = None,
+        sparse_params: Any = None,
     ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
+        # Kandinsky 5's attention passes `sparse_params` by name; the patch's forward hook has set them to None
+        if encoder_hidden_states is not None or attention_mask is not None or sparse_params is not None:
             raise ValueError("NablaWanAttnProcessor is for self-attention without a mask (attn1)")
         query, key, value = self.family.projections(attn, hidden_states)
         tiles = self.state.tile_indices if self._parallel_config is None else None

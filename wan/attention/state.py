@@ -89,7 +89,7 @@ class NablaState:
     tile_indices: TileIndices | None = None
     #: at inference where the processor tiles q, k, v: the rotary tables in tile order, a copy for k (see the
     #: processor), set by the patched rope.forward and dropped after the forward
-    key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_rotary: Any = None
     #: torch config patched for the duration of one transformer forward (wan.attention.processor.no_custom_op_check)
     forward_context: Any = None
     #: this state's key for the attention op (wan.attention.processor.wan_self_attention), which reaches the state through it

@@ -1,14 +1,15 @@
 """The model families the attention patch knows (wan/attention/family.py's interface), and which one a transformer
-is. A new family is one module beside wan.py, added to FAMILIES."""
+is. A new family is one module beside wan.py (kandinsky5.py), added to FAMILIES."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from wan.models.kandinsky5 import KANDINSKY5
 from wan.models.wan import WAN
 
 #: every family, asked in order
-FAMILIES = (WAN,)
+FAMILIES = (WAN, KANDINSKY5)
 SUPPORTED = ("a WanPipeline, WanImageToVideoPipeline or WanVideoToVideoPipeline (their transformers are "
              "WanTransformer3DModel, Wan2.2's transformer_2 included) or a WanTransformer3DModel")
 
