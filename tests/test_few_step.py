@@ -301,3 +301,22 @@ def test_a_trained_lora_is_also_written_in_the_wan_layout_and_round_trips(tiny_m
         torch.testing.assert_close(fused[0][key], fused[1][key], rtol=1e-5, atol=1e-6)
     base = WanPipeline.from_pretrained(tiny_model).transformer.state_dict()
     assert not torch.equal(base["blocks.0.attn1.to_q.weight"], fused[1]["blocks.0.attn1.to_q.weight"])
+
+
+def test_fastest_60_computes_the_passes_its_comment_promises(tiny_model):
+    """configs/fastest-60.yaml: TaylorSeer and CFG truncation together, over 50 steps: 12 steps computed, the
+    unconditional pass in the first 40% of them only, 18 transformer passes (counted where a cached step skips)."""
+    import yaml
+
+    from wan.defaults import find_config
+
+    data = yaml.safe_load(find_config("fastest-60").read_text())
+    pipe = WanPipeline.from_pretrained(tiny_model)
+    computed = []
+    pipe.transformer.blocks[0].attn1.to_q.register_forward_pre_hook(lambda module, args: computed.append(1))
+    enable_nabla(pipe, SparsityConfig(mode="nabla", threshold=0.7), always=True)
+    enable_cache(pipe.transformer, cache_config(data["cache"]))
+    settings = GenerationSettings(prompt="a cat", height=32, width=32, frames=5, steps=50,
+                                  cfg_truncation=data["generation"]["cfg_truncation"])
+    wan.generate.run.generate(pipe, settings)
+    assert len(computed) == 18

@@ -4,6 +4,7 @@ last) and the --stats file."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,10 @@ def _model_lines(plan: Plan, session: Session, settings: GenerationSettings) -> 
         lines.append("LoRAs fused: " + ", ".join(f"{path} (scale {scale:g})" for path, scale in plan.loras))
     if settings.scheduler is not None or settings.flow_shift is not None or settings.sigmas is not None:
         lines.append(f"sampler: {describe_sampler(session.pipe.scheduler)}, guidance {settings.guidance_scale:g}")
+    if settings.cfg_truncation is not None:
+        guided = math.ceil(settings.cfg_truncation * settings.steps)
+        lines.append(f"CFG truncation {settings.cfg_truncation:g}: the unconditional pass ran on steps 0-{guided - 1} "
+                     f"only ({guided} of {settings.steps})" if guided else "CFG truncation 0: no unconditional pass")
     return lines
 
 

@@ -1,6 +1,6 @@
 """Load a Wan pipeline from the hub or a local diffusers-layout folder: a `WanImageToVideoPipeline` where its
 model_index.json names one (image to video), or where it is Wan2.2 TI2V (`expand_timesteps`) and an image is given (its
-image mode), else a `WanPipeline`.
+image mode), a `WanVACEPipeline` where it names that (Wan VACE: control inputs), else a `WanPipeline`.
 
 The transformer can come from elsewhere (`transformer=`): an original-format Wan2.1 checkpoint (the
 layout of the Wan2.1 repository, keys such as `blocks.0.self_attn.q.weight`, as the NABLA-finetuned
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import DiffusionPipeline, WanPipeline, WanTransformer3DModel, WanVACEPipeline
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors.torch import load_file
 
 from wan.defaults import DEFAULT_MODEL
-from wan.models.spec import I2V_PIPELINE, ModelSpec
+from wan.models.spec import I2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
@@ -140,38 +140,42 @@ def _hub_reason(err: BaseException) -> str:
         if cause is not err else reason
 
 
-def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image: bool) -> DiffusionPipeline:
+def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image: bool,
+                device_map: str | None = None) -> DiffusionPipeline:
     """A local folder's pipeline, the class its model_index.json names (or TI2V's image mode, with `image`)."""
     path = Path(model).expanduser().absolute()
     if not (path / "model_index.json").is_file():
         what = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
         raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
     components = {} if transformer is None else {"transformer": load_transformer(transformer, model, dtypes["default"])}
-    pipeline = WanPipeline
     spec = ModelSpec.from_folder(str(path))
+    pipeline = WanVACEPipeline if spec.vace else WanPipeline
     if spec.pipeline == I2V_PIPELINE or (image and spec.ti2v):
         # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
         from diffusers import WanImageToVideoPipeline as pipeline
     # real load errors are not "not found"; a TI2V index's expand_timesteps reaches the I2V class as it does WanPipeline
-    return pipeline.from_pretrained(str(path), dtype=dtypes, **components)
+    return pipeline.from_pretrained(str(path), dtype=dtypes, device_map=device_map, **components)
 
 
-def _load_hub(model: str, dtypes: dict, transformer: str | Path | None, image: bool) -> DiffusionPipeline:
-    """A hub id's pipeline (the class its index names: WanPipeline or WanImageToVideoPipeline, others refused), or
+def _load_hub(model: str, dtypes: dict, transformer: str | Path | None, image: bool,
+              device_map: str | None = None) -> DiffusionPipeline:
+    """A hub id's pipeline (the class its index names: WanPipeline, WanImageToVideoPipeline or WanVACEPipeline, others
+    refused), or
     TI2V's image mode over its components, with `image`."""
     pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
     pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
     try:
         components = {} if transformer is None else {"transformer": load_transformer(transformer, model,
                                                                                      dtypes["default"])}
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, **components)  # the class its index names
+        # the class its index names
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, device_map=device_map, **components)
     except (OSError, HFValidationError) as e:  # hub errors (offline, no such repo, missing files) are OSErrors
         raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
     finally:
         pipeline_logger.removeFilter(_drop_hub_fallback_warning)
-    if not isinstance(pipe, WanPipeline) and type(pipe).__name__ != I2V_PIPELINE:
-        raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video) or "
-                         f"{I2V_PIPELINE} (image to video) model")
+    if not isinstance(pipe, (WanPipeline, WanVACEPipeline)) and type(pipe).__name__ != I2V_PIPELINE:
+        raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video), "
+                         f"{I2V_PIPELINE} (image to video) or {VACE_PIPELINE} (control inputs) model")
     if image and isinstance(pipe, WanPipeline) and ModelSpec.from_pipeline(pipe, model).ti2v:  # TI2V, known now
         from diffusers import WanImageToVideoPipeline
 
@@ -200,7 +204,7 @@ def load_pipeline(
     vae_dtype: torch.dtype = torch.float32,
 ) -> WanPipeline | WanImageToVideoPipeline:
     """Load `model` (hub id or local folder) in `dtype` (default: bf16 on CUDA, fp32 elsewhere), the VAE in
-    `vae_dtype` (float32 as Wan's reference code runs it; bf16 decodes faster) and the CLIP image encoder in fp32. The class is the one its model_index.json names; a pipeline other than those two is refused.
+    `vae_dtype` (float32 as Wan's reference code runs it; bf16 decodes faster) and the CLIP image encoder in fp32. The class is the one its model_index.json names; a pipeline other than those three is refused.
     With `image` (a first frame will be given), a Wan2.2 TI2V model is a WanImageToVideoPipeline with
     `expand_timesteps`: diffusers' image mode of TI2V-5B, over the same components.
 
@@ -210,12 +214,21 @@ def load_pipeline(
     """
     dtypes = {**component_dtypes(device, dtype), "vae": vae_dtype}
     load = _load_local if looks_local(model) else _load_hub
-    pipe = load(model, dtypes, transformer, image)
+    pipe = load(model, dtypes, transformer, image, None if cpu_offload else _direct_map(device))
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe
+
+
+def _direct_map(device: str) -> str | None:
+    """diffusers' device_map for loading straight onto `device`'s GPU (safetensors to GPU memory, no CPU copy of the
+    weights first), where it can: its "cuda" is the current GPU."""
+    where = torch.device(device)
+    if where.type != "cuda" or where.index not in (None, torch.cuda.current_device()):
+        return None
+    return "cuda"
 
 
 def load_encoders(model: str, device: torch.device, spec: ModelSpec) -> DiffusionPipeline:
