@@ -1,4 +1,5 @@
-"""The library entry point: NABLA on a diffusers WanPipeline (or its transformer) that the user built, and back.
+"""The library entry point: NABLA on a diffusers WanPipeline or Kandinsky 5 pipeline (or its transformer) that the user
+built, and back.
 
     pipe = WanPipeline.from_pretrained(...)          # the user's own scheduler, offloading, dtype
     enable_nabla(pipe, "nabla-0.7")                  # a shipped config's name, a YAML path or a SparsityConfig
@@ -19,6 +20,18 @@ from nabla.config import SparsityConfig, read_yaml
 from wan.attention.patch import NablaPatch, patch_transformer, unpatch
 from wan.defaults import find_config
 from wan.models.experts import experts, low_noise_config
+from wan.models.families import family_of
+
+
+def trained_configs(transformers: list[Any], caller: str) -> list[SparsityConfig]:
+    """Each transformer's own trained sparsity (its family's `default_config`: a Kandinsky 5 checkpoint of
+    `attention_type: nabla`); a one-line ValueError where one has none (NABLA is training-free there)."""
+    configs = [family_of(t, caller).default_config(t) for t in transformers]
+    if any(c is None for c in configs):
+        raise ValueError(f"{caller}: this {type(transformers[0]).__name__} was not trained with NABLA, so it has no "
+                         "sparsity of its own; pass a config (a shipped config's name such as 'nabla-0.7', a YAML "
+                         "path or a SparsityConfig)")
+    return configs
 
 
 def _configs(
@@ -72,7 +85,7 @@ def compile_blocks(transformer: WanTransformer3DModel) -> None:
 
 def enable_nabla(
     pipe_or_transformer: Any,
-    config: SparsityConfig | str | os.PathLike,
+    config: SparsityConfig | str | os.PathLike | None = None,
     *,
     config_2: SparsityConfig | None = None,
     compile: bool | None = None,
@@ -83,6 +96,8 @@ def enable_nabla(
 
     `config` is a SparsityConfig, or a YAML path or a shipped config's name (`"nabla-0.7"`, wan.defaults.find_config)
     whose `sparsity:` section is read (and `sparsity_2:`, see below; other top-level sections are ignored here).
+    None: the sparsity the model was trained with, for a checkpoint trained with NABLA (Kandinsky 5 of
+    `attention_type: nabla`: its P, STA window and 64-token blocks); other models need a config.
     A Wan2.2 A14B pipeline's two experts are both patched, compiled and uncompiled alike: `transformer` takes
     `config`, the low-noise `transformer_2` takes `config_2`, else the YAML's `sparsity_2:` merged over `sparsity:`,
     else `config`. Their states share one step count and one record of the run; where one expert is sparse, every
@@ -97,7 +112,10 @@ def enable_nabla(
     if a transformer is already patched; a pipeline that is not a Wan one of WanTransformer3DModels is a TypeError.
     """
     transformers = experts(pipe_or_transformer, "enable_nabla")
-    configs = _configs(config, config_2, len(transformers))
+    if config is None:
+        configs = trained_configs(transformers, "enable_nabla")
+    else:
+        configs = _configs(config, config_2, len(transformers))
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"enable_nabla: compile={compile!r} is not allowed; pass True, False or None")
     device = _device(pipe_or_transformer, transformers[0])

@@ -1,0 +1,140 @@
+"""NABLA patched into a real diffusers Kandinsky 5 transformer (tiny random, CPU, float32), against the stock model
+and against diffusers' own NABLA path (the authors' nablaT_v2) computed correctly."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Kandinsky5T2VPipeline
+from diffusers.models.transformers import transformer_kandinsky
+from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
+from torch.nn.attention.flex_attention import BlockMask
+
+import wan.attention.processor
+from nabla import SparsityConfig
+from wan.api import disable_nabla, enable_nabla
+from wan.attention.patch import patch_transformer, unpatch
+from wan.attention.processor import NablaWanAttnProcessor
+from wan.models.kandinsky5 import trained_config
+from wan.models.tiny_kandinsky5 import tiny_transformer
+
+# latents 64x64 -> tokens 32x32 a frame -> 4x4 tiles: STA's 3x3 tile window is narrower than the grid
+FRAMES, SIDE, TEXT_TOKENS = 2, 64, 5
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return tiny_transformer()
+
+
+def forward_args(transformer, frames=FRAMES, height=SIDE, width=SIDE, seed=0):
+    """The keyword arguments of one transformer forward, as Kandinsky5T2VPipeline passes them (its sparse_params
+    included: the stock model then runs diffusers' NABLA path)."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, frames, height, width, 4, generator=gen)
+    owner = SimpleNamespace(transformer=transformer, fast_sta_nabla=Kandinsky5T2VPipeline.fast_sta_nabla)
+    # diffusers' own path needs whole 8x8-token tiles
+    whole = height // 2 % 8 == width // 2 % 8 == 0
+    sparse = Kandinsky5T2VPipeline.get_sparse_params(owner, latents, "cpu") if whole else None
+    return {"hidden_states": latents, "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, 16, generator=gen),
+            "timestep": torch.tensor([700.0]), "pooled_projections": torch.randn(1, 32, generator=gen),
+            "visual_rope_pos": [torch.arange(frames), torch.arange(height // 2), torch.arange(width // 2)],
+            "text_rope_pos": torch.arange(TEXT_TOKENS), "scale_factor": (1.0, 2.0, 2.0), "sparse_params": sparse}
+
+
+def run(transformer, args, config=None, **patch):
+    """The transformer's output for `args`, patched for `config` (None: stock)."""
+    handle = None if config is None else patch_transformer(transformer, config, **patch)
+    try:
+        with torch.no_grad():
+            return transformer(**args).sample, handle
+    finally:
+        unpatch(transformer)
+
+
+def dense_args(args):
+    return {**args, "sparse_params": None}
+
+
+@pytest.fixture(scope="module")
+def stock_dense(transformer):
+    return run(transformer, dense_args(forward_args(transformer)))[0]
+
+
+def test_mode_full_and_threshold_one_are_the_stock_model(transformer, stock_dense):
+    args = forward_args(transformer)
+    full, handle = run(transformer, args, SparsityConfig(mode="full"), always=True)
+    assert torch.equal(full, stock_dense)  # raster order, diffusers' arithmetic: bit for bit
+    assert handle.state.records.passes == [[0, 2]]  # both visual blocks went through the patch
+    ones, handle = run(transformer, args, SparsityConfig(mode="nabla", threshold=1.0))
+    assert abs(handle.state.mean_density() - 1.0) < 1e-6
+    # tile order sums attention in another order (float32 rounding), which can flip the next block's bf16 rounding
+    # of a q or k element (diffusers rounds them after the rotary embedding): a few elements move by more
+    torch.testing.assert_close(ones, stock_dense, atol=2e-4, rtol=1e-4)
+
+
+def _token_mask_attention(query, key, value, attn_mask=None, **_):
+    """diffusers' dispatch_attention_fn as NABLA means it: SDPA under the token-level expansion of a BlockMask.
+    (Eager flex_attention ignores the sparsity of nablaT_v2's BlockMask, whose mask_mod is None.)"""
+    mask = None
+    if isinstance(attn_mask, BlockMask):
+        size = attn_mask.BLOCK_SIZE[0]
+        mask = attn_mask.to_dense().bool().repeat_interleave(size, -1).repeat_interleave(size, -2)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+def test_trained_config_is_diffusers_nabla_path(transformer, stock_dense, monkeypatch):
+    args = forward_args(transformer)
+    theirs, ours = [], []
+    nabla_t_v2 = transformer_kandinsky.nablaT_v2
+    monkeypatch.setattr(transformer_kandinsky, "nablaT_v2",
+                        lambda *a, **k: theirs.append(nabla_t_v2(*a, **k)) or theirs[-1])
+    monkeypatch.setattr(transformer_kandinsky, "dispatch_attention_fn", _token_mask_attention)
+    reference = run(transformer, args)[0]
+    attend = wan.attention.processor.attend
+    monkeypatch.setattr(wan.attention.processor, "attend", lambda *a, **k: ours.append(attend(*a, **k)) or ours[-1])
+    out, handle = run(transformer, args, trained_config(transformer.config))
+
+    assert len(theirs) == len(ours) == 2
+    for block_mask, result in zip(theirs, ours):
+        assert torch.equal(block_mask.to_dense().bool(), result.mask)
+    assert handle.state.mean_density() < 0.99  # a mask that drops blocks: the reference is not dense attention
+    assert (reference - stock_dense).abs().max() > 1e-3
+    torch.testing.assert_close(out, reference, atol=2e-4, rtol=1e-4)
+
+
+def test_only_the_visual_self_attention_changes(transformer, stock_dense):
+    before = {name: module.processor for name, module in transformer.named_modules() if hasattr(module, "processor")}
+    handle = enable_nabla(transformer)  # no config: the trained one
+    try:
+        assert handle.state.config == trained_config(transformer.config)
+        after = {name: module.processor for name, module in transformer.named_modules() if hasattr(module, "processor")}
+        changed = sorted(name for name in before if after[name] is not before[name])
+        assert changed == [f"visual_transformer_blocks.{i}.self_attention" for i in range(2)]
+        assert all(isinstance(after[name], NablaWanAttnProcessor) for name in changed)
+        assert all(isinstance(after[name], Kandinsky5AttnProcessor) for name in after if name not in changed)
+    finally:
+        disable_nabla(transformer)
+    assert all(module.processor is before[name] for name, module in transformer.named_modules() if name in before)
+
+
+def test_a_grid_off_the_tile_runs_padded(transformer):
+    # latents 24x40 -> tokens 12x20 a frame: padded to 16x24 (2x3 tiles); diffusers' own path needs multiples of 8
+    args = dense_args(forward_args(transformer, height=24, width=40))
+    stock = run(transformer, args)[0]
+    covering, handle = run(transformer, args, SparsityConfig(mode="sta", sta_window=(3, 5, 5)))
+    assert handle.state.layout.has_padding and abs(handle.state.mean_density() - 1.0) < 1e-6
+    torch.testing.assert_close(covering, stock, atol=2e-4, rtol=1e-4)  # padding neither attended nor returned
+    narrow, handle = run(transformer, args, SparsityConfig(mode="sta", sta_window=(1, 1, 1)))
+    assert handle.state.mean_density() < 0.5 and (narrow - stock).abs().max() > 1e-3
+
+
+def test_a_model_not_trained_with_nabla_needs_a_config():
+    regular = tiny_transformer(attention={})
+    assert trained_config(regular.config) is None
+    with pytest.raises(ValueError, match="was not trained with NABLA, so it has no sparsity of its own; pass a config"):
+        enable_nabla(regular)
+    assert regular.visual_transformer_blocks[0].self_attention.processor.__class__ is Kandinsky5AttnProcessor
