@@ -10,6 +10,7 @@ and NABLA with FP8 linear layers (--fp8) and/or a step cache (--cache), for ever
         --cache "{type: taylorseer, cache_interval: 3, disable_cache_before_step: 6, disable_cache_after_step: 48}"
     python scripts/bench_e2e.py --arch ti2v-5b --steps 3 --backends flash --block-sizes 128            # 1280x704 x 121
     python scripts/bench_e2e.py --arch i2v-14b --steps 3 --backends flash --block-sizes 128            # 832x480 x 81
+    python scripts/bench_e2e.py --arch vace-14B --steps 3 --backends flash --block-sizes 128           # 1280x720 x 81
 
 Architectures (`--arch`, wan/models/random.py's ARCHS; without --height/--width/--frames, each its own
 video): Wan2.1 T2V 1.3B and 14B; `a14b`, Wan2.2 T2V-A14B, whose two 14B experts are both compiled, patched (one step
@@ -17,7 +18,9 @@ count, as generate.py patches them), quantised and cached: the timed --steps mus
 0.875 x 1000; 4 steps run 2 on each expert), the warm-up runs each expert, and the expert of every timed step is
 printed; `ti2v-5b`, Wan2.2 TI2V-5B, whose transformer takes a timestep per token (`expand_timesteps`); `i2v-14b`,
 Wan2.1 I2V-14B 480P, a WanImageToVideoPipeline given a (random) first frame, so the transformer reads its 36 input
-channels and, in cross-attention, the CLIP image tokens. Before each table, the share of the stock step that
+channels and, in cross-attention, the CLIP image tokens; `vace-14B`, Wan2.1 VACE-14B, a WanVACEPipeline given a
+(random) control video and mask, whose 8 VACE blocks' self-attention is patched with the 40 main blocks'. Before each
+table, the share of the stock step that
 self-attention takes: what bounds the speedup that sparse attention can give.
 
 Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
@@ -70,7 +73,8 @@ from wan.benchmarking import add_backends_option, bench_ms, build_pipeline, chos
 from wan.benchmarking import log_clock as log
 from wan.generate.stats import step_report
 from wan.models.experts import boundary_step, experts, warmup_steps
-from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE
+from wan.models.families import family_of
+from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, VACE_PIPELINE
 from wan.speedups.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
 from wan.speedups.precision import apply_precision, check_precision
 
@@ -113,8 +117,7 @@ def measure(name: str, pipe, args, state: NablaState | None = None, cached: bool
     finally:
         torch._dynamo.config.error_on_recompile = False
     step = sum(steps) / len(steps)
-    layers = len(pipe.transformer.blocks)
-    computed = len(step_report(state.records.passes, layers)["computed_steps"]) if state is not None else len(steps)
+    computed = len(step_report(state.records.passes, state.layers)["computed_steps"]) if state is not None else len(steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     video = sum(steps) if cached else step * args.video_steps
     row = {"name": name, "step_s": step, "steps": steps, "computed": computed, "first_call_s": first_call,
@@ -315,6 +318,11 @@ def arch_lines(pipe, args, rows: list[dict], calls: int, dense_ms: float) -> lis
     if pipe.config.get("expand_timesteps"):
         lines.append("per-token timesteps (expand_timesteps): the transformer takes a timestep per token, and NABLA "
                      "its step from their maximum")
+    if type(pipe).__name__ == VACE_PIPELINE:
+        config = pipe.transformer.config
+        lines.append(f"Wan VACE: a random control video and mask; {len(config.vace_layers)} VACE blocks run on the "
+                     f"control latents before the {config.num_layers} main blocks, every block's self-attention "
+                     "patched (their cross-attention stock)")
     if type(pipe).__name__ == I2V_PIPELINE:
         config = pipe.transformer.config
         lines.append(f"image to video: a random first frame; the transformer reads {config.in_channels} input channels "
@@ -334,7 +342,8 @@ def print_report(pipe, args, rows: list[dict], captured: dict) -> None:
     device = pipe._execution_device
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     q, layout, dense_ms = captured["q"], captured["layout"], captured["dense_ms"]
-    calls = 2 * len(pipe.transformer.blocks)  # CFG passes x layers (both experts have as many)
+    # CFG passes x self-attention layers (VACE's blocks included; both experts have as many)
+    calls = 2 * len(family_of(pipe.transformer, "bench_e2e").self_attention(pipe.transformer))
     heads, tokens = q.shape[1], layout.length
     print(f"\n## {args.title} {args.width}x{args.height} x {args.frames} frames ({tokens} tokens, "
           f"{layout.padded_length} in tiles), {heads} heads, {device_name}, torch {torch.__version__}")

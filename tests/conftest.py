@@ -46,6 +46,12 @@ def flf2v_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_flf2v"), seed=0, family="wan2.1-flf2v")
 
 
+@pytest.fixture(scope="session")
+def vace_model(tmp_path_factory) -> Path:
+    """A tiny random Wan2.1 VACE checkpoint: a WanVACEPipeline whose transformer has 2 main blocks and 1 VACE block."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_vace"), seed=0, family="wan2.1-vace")
+
+
 @pytest.fixture
 def raw_frames(monkeypatch):
     """write_video stores the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy, and

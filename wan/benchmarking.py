@@ -25,7 +25,7 @@ from nabla.backend import flash_unavailable_reason
 from nabla.block_mask import attended_mask
 from nabla.config import SparsityConfig
 from wan.models.experts import experts
-from wan.models.spec import I2V_PIPELINE
+from wan.models.spec import I2V_PIPELINE, VACE_PIPELINE
 
 # --- Attention: shapes, inputs, fixed densities, the float32 reference, backends ---
 
@@ -219,12 +219,18 @@ def build_pipeline(args: argparse.Namespace, device: str = "cuda"):
 
 
 def pipeline_inputs(pipe, args) -> dict:
-    """The call's inputs beyond the prompt: an image-to-video pipeline's first frame, random pixels (the weights are
-    random too)."""
+    """The call's inputs beyond the prompt, random pixels (the weights are random too): an image-to-video pipeline's
+    first frame; a VACE pipeline's control video, and its mask, which keeps the video's left half."""
+    random = np.random.RandomState(0)
+    if type(pipe).__name__ == VACE_PIPELINE:
+        video = [Image.fromarray(random.randint(0, 256, (args.height, args.width, 3), np.uint8))
+                 for _ in range(args.frames)]
+        mask = np.zeros((args.height, args.width), np.uint8)
+        mask[:, args.width // 2:] = 255
+        return {"video": video, "mask": [Image.fromarray(mask)] * args.frames}
     if type(pipe).__name__ != I2V_PIPELINE:
         return {}
-    pixels = np.random.RandomState(0).randint(0, 256, (args.height, args.width, 3), np.uint8)
-    return {"image": Image.fromarray(pixels)}
+    return {"image": Image.fromarray(random.randint(0, 256, (args.height, args.width, 3), np.uint8))}
 
 
 def run_steps(pipe, args, steps: int) -> list[float]:

@@ -3,6 +3,8 @@
     nabla-wan generate --prompt "a red fox in the snow" --config nabla-0.7 --output fox.mp4
     nabla-wan generate --model Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --image fox.png --prompt "..." --config nabla-0.7
     nabla-wan generate --prompt "..." --config nabla-0.7 --compare        # full vs sparse, same seed
+    nabla-wan generate --model Wan-AI/Wan2.1-VACE-14B-diffusers --video in.mp4 --mask mask.mp4 --prompt "..." \
+        --config nabla-0.7                                                 # Wan VACE: inpaint where the mask is white
     nabla-wan generate --prompts prompts.txt --config nabla-0.7 --output out/fox.mp4   # out/fox-1.mp4, ...
     nabla-wan make-tiny-model tiny-wan                                     # an offline demo model
 
@@ -59,12 +61,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local folder of a diffusers Wan pipeline: text to video (WanPipeline: "
                    "Wan2.1, or Wan2.2 A14B, both experts get NABLA; Wan2.2 TI2V with or without --image) or image to video "
                    "(WanImageToVideoPipeline, read from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give "
-                   f"--image) (default: {DEFAULT_MODEL})")
+                   "--image) or Wan VACE (WanVACEPipeline: --video, --mask, --reference-image, or text alone) "
+                   f"(default: {DEFAULT_MODEL})")
     p.add_argument("--image", metavar="PATH", help="image to video: the first frame (an image file PIL reads; resized "
                    "to --height x --width); needed by a WanImageToVideoPipeline model, optional for a Wan2.2 TI2V one "
                    "(its image mode), refused for the others")
     p.add_argument("--last-image", metavar="PATH", help="the last frame too (first-last-frame to video, with --image): "
                    "for Wan2.1 FLF2V and Wan2.2 I2V models, not Wan2.1 I2V's, whose image encoder takes one image")
+    _control_flags(p)
     p.add_argument("--transformer", type=Path, metavar="PATH", help="load the transformer from PATH instead of "
                    "--model's: an original-format Wan2.1 checkpoint (a .safetensors/.pt file or a folder of "
                    ".safetensors shards, keys like blocks.0.self_attn.q.weight, as the NABLA-finetuned checkpoints are "
@@ -76,6 +80,20 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    "both runs of --compare); repeat it for several (a distillation LoRA and a style LoRA)")
     p.add_argument("--lora-scale", type=float, metavar="S", action="append", help="strength of --lora, a finite "
                    "number (default: 1.0; 0 gives the base model); with several LoRAs one --lora-scale each, in order")
+
+
+def _control_flags(p: argparse.ArgumentParser) -> None:
+    """Wan VACE's controls (a WanVACEPipeline model; refused for the others)."""
+    p.add_argument("--video", metavar="PATH", help="Wan VACE: the control video (an MP4, or .npy frames as --output "
+                   "NAME.npy writes them), one frame per generated frame (--frames), resized to --height x --width; "
+                   "with --mask the video is kept where the mask is black and generated where it is white, without "
+                   "one it guides the whole video (a depth, pose or edge video, ...)")
+    p.add_argument("--mask", metavar="PATH", help="Wan VACE: the mask of --video, as many frames, greyscale: white "
+                   "where to generate, black where to keep the video")
+    p.add_argument("--reference-image", metavar="PATH", action="append", help="Wan VACE: an image of a subject or a "
+                   "look for the video to take; repeat it for several")
+    p.add_argument("--conditioning-scale", type=float, metavar="S", help="Wan VACE: the strength of the controls' "
+                   "hints, a finite number (default: 1.0)")
 
 
 def _video_flags(p: argparse.ArgumentParser) -> None:
@@ -195,7 +213,7 @@ def make(args: argparse.Namespace, plan: Plan, session: Session, job: Job) -> No
     written = session.save(frames, job.output, settings.fps)
     phases["writing"] = time.perf_counter() - start
     records = patch.state.records if patch else None
-    steps_report = step_report(records.passes, len(session.pipe.transformer.blocks), records.experts) if patch else None
+    steps_report = step_report(records.passes, patch.state.layers, records.experts) if patch else None
     fidelity = None
     if session.full is not None:
         from wan.generate.fidelity import video_fidelity

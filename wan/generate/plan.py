@@ -18,6 +18,7 @@ from wan.defaults import check_device, find_config
 from wan.generate.batch import Job, plan_jobs, read_prompts
 from wan.generate.settings import GenerationSettings, for_ti2v, given_keys
 from wan.generate.stats import check_stats_path
+from wan.io.frames import pipeline_controls
 from wan.io.images import pipeline_images
 from wan.io.video import check_output_path
 from wan.models.experts import low_noise_config
@@ -53,6 +54,8 @@ class Plan:
     loras: list[tuple[Path, float]] = dataclasses.field(default_factory=list)
     #: the model's facts: a local folder's before it loads; for a hub id None until then (`check_model`)
     spec: ModelSpec | None = None
+    #: the run is spread over processes (--ulysses, --cfg-parallel)
+    parallel: bool = False
 
 
 def resolve(args: argparse.Namespace) -> Plan:
@@ -70,7 +73,8 @@ def resolve(args: argparse.Namespace) -> Plan:
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "fps": args.fps, "image": args.image, "last_image": args.last_image,
         "scheduler": args.scheduler, "flow_shift": args.flow_shift, "sigmas": args.sigmas,
-        "vae_dtype": args.vae_dtype, "cfg_truncation": args.cfg_truncation,
+        "vae_dtype": args.vae_dtype, "cfg_truncation": args.cfg_truncation, "video": args.video, "mask": args.mask,
+        "reference_images": args.reference_image, "conditioning_scale": args.conditioning_scale,
     }
     entries = _prompts_file(args)
     if entries is not None:
@@ -78,6 +82,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     settings = GenerationSettings.from_sources(data.get("generation"), overrides)
     given = given_keys(data.get("generation"), overrides)
     pipeline_images(settings)  # the images can be read; what the model takes is check_model's
+    pipeline_controls(settings)  # VACE's video and mask too, one frame a generated frame
     if settings.image is not None and (args.ulysses > 1 or args.cfg_parallel):  # not run on several GPUs yet
         raise ValueError("--image runs on one process for now; drop --ulysses/--cfg-parallel")
     precision, cache = resolve_speedups(args, data, device)
@@ -96,7 +101,7 @@ def resolve(args: argparse.Namespace) -> Plan:
 
             resolve_backend(config.backend, device, DTYPES.get(args.dtype))
     plan = Plan(sparsity, sparsity_2, settings, given, jobs, full_output, precision, cache, device,
-                one_expert_flags(args), loras)
+                one_expert_flags(args), loras, parallel=args.ulysses > 1 or args.cfg_parallel)
     spec = ModelSpec.from_folder(settings.model)
     if spec is not None:
         check_model(plan, spec)
@@ -113,6 +118,7 @@ def check_model(plan: Plan, spec: ModelSpec) -> None:
         plan.settings = for_ti2v(plan.settings, plan.given, spec.pixels_per_token)
         plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given, spec.pixels_per_token))
                      for job in plan.jobs]
+    check_model_controls(plan, spec)
     check_model_images(spec, plan.settings.image, plan.settings.last_image)
     if plan.sparsity_2 is not None and len(spec.experts) == 1:
         raise ValueError(f"config: 'sparsity_2' is not allowed for {spec.model}: it has one transformer, no "
@@ -124,6 +130,31 @@ def check_model(plan: Plan, spec: ModelSpec) -> None:
 
 
 _I2V_EXAMPLE = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+_VACE_EXAMPLE = "Wan-AI/Wan2.1-VACE-14B-diffusers"
+_CONTROLS = {"video": "--video", "mask": "--mask", "reference_images": "--reference-image",
+             "conditioning_scale": "--conditioning-scale"}
+
+
+def check_model_controls(plan: Plan, spec: ModelSpec) -> None:
+    """One-line ValueError unless the run's controls fit the model: VACE's (--video, --mask, --reference-image,
+    --conditioning-scale) only for a Wan VACE model; for one, no --image, and none of the levers it does not run
+    with: a step cache (diffusers' caches skip main blocks, between which VACE adds its hints), several processes
+    (diffusers has no context-parallel plan for its transformer), --transformer (a WanTransformer3DModel)."""
+    settings, model = plan.settings, spec.model
+    given = [flag for name, flag in _CONTROLS.items() if getattr(settings, name) is not None]
+    if given and not spec.vace:
+        raise ValueError(f"{given[0]}: {model} is a {spec.pipeline} model and takes no control inputs; they need a "
+                         f"Wan VACE model (WanVACEPipeline), such as {_VACE_EXAMPLE}")
+    if not spec.vace:
+        return
+    refused = [(settings.image is not None or settings.last_image is not None, "--image/--last-image",
+                "give the frames to keep as --video with a --mask, or the look as --reference-image"),
+               (plan.cache is not None, "cache", "drop the config's cache: section"),
+               (plan.parallel, "--ulysses/--cfg-parallel", "run it on one process"),
+               ("--transformer" in plan.one_expert_flags, "--transformer", "give the whole VACE model with --model")]
+    for bad, what, instead in refused:
+        if bad:
+            raise ValueError(f"{what}: not supported for {model}, a Wan VACE model; {instead}")
 _FLF2V_EXAMPLE = "Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from wan.generate.phases import timed_phases
 from wan.generate.settings import GenerationSettings
+from wan.io.frames import pipeline_controls
 from wan.io.images import pipeline_images
 
 if TYPE_CHECKING:  # diffusers stays out of generate.py's checks, which run before any model loads
@@ -39,12 +40,13 @@ def generate(
     The noise comes from a CPU generator seeded with `settings.seed`, so a seed gives the same
     starting latents on every device. With `decode=False` (ranks that write no video) the VAE is
     skipped and the latents come back instead of frames. Image to video: `settings.image` (and `last_image`)
-    are read, outside the timing, and given to the pipeline. `phases`, where given, receives the seconds of each
+    are read, outside the timing, and given to the pipeline; so are Wan VACE's controls (`video`, `mask`,
+    `reference_images`, `conditioning_scale`). `phases`, where given, receives the seconds of each
     phase of the call (wan.generate.phases: they add up to the seconds returned) and under "steps" each step's.
     """
     device = pipe._execution_device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    images = pipeline_images(settings)
+    inputs = {**pipeline_images(settings), **pipeline_controls(settings)}
 
     total = steps or settings.steps
     # CFG truncation: the steps from `guided` on run the conditional pass alone (diffusers' pipelines read
@@ -60,7 +62,7 @@ def generate(
 
     with torch.inference_mode(), timed_phases(pipe, device) as clock:
         result = pipe(
-            **images,
+            **inputs,
             prompt=settings.prompt,
             negative_prompt=settings.negative_prompt,
             height=settings.height,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,12 @@ class GenerationSettings:
     #: image to video: the first frame's image file (WanImageToVideoPipeline models), and FLF2V's last frame
     image: str | None = None
     last_image: str | None = None
+    #: Wan VACE's controls (WanVACEPipeline): a video file, its mask (white: generate, black: keep), reference image
+    #: files, and the scale of the VACE hints (None: the pipeline's 1.0)
+    video: str | None = None
+    mask: str | None = None
+    reference_images: list[str] | None = None
+    conditioning_scale: float | None = None
     #: the sampler (SCHEDULERS; None: the model's own, UniPC for Wan), its flow shift (None: the
     #: model's), and explicit sigmas before the shift (a distilled model's schedule; the steps are then as many)
     scheduler: str | None = None
@@ -86,6 +93,7 @@ class GenerationSettings:
         for name in ("image", "last_image"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be an image file's path")
+        check_controls(self.video, self.mask, self.reference_images, self.conditioning_scale)
         if self.last_image is not None and self.image is None:
             raise ValueError("last_image: a last frame needs a first one; give --image PATH too")
         if self.last_image is not None and self.frames < 5:
@@ -99,6 +107,23 @@ class GenerationSettings:
                                        or not 0 <= truncation <= 1):
             raise ValueError(f"cfg_truncation: {truncation!r} is not allowed; it must be a number in [0, 1] (the "
                              "fraction of the steps that keep the unconditional pass) or null")
+
+
+def check_controls(video: Any, mask: Any, references: Any, scale: Any) -> None:
+    """One-line ValueError unless the VACE controls are paths where given, a mask comes with a video (a mask of
+    nothing), and the scale is a finite number (the files are read by wan.io.frames)."""
+    for name, value in (("video", video), ("mask", mask)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: {value!r} must be a video file's path (.mp4, or .npy frames)")
+    if references is not None and not (isinstance(references, list) and references
+                                       and all(isinstance(r, str) for r in references)):
+        raise ValueError(f"reference_images: {references!r} must be a list of image files' paths")
+    if mask is not None and video is None:
+        raise ValueError("mask: a mask marks where to generate in a control video; give --video PATH too")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"conditioning_scale: {scale!r} is not allowed; it must be a finite number (1.0: the "
+                         "hints at full strength, 0: none)")
 
 
 SCHEDULERS = ("unipc", "euler", "dpm++")

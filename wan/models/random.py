@@ -2,7 +2,8 @@
 (no download), for the GPU benchmarks (scripts/bench_e2e.py, bench_parallel.py, bench_train.py) and
 scripts/make_random_model.py, which saves one.
 
-`ARCHS` names the architectures (Wan2.1 T2V 1.3B and 14B, Wan2.2 T2V-A14B, Wan2.2 TI2V-5B, Wan2.1 I2V-14B 480P);
+`ARCHS` names the architectures (Wan2.1 T2V 1.3B and 14B, Wan2.2 T2V-A14B, Wan2.2 TI2V-5B, Wan2.1 I2V-14B 480P,
+Wan2.1 VACE-14B);
 `build_random_pipeline(arch, device)` builds a whole pipeline, `build_random_transformer(arch, device)` one transformer.
 Transformers, VAEs, schedulers and pipeline flags are the published ones (Wan-AI/*-Diffusers); the text encoder keeps
 UMT5-XXL's width but few layers, and the tokenizer is the tiny offline one. Random weights give random attention
@@ -17,12 +18,19 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
 
 from wan.models.loading import keep_fp32_modules
 from wan.models.spec import I2V_PIPELINE, ModelSpec
-from wan.models.tiny import TINY, build_tokenizer
+from wan.models.tiny import TINY, VACE_IN_CHANNELS, build_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
@@ -95,6 +103,9 @@ ARCHS = {
                                        "out_channels": 48}, 5.0, (704, 1280, 121), "wan2.2-ti2v", vae=WAN22_VAE),
     "i2v-14b": Arch("Wan2.1 I2V-14B 480P", {**_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
                     3.0, (480, 832, 81), "wan2.1-i2v"),
+    # Wan-AI/Wan2.1-VACE-14B-diffusers: a VACE block beside every fifth of the 40 main blocks
+    "vace-14B": Arch("Wan2.1 VACE-14B", {**_14B, "vace_layers": list(range(0, 40, 5)),
+                                         "vace_in_channels": VACE_IN_CHANNELS}, 5.0, (720, 1280, 81), "wan2.1-vace"),
 }
 
 
@@ -110,11 +121,12 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_random_transformer(arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                             num_layers: int | None = None) -> WanTransformer3DModel:
+                             num_layers: int | None = None) -> WanTransformer3DModel | WanVACETransformer3DModel:
     """`arch`'s transformer with random weights; `num_layers` blocks instead of its own where given."""
     layers = {} if num_layers is None else {"num_layers": num_layers}
+    model = WanVACETransformer3DModel if ARCHS[arch].spec.vace else WanTransformer3DModel
     with torch.device(device), default_dtype(dtype):  # initialise on the GPU: seconds instead of minutes on the CPU
-        model = WanTransformer3DModel(**{**COMMON, **ARCHS[arch].transformer, **layers}).eval()
+        model = model(**{**COMMON, **ARCHS[arch].transformer, **layers}).eval()
     return keep_fp32_modules(model)  # as from_pretrained does
 
 
@@ -130,7 +142,7 @@ def random_image_encoder(device: str) -> dict:
 
 def build_random_pipeline(
     arch: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, text_layers: int = 2, seed: int = 0
-) -> WanPipeline | WanImageToVideoPipeline:
+) -> WanPipeline | WanImageToVideoPipeline | WanVACEPipeline:
     """`arch`'s whole pipeline with random weights (seeded by `seed`), its transformers in `dtype`, built on `device`;
     the text encoder has `text_layers` layers."""
     if arch not in ARCHS:
@@ -152,7 +164,7 @@ def build_random_pipeline(
         vae = AutoencoderKLWan(**published.vae).float()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=published.flow_shift)
-    pipeline = WanPipeline
+    pipeline = WanVACEPipeline if spec.vace else WanPipeline
     if spec.pipeline == I2V_PIPELINE:
         from diffusers import WanImageToVideoPipeline as pipeline
     return pipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), scheduler=scheduler,

@@ -1,7 +1,8 @@
 """What a Wan pipeline is, read once: from a pipeline folder's files (before anything loads) or from a loaded pipeline.
 
 Generation, training, the tiny and random model builders and every check ask a `ModelSpec`, never the files:
-- the pipeline class (`WanPipeline`: text to video; `WanImageToVideoPipeline`: image to video);
+- the pipeline class (`WanPipeline`: text to video; `WanImageToVideoPipeline`: image to video; `WanVACEPipeline`:
+  video from control inputs, a video, its mask and reference images, or from text alone);
 - its experts: `transformer`, and Wan2.2 A14B's low-noise `transformer_2`, switched at `boundary_ratio`;
 - TI2V (`expand_timesteps`: Wan2.2 TI2V-5B's per-token timesteps; with an image, diffusers' image mode);
 - the image conditioning: Wan2.1 I2V reads one image's CLIP tokens (`image_dim`), FLF2V two (`pos_embed_seq_len`),
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-T2V_PIPELINE, I2V_PIPELINE = "WanPipeline", "WanImageToVideoPipeline"
+T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE = "WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"
 #: the pipeline attributes that hold experts, in the order of the steps they run
 EXPERT_NAMES = ("transformer", "transformer_2")
 #: the prompt tokens Wan's text encoder reads (WanPipeline's max_sequence_length; the embeddings it was trained on)
@@ -46,8 +47,13 @@ class ModelSpec:
             return "Wan2.2 TI2V-5B"
         if self.clip_images == 2:
             return "Wan2.1 FLF2V"
-        kind = "I2V" if self.pipeline == I2V_PIPELINE else "T2V"
+        kind = "I2V" if self.pipeline == I2V_PIPELINE else "VACE" if self.vace else "T2V"
         return f"Wan2.2 {kind}-A14B" if len(self.experts) > 1 else f"Wan2.1 {kind}"
+
+    @property
+    def vace(self) -> bool:
+        """A Wan VACE model: its transformer also runs VACE blocks on the control latents (video, mask, references)."""
+        return self.pipeline == VACE_PIPELINE
 
     @property
     def image_embeds(self) -> bool:
