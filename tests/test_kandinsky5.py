@@ -3,19 +3,23 @@ and against diffusers' own NABLA path (the authors' nablaT_v2) computed correctl
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import Kandinsky5T2VPipeline
+from diffusers import DiffusionPipeline, Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
 from diffusers.models.transformers import transformer_kandinsky
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
+from PIL import Image
 from torch.nn.attention.flex_attention import BlockMask
 
 import wan.attention.processor
 from nabla import SparsityConfig
+from scripts import bench_kandinsky5
 from wan.api import disable_nabla, enable_nabla
 from wan.attention.patch import patch_transformer, unpatch
 from wan.attention.processor import NablaWanAttnProcessor
+from wan.models import random_kandinsky5, tiny, tiny_kandinsky5
 from wan.models.kandinsky5 import trained_config
 from wan.models.tiny_kandinsky5 import tiny_transformer
 
@@ -138,3 +142,36 @@ def test_a_model_not_trained_with_nabla_needs_a_config():
     with pytest.raises(ValueError, match="was not trained with NABLA, so it has no sparsity of its own; pass a config"):
         enable_nabla(regular)
     assert regular.visual_transformer_blocks[0].self_attention.processor.__class__ is Kandinsky5AttnProcessor
+
+
+@pytest.mark.parametrize("family", ["kandinsky5-lite", "kandinsky5-lite-i2v"])
+def test_tiny_pipelines_saved_by_the_command_run_under_their_trained_nabla(family, tmp_path, capsys):
+    tiny.main([str(tmp_path), "--family", family])
+    assert f"wrote a tiny Kandinsky 5 {'I2V' if family.endswith('i2v') else 'Lite T2V 10s'}" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)  # as a user loads a checkpoint before enable_nabla
+    assert type(pipe) is tiny_kandinsky5.TINY[family][1]
+    handle = enable_nabla(pipe)
+    image = {"image": Image.new("RGB", (128, 128), (200, 120, 40))} if family.endswith("i2v") else {}
+    # I2V renormalises the first 4 latent frames by the next ones: it needs 5 (17 frames), or gives NaN
+    frames = 17 if image else 5
+    video = pipe(prompt="a cat is playing piano", height=128, width=128, num_frames=frames, num_inference_steps=2,
+                 guidance_scale=1.0, output_type="np", **image).frames
+    assert video.shape == (1, frames, 128, 128, 3) and np.isfinite(video).all()
+    assert {step for step, _, _ in handle.state.records.densities} == {0, 1}  # every step sparse, both blocks
+    assert len(handle.state.records.densities) == 2 * 2
+
+
+def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
+    bench_kandinsky5.main(["--smoke"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| variant | s/eval | vs dense | vs diffusers-nabla | first call s | density |"
+    assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {v}" for v in bench_kandinsky5.VARIANTS]
+
+
+@pytest.mark.parametrize("arch, billions, threshold", [("k5-lite", 2.0, 0.9), ("k5-pro", 19.0, 0.7)])
+def test_real_size_configs(arch, billions, threshold):
+    with torch.device("meta"):  # the published sizes, without their memory
+        model = Kandinsky5Transformer3DModel(**random_kandinsky5.transformer_config(arch))
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.25 * billions
+    assert trained_config(model.config) == SparsityConfig(mode="nabla+sta", threshold=threshold, sta_window=(11, 3, 3),
+                                                          dense_above=1.0)

@@ -61,12 +61,17 @@ def tiny_transformer(visual_cond: bool = False, attention: dict[str, Any] | None
         in_visual_dim=4, in_text_dim=QWEN_DIM, in_text_dim2=CLIP_DIM, time_dim=16, out_visual_dim=4,
         patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 2, 2),
         visual_cond=visual_cond, **attention)
+    draw_modulations(transformer)
+    return transformer.eval()
+
+
+def draw_modulations(transformer: Kandinsky5Transformer3DModel, std: float = 0.3) -> None:
+    """Draw the modulations' weights, which diffusers zero-initialises (every block's shifts, scales and gates)."""
     with torch.no_grad():
         for module in transformer.modules():
             if isinstance(module, Kandinsky5Modulation):
-                module.out_layer.weight.normal_(std=0.3)
-                module.out_layer.bias.normal_(std=0.3)
-    return transformer.eval()
+                module.out_layer.weight.normal_(std=std / module.out_layer.in_features ** 0.5 * 4)
+                module.out_layer.bias.normal_(std=std)
 
 
 #: Qwen2's special tokens, the vision ones included (the encoder's config names their ids)
@@ -94,17 +99,18 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[])
 
 
-def _qwen_encoder(tokenizer: Qwen2TokenizerFast) -> Qwen2_5_VLForConditionalGeneration:
+def qwen_encoder(tokenizer: Qwen2TokenizerFast, width: int = QWEN_DIM) -> Qwen2_5_VLForConditionalGeneration:
+    """A one-layer Qwen2.5-VL of hidden size `width` (the transformer's in_text_dim) for `tokenizer`."""
     ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
            (("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"),
             ("image_token_id", "image_pad"), ("video_token_id", "video_pad"))}
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": QWEN_DIM, "intermediate_size": 32, "num_hidden_layers": 1,
+        text_config={"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": QWEN_DIM},
-        hidden_size=QWEN_DIM, vocab_size=len(tokenizer), **ids)
+                       "out_hidden_size": width},
+        hidden_size=width, vocab_size=len(tokenizer), **ids)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -128,7 +134,7 @@ def build_tiny_pipeline(seed: int = 0, family: str = "kandinsky5-lite") -> Kandi
     tokenizer, tokenizer_2 = qwen_tokenizer(), clip_tokenizer()
     with torch.random.fork_rng():  # deterministic weights without disturbing the caller's RNG
         torch.manual_seed(seed)
-        components = {"text_encoder": _qwen_encoder(tokenizer), "text_encoder_2": _clip_encoder(tokenizer_2),
+        components = {"text_encoder": qwen_encoder(tokenizer), "text_encoder_2": _clip_encoder(tokenizer_2),
                       "transformer": tiny_transformer(visual_cond=True), "vae": _tiny_vae()}
     # Lite's scheduler: flow matching at shift 5
     return TINY[family][1](tokenizer=tokenizer, tokenizer_2=tokenizer_2,

@@ -1,0 +1,152 @@
+"""One Kandinsky 5 transformer evaluation: dense, diffusers' own NABLA path, and this project's patch.
+
+    python scripts/bench_kandinsky5.py --arch k5-lite                          # 768x512 x 241: 93,696 tokens
+    python scripts/bench_kandinsky5.py --arch k5-lite --diffusers-compile max-autotune-no-cudagraphs
+    python scripts/bench_kandinsky5.py --arch k5-pro --max-density 0.15        # 1280x768 x 241: 234,240 tokens
+    python scripts/bench_kandinsky5.py --smoke                                 # the tiny model on the CPU, seconds
+
+Variants, each on the same random-weight transformer (wan.models.random_kandinsky5, bf16) and inputs:
+- `dense`: stock diffusers, `sparse_params` None (SDPA over every token), eager;
+- `diffusers-nabla`: stock diffusers given the pipeline's `sparse_params` (the authors' nablaT_v2 mask), as its docs
+  set it up: `set_attention_backend("flex")` and the whole model compiled with `dynamic=True`, in the mode of
+  `--diffusers-compile` ("default" or "max-autotune-no-cudagraphs"; "none": eager, whose flex ignores the mask);
+- `ours-trained`: `enable_nabla(transformer)`, the checkpoint's trained config (64-token blocks, compiled blocks);
+- `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles).
+The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
+give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
+density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+from diffusers import Kandinsky5T2VPipeline
+
+from wan.api import disable_nabla, enable_nabla
+from wan.benchmarking import log_clock, sync
+from wan.models.kandinsky5 import trained_config
+from wan.models.random_kandinsky5 import ARCHS, build_random_transformer
+from wan.models.tiny_kandinsky5 import tiny_transformer
+
+VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast")
+TEXT_TOKENS = 256
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=list(ARCHS), default="k5-lite")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--evals", type=int, default=3, help="timed evaluations per variant (default: 3)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "none"),
+                        default="default", help="how diffusers' NABLA path compiles the whole model (default: default)")
+    parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.height, args.width, args.frames, args.evals = args.height or 256, args.width or 256, args.frames or 5, 1
+        args.diffusers_compile = "none"
+    else:
+        height, width, frames = ARCHS[args.arch].size
+        args.height, args.width, args.frames = args.height or height, args.width or width, args.frames or frames
+    return args
+
+
+def inputs(transformer, args, device: torch.device) -> dict:
+    """One forward's arguments as Kandinsky5T2VPipeline passes them, its sparse_params included."""
+    config, dtype = transformer.config, transformer.dtype
+    frames, height, width = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    channels = 2 * config.in_visual_dim + 1 if config.visual_cond else config.in_visual_dim
+    latents = torch.randn(1, frames, height, width, channels, device=device, dtype=dtype)
+    owner = SimpleNamespace(transformer=transformer, fast_sta_nabla=Kandinsky5T2VPipeline.fast_sta_nabla)
+    return {"hidden_states": latents, "timestep": torch.tensor([700.0], device=device, dtype=dtype),
+            "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config.in_text_dim, device=device, dtype=dtype),
+            "pooled_projections": torch.randn(1, config.in_text_dim2, device=device, dtype=dtype),
+            "visual_rope_pos": [torch.arange(n, device=device) for n in (frames, height // 2, width // 2)],
+            "text_rope_pos": torch.arange(TEXT_TOKENS, device=device), "scale_factor": (1.0, 2.0, 2.0),
+            "sparse_params": Kandinsky5T2VPipeline.get_sparse_params(owner, latents, device)}
+
+
+def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
+    """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours) or None."""
+    capped = {} if args.max_density is None else {"max_density": args.max_density}
+    compile_blocks = None if not args.smoke else False
+    if variant == "ours-trained":
+        config = trained_config(transformer.config).replace(**capped)
+        return transformer, {}, enable_nabla(transformer, config, compile=compile_blocks)
+    if variant == "ours-fast":
+        from nabla.config import load_config
+        from wan.defaults import find_config
+
+        config = load_config(find_config("kandinsky5-fast")).replace(**capped)
+        return transformer, {}, enable_nabla(transformer, config, compile=compile_blocks)
+    if variant == "dense":
+        return transformer, {"sparse_params": None}, None
+    transformer.set_attention_backend("flex")
+    if args.diffusers_compile == "none":
+        return transformer, {}, None
+    mode = None if args.diffusers_compile == "default" else args.diffusers_compile
+    return torch.compile(transformer, mode=mode, dynamic=True), {}, None
+
+
+def tear_down(variant: str, transformer) -> None:
+    if variant.startswith("ours"):
+        disable_nabla(transformer)
+    elif variant == "diffusers-nabla":
+        transformer.reset_attention_backend()
+        torch._dynamo.reset()
+
+
+def measure(variant: str, transformer, args, forward: dict, device: torch.device) -> dict:
+    model, changed, handle = set_up(variant, transformer, args)
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(**{**forward, **changed})
+            sync(device)
+            warm = time.perf_counter() - start
+            times = []
+            for _ in range(args.evals):
+                start = time.perf_counter()
+                model(**{**forward, **changed})
+                sync(device)
+                times.append(time.perf_counter() - start)
+    finally:
+        tear_down(variant, transformer)
+    density = handle.state.mean_density() if handle is not None else None
+    return {"variant": variant, "s": min(times), "warm": warm, "density": density}
+
+
+def table(rows: list[dict]) -> str:
+    base = {row["variant"]: row["s"] for row in rows}
+    lines = ["| variant | s/eval | vs dense | vs diffusers-nabla | first call s | density |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = [f"{base[ref] / row['s']:.2f}x" if ref in base else "-" for ref in ("dense", "diffusers-nabla")]
+        density = "-" if row["density"] is None else f"{row['density']:.3f}"
+        lines.append(f"| {row['variant']} | {row['s']:.3f} | {ratio[0]} | {ratio[1]} | {row['warm']:.1f} | {density} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    transformer = tiny_transformer(visual_cond=True) if args.smoke else build_random_transformer(args.arch, device)
+    forward = inputs(transformer, args, device)
+    tokens = forward["hidden_states"].shape[1] * (args.height // 16) * (args.width // 16)
+    log_clock(f"{'tiny (smoke)' if args.smoke else ARCHS[args.arch].title}: {args.width}x{args.height} x "
+              f"{args.frames} frames, {tokens} tokens; diffusers' compile: {args.diffusers_compile}")
+    rows = []
+    for variant in args.variants:
+        rows.append(measure(variant, transformer, args, forward, device))
+        log_clock(f"{variant}: {rows[-1]['s']:.3f} s/eval (first call {rows[-1]['warm']:.1f} s)")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
