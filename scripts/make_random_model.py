@@ -2,6 +2,7 @@
 
     python scripts/make_random_model.py OUT_DIR --arch 1.3B       # then: generate.py --model OUT_DIR ...
     python scripts/make_random_model.py /tmp/i2v14b --arch i2v-14b
+    python scripts/make_random_model.py /tmp/vace14b --arch vace-14B   # then: generate.py --model /tmp/vace14b --video ...
     python -c "from PIL import Image; Image.new('RGB', (832, 480), (200, 120, 40)).save('/tmp/first.png')"
     python generate.py --model /tmp/i2v14b --image /tmp/first.png --prompt "a fox" --config configs/nabla-0.7-fast.yaml \\
         --compare --steps 20 --output /tmp/i2v.mp4      # 832x480 x 81: generate.py's defaults
@@ -11,12 +12,14 @@ on the GPU in bf16; Pro's transformer is 38 GB on disk. Architectures (`--arch`,
 for high noise and `transformer_2` for low noise, switched at boundary_ratio 0.875); Wan2.2 TI2V-5B (`ti2v-5b`:
 per-token timesteps, `expand_timesteps`, and the 48-channel Wan2.2 VAE, 16x spatial); Wan2.1 I2V-14B 480P
 (`i2v-14b`: a WanImageToVideoPipeline whose transformer reads 36 input channels and CLIP image tokens, with a
-CLIPVisionModelWithProjection of ViT-H/14's size). Transformers, VAEs, schedulers and pipeline flags are the published
+CLIPVisionModelWithProjection of ViT-H/14's size); Wan2.1 VACE-14B (`vace-14B`: a WanVACEPipeline whose transformer
+adds 8 VACE blocks, beside main blocks 0, 5, ..., 35, reading 96 control channels). Transformers, VAEs, schedulers and pipeline flags are the published
 ones (Wan-AI/*-Diffusers, as diffusers' scripts/convert_wan_to_diffusers.py writes them). The text encoder keeps
 UMT5-XXL's width (4096, what the transformer reads) but only `--text-layers` layers, and the tokenizer is the tiny
 offline one: text encoding is a negligible share of a video's time, and its weights would be noise. Random weights
 give random attention structure: use `max_density` to set a benchmark's density. On disk (bf16 transformers, the rest
-float32): 1.3B 4 GB, 14B 30 GB, a14b 59 GB, ti2v-5b 14 GB, i2v-14b 37 GB. The builders live in `wan.models.random`;
+float32): 1.3B 4 GB, 14B 30 GB, a14b 59 GB, ti2v-5b 14 GB, i2v-14b 37 GB, vace-14B about 37 GB (14B's and
+3.2B parameters of VACE blocks). The builders live in `wan.models.random`;
 this is their command.
 """
 

@@ -9,7 +9,10 @@ states the transformer's cross-attention reads beside the text, and 16 noise + 2
 `wan2.1-flf2v` (Wan2.1 FLF2V-14B's: the same with position embeddings for two images, the first and the last frame),
 `wan2.2-i2v-a14b` (Wan2.2 I2V-A14B's: a WanImageToVideoPipeline of two 36-channel experts switched at 0.9, no image
 encoder: its transformers read the VAE's latents of the frames only) and `wan2.2-ti2v` (Wan2.2 TI2V-5B's: a WanPipeline with `expand_timesteps`, so per-token timesteps, and a 48-channel
-VAE that patchifies 2x2 pixels before 8x downsampling: 16x spatial compression, 32 pixels a token).
+VAE that patchifies 2x2 pixels before 8x downsampling: 16x spatial compression, 32 pixels a token), and `wan2.1-vace`
+(Wan2.1 VACE's: a WanVACEPipeline whose transformer runs one VACE block on the control latents, 96 channels: the
+video's latents outside and inside the mask and the 8x8 pixels of the mask under each latent, and adds its hint after
+main block 0).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
 (tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
@@ -23,11 +26,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, CLIPVisionModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
-from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, ModelSpec
+from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
@@ -76,7 +86,11 @@ TINY = {
                              ti2v=True, vae_scale=16),
     "wan2.2-i2v-a14b": ModelSpec("Wan2.2 I2V-A14B-style two-expert image-to-video", I2V_PIPELINE, EXPERT_NAMES,
                                  I2V_A14B_BOUNDARY_RATIO),
+    "wan2.1-vace": ModelSpec("Wan2.1 VACE (video, mask and reference images as controls)", VACE_PIPELINE),
 }
+#: a VACE transformer's control channels over the VAE's 16: the latents outside and inside the mask (16 each) and
+#: the mask's 8x8 pixels under each latent (64), as WanVACEPipeline stacks them
+VACE_IN_CHANNELS = 96
 #: name -> what it is
 FAMILIES = {name: spec.model for name, spec in TINY.items()}
 
@@ -92,7 +106,10 @@ def _tiny_transformer(spec: ModelSpec = TINY["wan2.1-t2v"]) -> WanTransformer3DM
                      pos_embed_seq_len=2 * IMAGE_TOKENS if spec.clip_images == 2 else None)
     if spec.ti2v:
         extra = {"in_channels": TI2V_LATENT_CHANNELS, "out_channels": TI2V_LATENT_CHANNELS}
-    return WanTransformer3DModel(**{
+    model = WanTransformer3DModel
+    if spec.vace:  # one VACE block (fewer than the main blocks, as in the real models), hinting main block 0
+        model, extra = WanVACETransformer3DModel, {"vace_layers": [0], "vace_in_channels": VACE_IN_CHANNELS}
+    return model(**{
         "patch_size": spec.patch_size, "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
         "out_channels": 16, "text_dim": TEXT_DIM, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2,
         "rope_max_seq_len": 1024, **extra}).eval()
@@ -124,7 +141,8 @@ def _tiny_vae(spec: ModelSpec) -> AutoencoderKLWan:
     )
 
 
-def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipeline | WanImageToVideoPipeline:
+def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v"
+                        ) -> WanPipeline | WanImageToVideoPipeline | WanVACEPipeline:
     """A complete Wan pipeline of `family` (TINY) with tiny random weights; identical for identical seeds."""
     if family not in TINY:
         raise ValueError(f"family {family!r} is not allowed; allowed: {', '.join(TINY)}")
@@ -149,7 +167,7 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v") -> WanPipelin
     if spec.ti2v:  # as Wan2.2 TI2V-5B's model_index.json: per-token timesteps, one transformer
         extra["expand_timesteps"] = True
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipeline = WanPipeline
+    pipeline = WanVACEPipeline if spec.vace else WanPipeline
     if spec.pipeline == I2V_PIPELINE:
         # imported only here: without torchvision, transformers 5 warns (on importing CLIPImageProcessor, as diffusers'
         # I2V pipeline module does) that it falls back to its PIL processor, which text-to-video users need not read
