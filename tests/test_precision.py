@@ -22,6 +22,15 @@ def test_filter_selects_the_block_linears_only():
     assert not is_block_linear(transformer.blocks[0].norm2, "blocks.0.norm2")
 
 
+def test_filter_takes_the_vace_blocks_too(vace_model):
+    from diffusers import WanVACETransformer3DModel
+
+    transformer = WanVACETransformer3DModel.from_pretrained(vace_model / "transformer")
+    chosen = {name for name, module in transformer.named_modules() if is_block_linear(module, name)}
+    assert {"vace_blocks.0.attn1.to_q", "vace_blocks.0.proj_out", "blocks.0.ffn.net.2"} <= chosen
+    assert not any(name.startswith(("proj_out", "condition_embedder", "vace_patch")) for name in chosen)
+
+
 def test_bf16_changes_nothing():
     transformer = build_tiny_pipeline().transformer
     before = {k: v.clone() for k, v in transformer.state_dict().items()}

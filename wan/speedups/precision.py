@@ -19,8 +19,9 @@ FP8_CAPABILITY = (8, 9)
 
 
 def is_block_linear(module: torch.nn.Module, name: str) -> bool:
-    """quantize_'s filter: a Linear inside `blocks.N` (names are relative to the transformer)."""
-    return isinstance(module, torch.nn.Linear) and name.startswith("blocks.")
+    """quantize_'s filter: a Linear inside `blocks.N`, or Wan VACE's `vace_blocks.N` (names are relative to the
+    transformer): the repeated blocks hold nearly all the GEMM time; embeddings and the output projection stay."""
+    return isinstance(module, torch.nn.Linear) and name.startswith(("blocks.", "vace_blocks."))
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
