@@ -157,7 +157,7 @@ BAD_INPUTS = {
     "binary-config": (lambda t: ["--config", write_bytes(t, b"\x89PNG\r\n\x1a\n")],
                       "bad.yaml is not a text file (byte 0x89 at offset 0 is not UTF-8)"),
     "unknown-config-name": (lambda t: ["--config", "nabla-0.9"],
-                            "'nabla-0.9' is neither a file nor a shipped config; shipped: fastest, fewstep-4, finetune-full, finetune-lora, finetune-tiny, full,"),
+                            "'nabla-0.9' is neither a file nor a shipped config; shipped: fastest, fastest-60, fewstep-4, finetune-full, finetune-lora, finetune-tiny, full,"),
 }
 
 
