@@ -52,6 +52,23 @@ def vace_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_vace"), seed=0, family="wan2.1-vace")
 
 
+@pytest.fixture(scope="session")
+def kandinsky5_model(tmp_path_factory) -> Path:
+    """A tiny random Kandinsky 5 Lite T2V 10s-style checkpoint (NABLA-trained config: P 0.9, STA 11x3x3; 2 visual
+    blocks), saved the way `make-tiny-model --family kandinsky5-lite` saves it."""
+    from wan.models.tiny_kandinsky5 import save_tiny_model as save_kandinsky5
+
+    return save_kandinsky5(tmp_path_factory.mktemp("tiny_k5"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def kandinsky5_i2v_model(tmp_path_factory) -> Path:
+    """The same as a Kandinsky5I2VPipeline: image to video, its first frame's latents given to the transformer."""
+    from wan.models.tiny_kandinsky5 import save_tiny_model as save_kandinsky5
+
+    return save_kandinsky5(tmp_path_factory.mktemp("tiny_k5_i2v"), seed=0, family="kandinsky5-lite-i2v")
+
+
 @pytest.fixture
 def raw_frames(monkeypatch):
     """write_video stores the raw float frames (.npy bytes at the .mp4 path): MP4 encoding is lossy, and

@@ -108,7 +108,8 @@ def enable_nabla(
     Returns the first transformer's handle (wan.attention.patch.NablaPatch; `handle.experts` lists every expert's, this one
     first, and `handle.state.mean_density()` is over the whole run), or None where every config is mode full:
     nothing is patched then, but the blocks are still compiled when asked. `pad_dense` (sequence parallelism) and
-    `always` (count the attention calls) patch mode full too, see `wan.attention.patch.patch_transformer`. Raises ValueError
+    `always` (count the attention calls) patch mode full too, see `wan.attention.patch.patch_transformer`; so does a
+    model trained with NABLA (its own sparse path dropped: mode full is full attention there too). Raises ValueError
     if a transformer is already patched; a pipeline that is not a Wan one of WanTransformer3DModels is a TypeError.
     """
     transformers = experts(pipe_or_transformer, "enable_nabla")
@@ -125,7 +126,10 @@ def enable_nabla(
     for transformer in transformers:  # before any is patched: all or none
         if getattr(transformer, "_nabla_patch", None) is not None:
             raise ValueError("enable_nabla: this transformer is already patched; call disable_nabla first")
-    always = always or any(c.is_sparse for c in configs)
+    # a model whose own sparse attention runs unless the patch drops it (Kandinsky 5 of attention_type nabla): mode full
+    # is patched too there, so that it is full attention
+    own = any(family_of(t, "enable_nabla").default_config(t) is not None for t in transformers)
+    always = always or own or any(c.is_sparse for c in configs)
     handle = None
     for transformer, sparsity in zip(transformers, configs):
         patched = patch_transformer(transformer, sparsity, pad_dense=pad_dense, always=always, expert_of=handle)

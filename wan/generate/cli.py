@@ -1,4 +1,4 @@
-"""Text- or image-to-video with Wan whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
+"""Text- or image-to-video with Wan or Kandinsky 5 whose self-attention runs full, NABLA, STA or NABLA+STA, as a YAML config says.
 
     nabla-wan generate --prompt "a red fox in the snow" --config nabla-0.7 --output fox.mp4
     nabla-wan generate --model Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --image fox.png --prompt "..." --config nabla-0.7
@@ -6,6 +6,7 @@
     nabla-wan generate --model Wan-AI/Wan2.1-VACE-14B-diffusers --video in.mp4 --mask mask.mp4 --prompt "..." \
         --config nabla-0.7                                                 # Wan VACE: inpaint where the mask is white
     nabla-wan generate --prompts prompts.txt --config nabla-0.7 --output out/fox.mp4   # out/fox-1.mp4, ...
+    nabla-wan generate --model kandinsky5-folder --prompt "..."            # a NABLA-trained one: its own sparsity
     nabla-wan make-tiny-model tiny-wan                                     # an offline demo model
 
 (`python generate.py ...` in a checkout takes the same flags.) Command-line flags override the config's
@@ -54,14 +55,17 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML file with a `sparsity:` and optionally `sparsity_2:` (Wan2.2 A14B's "
                    "low-noise expert, merged over `sparsity:`), `generation:`, `precision:` and "
                    "`cache:` sections, or the name of a shipped one: " + ", ".join(shipped_configs("generate")) +
-                   " (default: full attention, stock settings); see the README")
+                   " (default: full attention, stock settings; for a checkpoint trained with NABLA, a Kandinsky 5 "
+                   "of attention_type nabla, the sparsity it was trained with); see the README")
     p.add_argument("--precision", choices=PRECISIONS, help="fp8: torchao FP8 (dynamic, per-row) for the Linear layers "
                    "of the transformer blocks, on GPUs of compute capability >= 8.9 (default: the config's, else bf16, "
                    "i.e. --dtype as loaded)")
     p.add_argument("--model", help="hub id or local folder of a diffusers Wan pipeline: text to video (WanPipeline: "
                    "Wan2.1, or Wan2.2 A14B, both experts get NABLA; Wan2.2 TI2V with or without --image) or image to video "
                    "(WanImageToVideoPipeline, read from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give "
-                   "--image) or Wan VACE (WanVACEPipeline: --video, --mask, --reference-image, or text alone) "
+                   "--image) or Wan VACE (WanVACEPipeline: --video, --mask, --reference-image, or text alone), or "
+                   "Kandinsky 5 (Kandinsky5T2VPipeline, or Kandinsky5I2VPipeline with --image; its defaults "
+                   "512x768, 121 frames, 24 fps; one process, no cache, no --transformer) "
                    f"(default: {DEFAULT_MODEL})")
     p.add_argument("--image", metavar="PATH", help="image to video: the first frame (an image file PIL reads; resized "
                    "to --height x --width); needed by a WanImageToVideoPipeline model, optional for a Wan2.2 TI2V one "

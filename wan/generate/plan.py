@@ -1,6 +1,7 @@
 """Every check `generate` makes, once: before a model loads, the config, the settings, the prompts file, the output
 paths, the device, precision and cache, the images, LoRA and parallel flags, resolved into one `Plan`; and what the
-model's facts decide (`check_model`: images, experts, TI2V's defaults), from a local folder's files before it loads,
+model's facts decide (`check_model`: images, experts, the model's own defaults and trained sparsity, the levers it
+runs with), from a local folder's files before it loads,
 or for a hub id from the loaded pipeline: the same function, once."""
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from nabla.config import SparsityConfig, load_config, read_yaml
 from nabla.layout import TileLayout
 from wan.defaults import check_device, find_config
 from wan.generate.batch import Job, plan_jobs, read_prompts
-from wan.generate.settings import GenerationSettings, for_ti2v, given_keys
+from wan.generate.settings import GenerationSettings, for_ti2v, given_keys, with_defaults
 from wan.generate.stats import check_stats_path
 from wan.io.frames import pipeline_controls
 from wan.io.images import pipeline_images
 from wan.io.video import check_output_path
+from wan.models import kandinsky5_facts
 from wan.models.experts import low_noise_config
 from wan.models.spec import I2V_PIPELINE, T2V, ModelSpec
 from wan.speedups.cache import cache_config, check_cache_parallel
@@ -56,6 +58,8 @@ class Plan:
     spec: ModelSpec | None = None
     #: the run is spread over processes (--ulysses, --cfg-parallel)
     parallel: bool = False
+    #: --config was given (else a checkpoint trained with NABLA runs its own sparsity, others full attention)
+    configured: bool = False
 
 
 def resolve(args: argparse.Namespace) -> Plan:
@@ -67,7 +71,6 @@ def resolve(args: argparse.Namespace) -> Plan:
         sparsity = load_config(config, other_sections=("sparsity_2", "generation", "precision", "cache"))
         data = read_yaml(config)
     sparsity_2 = low_noise_config(sparsity, data.get("sparsity_2"))
-    sparse = sparsity.is_sparse or (sparsity_2 is not None and sparsity_2.is_sparse)
     overrides = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model, "seed": args.seed,
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
@@ -86,9 +89,6 @@ def resolve(args: argparse.Namespace) -> Plan:
     if settings.image is not None and (args.ulysses > 1 or args.cfg_parallel):  # not run on several GPUs yet
         raise ValueError("--image runs on one process for now; drop --ulysses/--cfg-parallel")
     precision, cache = resolve_speedups(args, data, device)
-    if args.compare and not sparse and precision == "bf16" and cache is None and settings.cfg_truncation is None:
-        raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
-                         "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
     jobs, full_output = _outputs(args, settings, entries)
     if args.transformer is not None:
         from wan.models.loading import check_transformer_path
@@ -101,23 +101,29 @@ def resolve(args: argparse.Namespace) -> Plan:
 
             resolve_backend(config.backend, device, DTYPES.get(args.dtype))
     plan = Plan(sparsity, sparsity_2, settings, given, jobs, full_output, precision, cache, device,
-                one_expert_flags(args), loras, parallel=args.ulysses > 1 or args.cfg_parallel)
+                one_expert_flags(args), loras, parallel=args.ulysses > 1 or args.cfg_parallel,
+                configured=args.config is not None)
     spec = ModelSpec.from_folder(settings.model)
     if spec is not None:
         check_model(plan, spec)
+    elif plan.configured:  # without a config, a hub id's checkpoint may have a trained sparsity: known once loaded
+        check_compare(plan)
     _check_parallel(args, plan.settings, plan.spec)
     return plan
 
 
 def check_model(plan: Plan, spec: ModelSpec) -> None:
-    """What the model's facts decide: a Wan2.2 TI2V model's defaults and size rule, the images it takes, a
-    `sparsity_2:` section only for two experts, --transformer/--lora only for one. Called once: before loading with a
-    local folder's spec, else with the loaded pipeline's."""
+    """What the model's facts decide: its own defaults (a Wan2.2 TI2V model's, with its size rule; a Kandinsky 5
+    model's), its trained sparsity where no --config is given, the images it takes, a `sparsity_2:` section only for
+    two experts, --transformer/--lora only for one, the levers it runs with. Called once: before loading with a local
+    folder's spec, else with the loaded pipeline's."""
     plan.spec = spec
-    if spec.ti2v:
-        plan.settings = for_ti2v(plan.settings, plan.given, spec.pixels_per_token)
-        plan.jobs = [dataclasses.replace(job, settings=for_ti2v(job.settings, plan.given, spec.pixels_per_token))
-                     for job in plan.jobs]
+    plan.settings = for_model(plan.settings, plan.given, spec)
+    plan.jobs = [dataclasses.replace(job, settings=for_model(job.settings, plan.given, spec)) for job in plan.jobs]
+    if not plan.configured and spec.trained_sparsity is not None:  # the checkpoint's own NABLA: it is the model
+        plan.sparsity = spec.trained_sparsity
+    check_compare(plan)
+    check_model_levers(plan, spec)
     check_model_controls(plan, spec)
     check_model_images(spec, plan.settings.image, plan.settings.last_image)
     if plan.sparsity_2 is not None and len(spec.experts) == 1:
@@ -127,6 +133,37 @@ def check_model(plan: Plan, spec: ModelSpec) -> None:
         raise ValueError(f"{' and '.join(plan.one_expert_flags)}: not supported for {spec.model}, a two-expert "
                          "pipeline (Wan2.2 A14B: transformer and transformer_2); they apply to one-transformer Wan "
                          "models")
+
+
+def for_model(settings: GenerationSettings, given: frozenset[str], spec: ModelSpec) -> GenerationSettings:
+    """`settings` with the model's own defaults for those not `given` (and Wan2.2 TI2V's size rule)."""
+    if spec.ti2v:
+        return for_ti2v(settings, given, spec.pixels_per_token)
+    return with_defaults(settings, given, spec.generation_defaults)
+
+
+def check_compare(plan: Plan) -> None:
+    """--compare needs a configured run that differs from the stock model."""
+    nothing = not plan.sparsity.is_sparse and not (plan.sparsity_2 and plan.sparsity_2.is_sparse)
+    nothing = nothing and plan.precision == "bf16" and plan.cache is None and plan.settings.cfg_truncation is None
+    if plan.full_output is not None and nothing:
+        raise ValueError("--compare needs something to compare with the stock model: a sparse config (mode nabla, sta "
+                         "or nabla+sta), precision fp8 or a cache; got mode 'full' alone")
+
+
+def check_model_levers(plan: Plan, spec: ModelSpec) -> None:
+    """One-line ValueError for the levers a Kandinsky 5 model does not run with: several processes (diffusers has no
+    context-parallel plan for its transformer, and CFG parallelism splits Wan's batch), --transformer (Wan
+    checkpoints), a step cache (diffusers' first-block cache asks its blocks for a `hidden_states` argument they do
+    not have; TaylorSeer's lite mode extrapolates `proj_out`, which its transformer has not)."""
+    if not spec.kandinsky5:
+        return
+    refused = [(plan.parallel, "--ulysses/--cfg-parallel", "run it on one process"),
+               ("--transformer" in plan.one_expert_flags, "--transformer", "give the whole model with --model"),
+               (plan.cache is not None, "cache", "drop the config's cache: section")]
+    for bad, what, instead in refused:
+        if bad:
+            raise ValueError(f"{what}: not supported for {spec.model}, a {spec.name} model; {instead}")
 
 
 _I2V_EXAMPLE = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
@@ -170,13 +207,15 @@ def check_model_images(spec: ModelSpec, image: str | None, last_image: str | Non
         return
     frames = spec.image_frames
     if frames == 0 and image is not None:
+        needs = (f"a {kandinsky5_facts.I2V_PIPELINE} model" if spec.kandinsky5 else
+                 f"a {I2V_PIPELINE} model, such as {_I2V_EXAMPLE}, or a Wan2.2 TI2V one")
         raise ValueError(f"--image: {model} is a text-to-video model ({spec.pipeline}) and takes no image; image to "
-                         f"video needs a {I2V_PIPELINE} model, such as {_I2V_EXAMPLE}, or a Wan2.2 TI2V one")
+                         f"video needs {needs}")
     if frames > 0 and image is None:
-        raise ValueError(f"--image: {model} is an image-to-video model ({I2V_PIPELINE}); give its first frame with "
+        raise ValueError(f"--image: {model} is an image-to-video model ({spec.pipeline}); give its first frame with "
                          "--image PATH")
     if frames == 1 and last_image is not None:
-        raise ValueError(f"--last-image: {model} takes one image, the first frame (Wan2.1 I2V); a first and a last "
+        raise ValueError(f"--last-image: {model} takes one image, the first frame ({spec.name}); a first and a last "
                          f"frame need a FLF2V model, such as {_FLF2V_EXAMPLE}, or a Wan2.2 I2V one")
 
 

@@ -14,7 +14,7 @@ from wan.io.frames import pipeline_controls
 from wan.io.images import pipeline_images
 
 if TYPE_CHECKING:  # diffusers stays out of generate.py's checks, which run before any model loads
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers import Kandinsky5T2VPipeline, WanImageToVideoPipeline, WanPipeline
 
 
 class NonFiniteLatentsError(RuntimeError):
@@ -32,7 +32,7 @@ def _check_finite(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
 
 
 def generate(
-    pipe: WanPipeline | WanImageToVideoPipeline, settings: GenerationSettings, *, steps: int | None = None,
+    pipe: WanPipeline | WanImageToVideoPipeline | Kandinsky5T2VPipeline, settings: GenerationSettings, *, steps: int | None = None,
     decode: bool = True, phases: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Run the pipeline; returns frames [F, H, W, 3] in [0, 1] and the wall-clock seconds it took.
@@ -64,7 +64,8 @@ def generate(
         result = pipe(
             **inputs,
             prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt,
+            # none given: the pipeline's own (Wan's is empty, Kandinsky 5's names what its models should not show)
+            negative_prompt=settings.negative_prompt or None,
             height=settings.height,
             width=settings.width,
             num_frames=settings.frames,

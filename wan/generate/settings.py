@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from wan.defaults import DEFAULT_MODEL, MAX_FRAMES, MAX_SIDE
+from wan.models.spec import TI2V_DEFAULTS
+
+__all__ = ["TI2V_DEFAULTS", "GenerationSettings", "for_ti2v", "given_keys", "with_defaults"]
 
 MAX_STEPS = 1000
-#: Wan2.2 TI2V-5B's own defaults (its published runs: 1280x704, 121 frames at 24 fps) where no flag or config gives one
-TI2V_DEFAULTS = {"height": 704, "width": 1280, "frames": 121, "fps": 24}
 
 
 @dataclasses.dataclass
@@ -157,10 +158,15 @@ def given_keys(yaml_section: Mapping[str, Any] | None, overrides: Mapping[str, A
     return frozenset(yaml_section or {}) | {key for key, value in overrides.items() if value is not None}
 
 
+def with_defaults(settings: GenerationSettings, given: frozenset[str], defaults: Mapping[str, Any]) -> GenerationSettings:
+    """`settings` with a model's own `defaults` (wan.models.spec's `generation_defaults`) for the settings not `given`."""
+    return dataclasses.replace(settings, **{k: v for k, v in defaults.items() if k not in given})
+
+
 def for_ti2v(settings: GenerationSettings, given: frozenset[str], pixels: int) -> GenerationSettings:
     """`settings` for a Wan2.2 TI2V model whose token is `pixels` wide: TI2V_DEFAULTS for the settings not `given`,
     and its size rule (one-line ValueError for a side that is not a multiple of `pixels`)."""
-    settings = dataclasses.replace(settings, **{k: v for k, v in TI2V_DEFAULTS.items() if k not in given})
+    settings = with_defaults(settings, given, TI2V_DEFAULTS)
     for side in ("height", "width"):
         value = getattr(settings, side)
         if value % pixels:

@@ -20,22 +20,9 @@ import torch
 from diffusers import Kandinsky5Transformer3DModel
 
 from nabla import SparsityConfig, TileLayout
+from wan.models.kandinsky5_facts import trained_config
 
-#: the authors' NABLA blocks: 64 tokens, one 1 x 8 x 8 tile (nablaT_v2's BLOCK_SIZE, fractal_flatten's tile)
-TRAINED_BLOCK_SIZE = 64
-
-
-def trained_config(config: Any) -> SparsityConfig | None:
-    """The sparsity a transformer of this config was trained with (`attention_type: nabla`: its P and STA window,
-    64-token blocks, no dense steps, no dense fallback: the authors' mask exactly), or None (flash-attention
-    checkpoints: NABLA is training-free there, as on Wan, and needs a config of the user's)."""
-    if config.get("attention_type") != "nabla":
-        return None
-    window = (config["attention_wT"], config["attention_wH"], config["attention_wW"])
-    # diffusers ORs the STA mask whatever attention_add_sta says; the authors' code reads it: we follow the authors
-    mode = "nabla" if config.get("attention_add_sta") is False else "nabla+sta"
-    return SparsityConfig(mode=mode, threshold=float(config["attention_P"]), sta_window=window,
-                          block_size=TRAINED_BLOCK_SIZE, dense_steps=0, dense_above=1.0)
+__all__ = ["KANDINSKY5", "rotate", "trained_config"]
 
 
 def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Load a Wan pipeline from the hub or a local diffusers-layout folder: a `WanImageToVideoPipeline` where its
-model_index.json names one (image to video), or where it is Wan2.2 TI2V (`expand_timesteps`) and an image is given (its
-image mode), a `WanVACEPipeline` where it names that (Wan VACE: control inputs), else a `WanPipeline`.
+"""Load a Wan or Kandinsky 5 pipeline from the hub or a local diffusers-layout folder: the class its model_index.json
+names (`WanPipeline`, `WanImageToVideoPipeline`, `WanVACEPipeline`, `Kandinsky5T2VPipeline`,
+`Kandinsky5I2VPipeline`), or for Wan2.2 TI2V (`expand_timesteps`) with an image given a `WanImageToVideoPipeline` (its
+image mode).
 
 The transformer can come from elsewhere (`transformer=`): an original-format Wan2.1 checkpoint (the
 layout of the Wan2.1 repository, keys such as `blocks.0.self_attn.q.weight`, as the NABLA-finetuned
@@ -15,18 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline, WanPipeline, WanTransformer3DModel, WanVACEPipeline
+from diffusers import DiffusionPipeline, WanPipeline, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.errors import GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors.torch import load_file
 
 from wan.defaults import DEFAULT_MODEL
-from wan.models.spec import I2V_PIPELINE, VACE_PIPELINE, ModelSpec
+from wan.models import kandinsky5_facts
+from wan.models.spec import I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
 
+#: the pipeline classes this project runs, as a model_index.json names them
+PIPELINES = (T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE, *kandinsky5_facts.PIPELINES)
 _HOW_TO_GET = (
     f"get weights with `hf download {DEFAULT_MODEL} --local-dir DIR`, "
     "or build an offline demo model with `nabla-wan make-tiny-model DIR`"
@@ -149,19 +153,31 @@ def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image:
         raise ModelNotFoundError(f"model folder {str(path)!r} {what}; {_HOW_TO_GET}")
     components = {} if transformer is None else {"transformer": load_transformer(transformer, model, dtypes["default"])}
     spec = ModelSpec.from_folder(str(path))
-    pipeline = WanVACEPipeline if spec.vace else WanPipeline
-    if spec.pipeline == I2V_PIPELINE or (image and spec.ti2v):
-        # imported only for I2V: without torchvision, transformers 5 warns on importing its CLIP image processor
-        from diffusers import WanImageToVideoPipeline as pipeline
+    check_pipeline(spec.pipeline, model)
     # real load errors are not "not found"; a TI2V index's expand_timesteps reaches the I2V class as it does WanPipeline
-    return pipeline.from_pretrained(str(path), dtype=dtypes, device_map=device_map, **components)
+    return pipeline_class(spec, image).from_pretrained(str(path), dtype=dtypes, device_map=device_map, **components)
+
+
+def check_pipeline(name: str, model: str) -> None:
+    """One-line ValueError unless `name` is a pipeline class this project runs."""
+    if name not in PIPELINES:
+        raise ValueError(f"model: {model} is a {name or 'pipeline of no class'}; allowed: a WanPipeline (text to "
+                         f"video), {I2V_PIPELINE} (image to video), {VACE_PIPELINE} (control inputs), "
+                         f"{kandinsky5_facts.T2V_PIPELINE} or {kandinsky5_facts.I2V_PIPELINE} model")
+
+
+def pipeline_class(spec: ModelSpec, image: bool) -> type[DiffusionPipeline]:
+    """The diffusers class that loads `spec`'s pipeline: the one its index names, or for Wan2.2 TI2V with an image
+    (`image`) its image mode, WanImageToVideoPipeline."""
+    import diffusers  # the I2V classes only where named: without torchvision, transformers 5 warns on their import
+
+    return getattr(diffusers, I2V_PIPELINE if image and spec.ti2v else spec.pipeline)
 
 
 def _load_hub(model: str, dtypes: dict, transformer: str | Path | None, image: bool,
               device_map: str | None = None) -> DiffusionPipeline:
-    """A hub id's pipeline (the class its index names: WanPipeline, WanImageToVideoPipeline or WanVACEPipeline, others
-    refused), or
-    TI2V's image mode over its components, with `image`."""
+    """A hub id's pipeline (the class its index names, one of PIPELINES; others refused), or TI2V's image mode over
+    its components, with `image`."""
     pipeline_logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
     pipeline_logger.addFilter(_drop_hub_fallback_warning)  # an error below says it in its one line
     try:
@@ -173,9 +189,7 @@ def _load_hub(model: str, dtypes: dict, transformer: str | Path | None, image: b
         raise ModelNotFoundError(f"could not load hub model {model!r}: {_hub_reason(e)}; {_HOW_TO_GET}") from e
     finally:
         pipeline_logger.removeFilter(_drop_hub_fallback_warning)
-    if not isinstance(pipe, (WanPipeline, WanVACEPipeline)) and type(pipe).__name__ != I2V_PIPELINE:
-        raise ValueError(f"model: {model} is a {type(pipe).__name__}; allowed: a WanPipeline (text to video), "
-                         f"{I2V_PIPELINE} (image to video) or {VACE_PIPELINE} (control inputs) model")
+    check_pipeline(type(pipe).__name__, model)
     if image and isinstance(pipe, WanPipeline) and ModelSpec.from_pipeline(pipe, model).ti2v:  # TI2V, known now
         from diffusers import WanImageToVideoPipeline
 

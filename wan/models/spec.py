@@ -1,4 +1,4 @@
-"""What a Wan pipeline is, read once: from a pipeline folder's files (before anything loads) or from a loaded pipeline.
+"""What a Wan or Kandinsky 5 pipeline is, read once: from a pipeline folder's files (before anything loads) or from a loaded pipeline.
 
 Generation, training, the tiny and random model builders and every check ask a `ModelSpec`, never the files:
 - the pipeline class (`WanPipeline`: text to video; `WanImageToVideoPipeline`: image to video; `WanVACEPipeline`:
@@ -7,7 +7,9 @@ Generation, training, the tiny and random model builders and every check ask a `
 - TI2V (`expand_timesteps`: Wan2.2 TI2V-5B's per-token timesteps; with an image, diffusers' image mode);
 - the image conditioning: Wan2.1 I2V reads one image's CLIP tokens (`image_dim`), FLF2V two (`pos_embed_seq_len`),
   Wan2.2 I2V none (only the VAE's latents of the frames);
-- the patch size and the VAE's spatial scale, so the pixels of a token (16 for Wan2.1, 32 for TI2V's 16x VAE).
+- the patch size and the VAE's spatial scale, so the pixels of a token (16 for Wan2.1, 32 for TI2V's 16x VAE);
+- a Kandinsky 5 pipeline (`Kandinsky5T2VPipeline`, `Kandinsky5I2VPipeline`: one transformer, the first frame for I2V)
+  with its pipelines' default video and, for a checkpoint trained with NABLA, the sparsity it was trained with.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nabla.config import SparsityConfig
+from wan.models import kandinsky5_facts
+
 T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE = "WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"
 #: the pipeline attributes that hold experts, in the order of the steps they run
 EXPERT_NAMES = ("transformer", "transformer_2")
@@ -26,6 +31,8 @@ EXPERT_NAMES = ("transformer", "transformer_2")
 MAX_TEXT_TOKENS = 512
 #: the VAE's temporal compression (Wan2.1's and Wan2.2's): 4k+1 frames make k+1 latent frames
 VAE_TEMPORAL_SCALE = 4
+#: Wan2.2 TI2V-5B's own defaults (its published runs: 1280x704, 121 frames at 24 fps) where no flag or config gives one
+TI2V_DEFAULTS = {"height": 704, "width": 1280, "frames": 121, "fps": 24}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +46,14 @@ class ModelSpec:
     clip_images: int = 0
     patch_size: tuple[int, int, int] = (1, 2, 2)
     vae_scale: int = 8  # the VAE's spatial compression
+    #: the sparsity the checkpoint was trained with (a Kandinsky 5 of `attention_type: nabla`), else None
+    trained_sparsity: SparsityConfig | None = None
 
     @property
     def name(self) -> str:
-        """What it is, for messages: "Wan2.1 T2V", "Wan2.2 I2V-A14B", "Wan2.2 TI2V-5B", ..."""
+        """What it is, for messages: "Wan2.1 T2V", "Wan2.2 I2V-A14B", "Wan2.2 TI2V-5B", "Kandinsky 5 I2V", ..."""
+        if self.kandinsky5:
+            return "Kandinsky 5 " + ("I2V" if self.pipeline == kandinsky5_facts.I2V_PIPELINE else "T2V")
         if self.ti2v:
             return "Wan2.2 TI2V-5B"
         if self.clip_images == 2:
@@ -54,6 +65,19 @@ class ModelSpec:
     def vace(self) -> bool:
         """A Wan VACE model: its transformer also runs VACE blocks on the control latents (video, mask, references)."""
         return self.pipeline == VACE_PIPELINE
+
+    @property
+    def kandinsky5(self) -> bool:
+        """A Kandinsky 5 model (wan.models.kandinsky5): channels-last latents, its own text encoders and pipelines."""
+        return self.pipeline in kandinsky5_facts.PIPELINES
+
+    @property
+    def generation_defaults(self) -> Mapping[str, Any]:
+        """The video the model's own pipeline makes where no flag or config says otherwise (size, frames, fps), where
+        it differs from Wan2.1's."""
+        if self.kandinsky5:
+            return kandinsky5_facts.GENERATION_DEFAULTS
+        return TI2V_DEFAULTS if self.ti2v else {}
 
     @property
     def image_embeds(self) -> bool:
@@ -71,6 +95,8 @@ class ModelSpec:
     def image_frames(self) -> int:
         """The frames a run takes as images: 0 (text to video), 1 (the first: Wan2.1 I2V) or 2 (the first and the
         last: Wan2.1 FLF2V, Wan2.2 I2V). A TI2V model takes an optional first frame (its image mode): 0 here."""
+        if self.pipeline == kandinsky5_facts.I2V_PIPELINE:
+            return 1
         if self.pipeline != I2V_PIPELINE or self.ti2v:
             return 0
         return 1 if self.clip_images == 1 else 2
@@ -96,11 +122,14 @@ class ModelSpec:
                      vae: Mapping[str, Any] | None = None) -> ModelSpec:
         """The spec of a pipeline whose model_index.json is `index`, transformer config `transformer` and VAE config
         `vae` (diffusers' default scale 8 where it has none)."""
+        if index.get("_class_name") in kandinsky5_facts.PIPELINES:
+            return cls(model, index["_class_name"], patch_size=tuple(transformer.get("patch_size") or (1, 2, 2)),
+                       vae_scale=_vae_scale(vae), trained_sparsity=kandinsky5_facts.trained_config(transformer))
         two = (index.get("transformer_2") or [None])[0] is not None
         clip = 0 if transformer.get("image_dim") is None else 2 if transformer.get("pos_embed_seq_len") else 1
         return cls(model, index.get("_class_name", ""), EXPERT_NAMES[:1 + two],
                    index.get("boundary_ratio") if two else None, bool(index.get("expand_timesteps")), clip,
-                   tuple(transformer.get("patch_size") or (1, 2, 2)), (vae or {}).get("scale_factor_spatial") or 8)
+                   tuple(transformer.get("patch_size") or (1, 2, 2)), _vae_scale(vae))
 
     @classmethod
     def from_folder(cls, model: str) -> ModelSpec | None:
@@ -129,7 +158,7 @@ class ModelSpec:
         """The spec of a loaded pipeline (a hub id's facts are known only now)."""
         index = {**dict(pipe.config), "_class_name": type(pipe).__name__}
         index["transformer_2"] = [None] if getattr(pipe, "transformer_2", None) is None else ["diffusers", "x"]
-        vae = {"scale_factor_spatial": getattr(pipe, "vae_scale_factor_spatial", 8)}
+        vae = {"scale_factor_spatial": getattr(pipe, "vae_scale_factor_spatial", 8)}  # Wan's and Kandinsky 5's
         return cls.from_configs(model, index, dict(pipe.transformer.config), vae)
 
 
@@ -137,6 +166,13 @@ def scheduler_shift(scheduler_config: Any) -> float:
     """The flow shift a Wan scheduler config samples with: UniPC's and DPM++'s `flow_shift`, FlowMatchEuler's
     `shift`, else 1."""
     return float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
+
+
+def _vae_scale(vae: Mapping[str, Any] | None) -> int:
+    """The VAE's spatial compression from its config: Wan's `scale_factor_spatial`, HunyuanVideo's (Kandinsky 5's)
+    `spatial_compression_ratio`, else diffusers' default 8."""
+    vae = vae or {}
+    return vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio") or 8
 
 
 def _read_json(model: str, part: str) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 
 FP8 is torchao's dynamic per-row activation and weight quantization
 (`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`), applied with
-`torchao.quantization.quantize_` to the Linear layers inside `transformer.blocks` only: the patch
+`torchao.quantization.quantize_` to the Linear layers inside the transformer's blocks only (Wan's `blocks`, Kandinsky
+5's `visual_transformer_blocks` but their float32 modulations): the patch
 embedding, the time and text embeddings, the modulation tables (`scale_shift_table`, plain
 parameters), the norms and `proj_out` keep their precision, as they are small and sensitive.
 It needs float8 tensor cores: CUDA compute capability >= 8.9 (Ada, Hopper and later).
@@ -19,9 +20,12 @@ FP8_CAPABILITY = (8, 9)
 
 
 def is_block_linear(module: torch.nn.Module, name: str) -> bool:
-    """quantize_'s filter: a Linear inside `blocks.N`, or Wan VACE's `vace_blocks.N` (names are relative to the
-    transformer): the repeated blocks hold nearly all the GEMM time; embeddings and the output projection stay."""
-    return isinstance(module, torch.nn.Linear) and name.startswith(("blocks.", "vace_blocks."))
+    """quantize_'s filter: a Linear inside `blocks.N`, Wan VACE's `vace_blocks.N` or Kandinsky 5's
+    `visual_transformer_blocks.N` (names are relative to the transformer), but not Kandinsky 5's modulations, which
+    diffusers keeps in float32: the repeated blocks hold nearly all the GEMM time; embeddings and the output
+    projection stay."""
+    blocks = ("blocks.", "vace_blocks.", "visual_transformer_blocks.")
+    return isinstance(module, torch.nn.Linear) and name.startswith(blocks) and not name.endswith("modulation.out_layer")
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
