@@ -28,3 +28,11 @@ def trained_config(config: Mapping[str, Any]) -> SparsityConfig | None:
     mode = "nabla" if config.get("attention_add_sta") is False else "nabla+sta"
     return SparsityConfig(mode=mode, threshold=float(config["attention_P"]), sta_window=window,
                           block_size=TRAINED_BLOCK_SIZE, dense_steps=0, dense_above=1.0)
+
+
+#: the visual blocks: the ModuleList whose self-attention is NABLA's and whose Linear layers a LoRA adapts
+VISUAL_BLOCKS = "visual_transformer_blocks"
+#: the Linear layers a LoRA adapts in each visual block: the self- and cross-attention projections and the feed-forward
+#: (the modulations stay: diffusers keeps them in float32)
+LORA_TARGETS = ("to_query", "to_key", "to_value", "self_attention.out_layer", "cross_attention.out_layer",
+                "feed_forward.in_layer", "feed_forward.out_layer")

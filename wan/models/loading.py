@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from wan.defaults import DEFAULT_MODEL
 from wan.models import kandinsky5_facts
-from wan.models.spec import I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
+from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
@@ -246,10 +246,10 @@ def _direct_map(device: str) -> str | None:
 
 
 def load_encoders(model: str, device: torch.device, spec: ModelSpec) -> DiffusionPipeline:
-    """The pipeline without its transformers: tokenizer, text encoder (bf16 on CUDA), VAE (float32), scheduler, and
-    for image to video the CLIP image encoder (float32, as generate runs it) and its processor where it has them."""
+    """The pipeline without its transformers: tokenizer, text encoder (bf16 on CUDA; Kandinsky 5's two), VAE (float32),
+    scheduler, and for image to video the CLIP image encoder (float32, as generate runs it) and its processor where it has them."""
     import diffusers  # the I2V class only where needed: importing it warns without torchvision (transformers 5)
 
-    pipe = getattr(diffusers, spec.pipeline).from_pretrained(model, transformer=None, transformer_2=None,
-                                                             dtype=component_dtypes(device))
+    experts = dict.fromkeys(("transformer",) if spec.kandinsky5 else EXPERT_NAMES)  # None: not loaded
+    pipe = getattr(diffusers, spec.pipeline).from_pretrained(model, **experts, dtype=component_dtypes(device))
     return pipe.to(device)

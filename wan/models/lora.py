@@ -1,10 +1,10 @@
-"""LoRA adapters on Wan's transformer through peft, saved in diffusers' LoRA format and in the original Wan one, and
-loaded for generation.
+"""LoRA adapters on Wan's and Kandinsky 5's transformers through peft, saved in diffusers' LoRA format (and Wan's in
+the original Wan one too), and loaded for generation.
 
 The saved folder holds `pytorch_lora_weights.safetensors` (peft's LoraConfig as metadata, so rank and alpha survive),
 what `WanPipeline.load_lora_weights` reads in anyone's diffusers code, and `wan_lora.safetensors`, the same adapter
 in the original Wan key layout (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `lora_up`, `alpha`) that
-ComfyUI and the Wan repository load.
+ComfyUI and the Wan repository load. A Kandinsky 5 LoRA is what `Kandinsky5T2VPipeline.load_lora_weights` reads.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel, WanPipeline, WanTransformer3DModel
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -30,17 +31,21 @@ _WAN_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.t
 def transformer_linear_names(model: str, subfolder: str = "transformer") -> list[str]:
     """Names of the Linear layers of the transformer in `subfolder`, from its config alone (built on the meta device:
     no weights read)."""
-    config = WanTransformer3DModel.load_config(model, subfolder=subfolder)
+    config = WanTransformer3DModel.load_config(model, subfolder=subfolder)  # any config.json reader
     with torch.device("meta"):
-        transformer = WanTransformer3DModel.from_config(config)
+        transformer = getattr(diffusers, config["_class_name"]).from_config(config)
     return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def add_lora(transformer: WanTransformer3DModel, rank: int, alpha: float, target_modules: tuple[str, ...]) -> None:
-    """Freeze the transformer and add a trainable float32 LoRA adapter (B = 0: the model is unchanged at first)."""
+def add_lora(transformer: WanTransformer3DModel, rank: int, alpha: float, target_modules: tuple[str, ...],
+             blocks: str | None = None) -> None:
+    """Freeze the transformer and add a trainable float32 LoRA adapter (B = 0: the model is unchanged at first); with
+    `blocks` (a ModuleList's name, Kandinsky 5's `visual_transformer_blocks`) on the targets inside its blocks only."""
     transformer.requires_grad_(False)
+    layers = {} if blocks is None else {"layers_pattern": blocks,
+                                        "layers_to_transform": list(range(len(getattr(transformer, blocks))))}
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
-                                       init_lora_weights=True))
+                                       init_lora_weights=True, **layers))
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # the base may be bf16; LoRA weights and their Adam state stay float32
@@ -50,8 +55,9 @@ def save_lora(folder: str | Path, transformer: WanTransformer3DModel, state_dict
     """Write the adapter of `transformer` whose (full, unsharded) weights are `state_dict` in diffusers' format."""
     layers = get_peft_model_state_dict(transformer, state_dict=dict(state_dict), adapter_name=ADAPTER)
     metadata = transformer.peft_config[ADAPTER].to_dict()
-    WanPipeline.save_lora_weights(folder, transformer_lora_layers={k: v.contiguous() for k, v in layers.items()},
-                                  weight_name=WEIGHT_NAME, transformer_lora_adapter_metadata=metadata)
+    pipeline = Kandinsky5T2VPipeline if isinstance(transformer, Kandinsky5Transformer3DModel) else WanPipeline
+    pipeline.save_lora_weights(folder, transformer_lora_layers={k: v.contiguous() for k, v in layers.items()},
+                             weight_name=WEIGHT_NAME, transformer_lora_adapter_metadata=metadata)
     wan_layers = wan_format(layers, float(metadata["lora_alpha"]))
     if wan_layers is not None:
         save_file(wan_layers, str(Path(folder) / WAN_WEIGHT_NAME))

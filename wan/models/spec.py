@@ -48,6 +48,9 @@ class ModelSpec:
     vae_scale: int = 8  # the VAE's spatial compression
     #: the sparsity the checkpoint was trained with (a Kandinsky 5 of `attention_type: nabla`), else None
     trained_sparsity: SparsityConfig | None = None
+    #: Kandinsky 5's `visual_cond`: its transformer reads a first frame's latents and their mask beside the noisy
+    #: latents (zeros for text to video)
+    visual_cond: bool = False
 
     @property
     def name(self) -> str:
@@ -124,7 +127,8 @@ class ModelSpec:
         `vae` (diffusers' default scale 8 where it has none)."""
         if index.get("_class_name") in kandinsky5_facts.PIPELINES:
             return cls(model, index["_class_name"], patch_size=tuple(transformer.get("patch_size") or (1, 2, 2)),
-                       vae_scale=_vae_scale(vae), trained_sparsity=kandinsky5_facts.trained_config(transformer))
+                       vae_scale=_vae_scale(vae), trained_sparsity=kandinsky5_facts.trained_config(transformer),
+                       visual_cond=bool(transformer.get("visual_cond")))
         two = (index.get("transformer_2") or [None])[0] is not None
         clip = 0 if transformer.get("image_dim") is None else 2 if transformer.get("pos_embed_seq_len") else 1
         return cls(model, index.get("_class_name", ""), EXPERT_NAMES[:1 + two],

@@ -35,7 +35,13 @@ from wan.defaults import (
 from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import T2V_PIPELINE, ModelSpec
-from wan.train.checks import check_optimizer, check_trainable_model, check_training_keys, trained_experts
+from wan.train.checks import (
+    check_optimizer,
+    check_trainable_model,
+    check_training_keys,
+    lora_targets,
+    trained_experts,
+)
 from wan.train.clips import find_clips
 from wan.train.config import TrainingConfig, bad_value, check_target_modules, load_finetune_config
 
@@ -83,7 +89,7 @@ def check_model(model: str, training: TrainingConfig) -> ModelSpec:
         raise ModelNotFoundError(f"model: could not read the configs of {model!r} "
                                  f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     if training.method == "lora":
-        check_target_modules(training.target_modules, names)
+        check_target_modules(lora_targets(spec.kandinsky5, training.target_modules), names)
     return spec
 
 

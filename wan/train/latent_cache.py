@@ -74,7 +74,12 @@ def normalize_latents(mean_std: tuple[list[float], list[float]], latents: torch.
 @torch.no_grad()
 def encode_clip(encoders, video: torch.Tensor, caption: str, spec: ModelSpec = T2V) -> dict[str, torch.Tensor]:
     """Latents [C, F', H', W'] (float32) and text embeddings [512, D] of one clip, on the CPU; for an image-to-video
-    `spec` also its first frame's condition (`image_inputs`)."""
+    `spec` also its first frame's condition (`image_inputs`). A Kandinsky 5 clip's are its own
+    (wan.train.kandinsky5_inputs)."""
+    if spec.kandinsky5:
+        from wan.train.kandinsky5_inputs import encode_clip as encode_kandinsky5
+
+        return encode_kandinsky5(encoders, video, caption)
     vae = encoders.vae
     latents = vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mode()[0].float()
     latents = normalize_latents((vae.config.latents_mean, vae.config.latents_std), latents)

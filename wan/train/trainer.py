@@ -22,16 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import AutoModel, Kandinsky5Transformer3DModel, WanTransformer3DModel
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from nabla.config import SparsityConfig
+from wan.models import kandinsky5_facts
 from wan.models.lora import add_lora, save_lora
 from wan.models.spec import T2V, ModelSpec
 from wan.train import flow_matching
 from wan.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
-from wan.train.checks import first_frame_prob, trained_experts
+from wan.train.checks import first_frame_prob, lora_targets, trained_experts
 from wan.train.config import TrainingConfig
 from wan.train.data_parallel import DataParallel, shard_transformer
 from wan.train.run_folder import append_log, truncate_log
@@ -122,6 +123,12 @@ def make_batch(entries: list[dict[str, torch.Tensor]], numbers: range, training:
 
     x0, noise, sigmas = stacked("latents"), torch.stack(noise).to(device), torch.cat(sigmas).to(device)
     hidden, timestep = flow_matching.noisy_latents(x0, noise, sigmas), sigmas * flow_matching.NUM_TRAIN_TIMESTEPS
+    if spec.kandinsky5:  # its own arguments, channels-last latents
+        from wan.train.kandinsky5_inputs import forward_inputs
+
+        inputs = forward_inputs(hidden.to(dtype), timestep, stacked("prompt_embeds").to(dtype),
+                                stacked("pooled_embeds").to(dtype), spec)
+        return {**inputs, "target": flow_matching.flow_target(x0, noise)}
     batch = {"encoder_hidden_states": stacked("prompt_embeds").to(dtype), "target": flow_matching.flow_target(x0, noise)}
     if spec.ti2v:  # TI2V: a conditioned sample's first frame is the clean latent, at timestep 0
         mask = flow_matching.first_frame_mask(x0.shape, torch.tensor(conditioned, dtype=torch.bool)).to(device)
@@ -170,9 +177,12 @@ def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def make_trainable(transformer: WanTransformer3DModel, training: TrainingConfig) -> WanTransformer3DModel:
-    """LoRA (frozen base, float32 adapter) or every weight trainable; training mode; gradient checkpointing."""
+    """LoRA (frozen base, float32 adapter; Kandinsky 5's on its visual blocks) or every weight trainable; training
+    mode; gradient checkpointing."""
     if training.method == "lora":
-        add_lora(transformer, training.rank, training.alpha, training.target_modules)
+        kandinsky5 = isinstance(transformer, Kandinsky5Transformer3DModel)
+        add_lora(transformer, training.rank, training.alpha, lora_targets(kandinsky5, training.target_modules),
+                 blocks=kandinsky5_facts.VISUAL_BLOCKS if kandinsky5 else None)
     else:
         transformer.requires_grad_(True)
     transformer.train()
@@ -187,7 +197,8 @@ def load_trainable_transformer(model: str, training: TrainingConfig, device: tor
     base weights, or float32 masters."""
     dtype = torch.bfloat16 if device.type == "cuda" and training.method == "lora" else torch.float32
     torch.manual_seed(training.seed)  # LoRA's A matrices are random
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=expert, dtype=dtype)
+    # the class its config names: WanTransformer3DModel, Kandinsky5Transformer3DModel
+    transformer = AutoModel.from_pretrained(model, subfolder=expert, dtype=dtype)
     return make_trainable(transformer, training).to(device)
 
 
