@@ -27,6 +27,8 @@ from wan.models.lora import load_lora
 from wan.train.run_folder import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
+EMA = 0.9  # the reference run's ema_decay
+LORA = "pytorch_lora_weights.safetensors"
 TRAINING = {"height": 32, "width": 32, "frames": 9, "fps": 8, "rank": 4, "alpha": 4, "learning_rate": 1e-2,
             "steps": 6, "checkpoint_every": 2, "keep_last": 2, "batch_size": 2, "gradient_accumulation": 2,
             "warmup_steps": 2, "lr_scheduler": "cosine", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -68,9 +70,9 @@ def train_args(model, data, config, output, *extra):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, data, tmp_path_factory):
-    """An uninterrupted 6-step LoRA run (global batch 4: batch 2 x accumulation 2) and its log."""
+    """An uninterrupted 6-step LoRA run (global batch 4: batch 2 x accumulation 2) with EMA weights, and its log."""
     folder = tmp_path_factory.mktemp("reference")
-    assert finetune.main(train_args(tiny_model, data, write_config(folder), folder / "run")) == 0
+    assert finetune.main(train_args(tiny_model, data, write_config(folder, ema_decay=EMA), folder / "run")) == 0
     return folder / "run", read_log(folder / "run")
 
 
@@ -139,11 +141,12 @@ def test_resume_after_sigint_equals_uninterrupted(tiny_model, data, reference, t
 
 def test_resume_from_a_named_checkpoint_equals_uninterrupted(tiny_model, data, reference, tmp_path, capsys):
     """--resume step-00000004 on a copy of the finished reference run: steps 5 and 6 again, the newer checkpoint
-    dropped first, the same losses and the same LoRA; a name the run lacks is one line."""
+    dropped first, the same losses, the same LoRA and the same EMA of it (which differs from the raw LoRA); a name the
+    run lacks is one line."""
     run, expected = reference
     output = tmp_path / "run"
     shutil.copytree(run, output)
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, ema_decay=EMA)
     assert finetune.main(train_args(tiny_model, data, config, output, "--resume", "step-00000009")) == 2
     assert capsys.readouterr().err == ("error: resume: step-00000009 is not a checkpoint of this run; it has: "
                                        "step-00000004, step-00000006 (or give --resume alone for the latest)\n")
@@ -153,30 +156,55 @@ def test_resume_from_a_named_checkpoint_equals_uninterrupted(tiny_model, data, r
     assert [e["step"] for e in resumed] == list(range(1, 7))
     for got, want in zip(resumed[4:], expected[4:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    lora = "lora/pytorch_lora_weights.safetensors"
-    for key, value in load_file(str(run / lora)).items():
-        torch.testing.assert_close(load_file(str(output / lora))[key], value, rtol=1e-5, atol=1e-7)
+    for result in ("lora", "lora_ema"):
+        for key, value in load_file(str(run / result / LORA)).items():
+            torch.testing.assert_close(load_file(str(output / result / LORA))[key], value, rtol=1e-5, atol=1e-7)
+    assert_ema_is_not_raw(output)
+
+
+def assert_near(got: dict, want: dict, other: dict) -> None:
+    """`got` is `want` up to the float noise of another reduction order (which AdamW makes larger than the loss's):
+    their distance is a small part of the distance from `want` to `other` (the raw weights for an average, the average
+    for raw weights), which a missing shard or an average lost on resume would be near."""
+    assert got.keys() == want.keys()
+    error, spread = (sum((a[k] - want[k]).square().sum() for k in want).sqrt() for a in (got, other))
+    assert error < 0.05 * spread, (error, spread)
+
+
+def assert_ema_is_not_raw(run: Path) -> None:
+    raw, ema = (load_file(str(run / name / LORA)) for name in ("lora", "lora_ema"))
+    assert raw.keys() == ema.keys() and all(not torch.equal(raw[k], ema[k]) for k in raw if "lora_B" in k)
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
-    """torchrun, 2 gloo processes, FSDP2: batch 1 each (the same global batch of 4) gives the reference losses; resumed
-    under FSDP from its step-4 checkpoint (gathered, written by rank 0, read back into each rank's shards), too."""
-    config, run = write_config(tmp_path, batch_size=1), tmp_path / "run"
+    """torchrun, 2 gloo processes, FSDP2, resuming a copy of the reference run from its step-4 checkpoint (written by
+    one process; the weights, their EMA and the AdamW state read back into each rank's shards): batch 1 each (the same
+    global batch of 4) gives the reference's losses, its step-6 checkpoint (gathered from the shards, written by rank
+    0) and its EMA weights (each rank averaging its shards); steps 1-4 stay as logged, not run again."""
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    for newer in ("checkpoints/step-00000006", "lora", "lora_ema"):
+        shutil.rmtree(run / newer)
+    settings = json.loads((run / "run.json").read_text())
+    settings["training"]["batch_size"] = 1  # per rank: the global batch is the reference's
+    (run / "run.json").write_text(json.dumps(settings))
+    config = write_config(tmp_path, batch_size=1, ema_decay=EMA)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
-               *train_args(tiny_model, data, config, run)]
+               *train_args(tiny_model, data, config, run), "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    want, logs = [e["loss"] for e in reference[1]], []
-    for extra in ([], ["--resume"]):
-        result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                                check=False)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
-        got = read_log(run)
-        assert [e["step"] for e in got] == list(range(1, 7))
-        np.testing.assert_allclose([e["loss"] for e in got], want, rtol=1e-4)
-        shutil.rmtree(run / "checkpoints" / "step-00000006")  # the resume starts at step 4
-        logs.append(got)
-    assert logs[1][:4] == logs[0][:4]  # steps 1-4 kept as logged (their times too), not run again
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
+    got, want = read_log(run), reference[1]
+    assert got[:4] == want[:4]
+    np.testing.assert_allclose([e["loss"] for e in got], [e["loss"] for e in want], rtol=1e-4)
+    written, expected = ([load_file(str(folder / "checkpoints" / "step-00000006" / name))
+                          for name in ("model.safetensors", "ema.safetensors")] for folder in (run, reference[0]))
+    assert_near(written[0], expected[0], expected[1])
+    assert_near(written[1], expected[1], expected[0])
+    assert_ema_is_not_raw(run)
+    raw, average = (load_file(str(reference[0] / name / LORA)) for name in ("lora", "lora_ema"))
+    assert_near(load_file(str(run / "lora_ema" / LORA)), average, raw)
 
 
 def test_overfitting_one_clip_lowers_the_loss(tiny_model, data, tmp_path):

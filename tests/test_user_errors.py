@@ -179,30 +179,6 @@ def test_torch_optimizers_train(tiny_model, tmp_path, optimizer):
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-def test_ema_weights_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_model, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from wan.models.tiny import write_demo_clips
-
-    clips = write_demo_clips(tmp_path / "clips", count=2)
-    config = tmp_path / "ema.yaml"
-    config.write_text("training: {ema_decay: 0.9, tracker: null, height: 32, width: 32, frames: 9, fps: 8, rank: 4, "
-                      "alpha: 4, steps: 4, checkpoint_every: 2, keep_last: 2, learning_rate: 1.0e-2}\n")
-    run = tmp_path / "run"
-    args = ["train", "--model", str(tiny_model), "--data", str(clips), "--config", str(config), "--output"]
-    assert finetune.main([*args, str(run)]) == 0
-    raw, ema = (load_file(str(run / name / "pytorch_lora_weights.safetensors")) for name in ("lora", "lora_ema"))
-    assert raw.keys() == ema.keys() and all(not torch.equal(raw[k], ema[k]) for k in raw if "lora_B" in k)
-    again = tmp_path / "again"
-    shutil.copytree(run, again)
-    assert finetune.main([*args, str(again), "--resume", "step-00000002"]) == 0
-    resumed = load_file(str(again / "lora_ema" / "pytorch_lora_weights.safetensors"))
-    for key, value in ema.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-7)
-
-
 def test_images_train_as_one_frame_samples(tiny_model, i2v_model, tmp_path, capsys):
     from PIL import Image
     from safetensors.torch import load_file

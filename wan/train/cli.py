@@ -132,8 +132,6 @@ def check_inputs(args: argparse.Namespace):
     device = check_device(args.device)
     check_trainable(sparsity, device)  # e.g. 64-token blocks on CUDA: refused before loading
     check_optimizer(training, device)
-    if training.ema_decay is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        bad_value("ema_decay", training.ema_decay, "null under several processes (EMA runs in one process for now)")
     if args.command == "train":
         from wan.train.run_folder import check_output
 

@@ -121,8 +121,8 @@ class TrainingConfig:
     #: the chance that a sample trains with the empty prompt instead of its caption (what classifier-free guidance
     #: samples against); 0: never
     caption_dropout: float = 0.0
-    #: an exponential moving average of the trainable weights (diffusers' EMAModel, this decay; one process), saved
-    #: beside the raw result as OUT/lora_ema or OUT/transformer_ema; null: none
+    #: an exponential moving average of the trainable weights (diffusers' EMAModel, this decay; under torchrun each
+    #: rank averages its shards), saved beside the raw result as OUT/lora_ema or OUT/transformer_ema; null: none
     ema_decay: float | None = None
     #: where the scalars of each step go beside log.jsonl: tensorboard (OUT/tensorboard) or null
     tracker: str | None = "tensorboard"

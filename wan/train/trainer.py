@@ -31,10 +31,11 @@ from wan.models import kandinsky5_facts
 from wan.models.lora import add_lora, save_lora
 from wan.models.spec import T2V, ModelSpec
 from wan.train import flow_matching
-from wan.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
+from wan.train.checkpoints import EMA_FILE, list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
 from wan.train.checks import first_frame_prob, lora_targets, trained_experts
 from wan.train.config import TrainingConfig
 from wan.train.data_parallel import DataParallel, shard_transformer
+from wan.train.ema import WeightAverage
 from wan.train.run_folder import append_log, truncate_log
 from wan.train.sparsity_schedule import SparseAttention
 from wan.train.validation import Validator
@@ -262,20 +263,14 @@ class Trainer:
             for transformer in self.experts.values():
                 shard_transformer(transformer, self.compute_dtype)
         self.optimizer, self.scheduler = build_optimizer(self.model, training)
-        self.ema = None
-        if training.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.trainable(), decay=training.ema_decay)
+        # after sharding: each rank averages its own shards
+        self.ema = WeightAverage(self.model, training.ema_decay) if training.ema_decay is not None else None
         self.checkpoints = output / "checkpoints"
         self.tracker = None
         if parallel.is_main and training.tracker == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.tracker = SummaryWriter(str(output / "tensorboard"))
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) parameters of the transformers that train."""
@@ -289,8 +284,8 @@ class Trainer:
         checkpoint, extra = checkpoint or (saved[-1] if saved else None), {}
         step = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.lora, extra) if checkpoint \
             else 0
-        if self.ema is not None and "ema" in extra:
-            self.ema.load_state_dict(extra["ema"])
+        if self.ema is not None and checkpoint:
+            self.ema.load(checkpoint / EMA_FILE, extra["ema"], self.lora)
         self.parallel.barrier()  # every rank has read it before a newer one goes
         if self.parallel.is_main:
             truncate_log(self.output, step)
@@ -299,9 +294,10 @@ class Trainer:
         return step
 
     def save(self, step: int) -> Path:
-        extra = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        ema = self.ema.full_state(self.lora) if self.ema is not None else None  # collective: before rank 0 writes
+        extra = {"ema": self.ema.settings()} if self.ema is not None else None
         return save_checkpoint(self.checkpoints, step, self.model, self.optimizer, self.scheduler,
-                               self.parallel, self.lora, self.training.keep_last, extra)
+                               self.parallel, self.lora, self.training.keep_last, extra, ema)
 
     def expert_at(self, step: int) -> str:
         """The expert that optimizer step `step` trains: the only one, or both in turn."""
@@ -323,7 +319,7 @@ class Trainer:
         loss, norm = optimizer_step(self.experts[expert], self.optimizer, self.scheduler, self.batches(step, expert),
                                     self.training.max_grad_norm, self.parallel)
         if self.ema is not None and norm is not None:
-            self.ema.step(self.trainable())
+            self.ema.step()
         entry = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "density": self.attention.mean_density(),
                  "attention": config.mode, "max_density": config.max_density if config.is_sparse else None,
                  "s_per_step": round(time.perf_counter() - start, 4)}
@@ -386,10 +382,8 @@ class Trainer:
         or OUT/transformer_2. With EMA, its weights too: OUT/lora_ema, OUT/transformer_ema, ..."""
         targets = self._export("")
         if self.ema is not None:
-            self.ema.store(self.trainable())
-            self.ema.copy_to(self.trainable())
-            targets += self._export("_ema")
-            self.ema.restore(self.trainable())
+            with self.ema.in_place():
+                targets += self._export("_ema")
         return targets
 
     def _export(self, suffix: str) -> list[Path]:
