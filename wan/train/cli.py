@@ -177,45 +177,54 @@ def run_settings(args: argparse.Namespace, sparsity, training: TrainingConfig) -
 
 
 def train(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: ModelSpec) -> int:
-    from wan.train.data_parallel import close, init_data_parallel
+    """Train in this process, or as one torchrun worker (which then ends at once: `end_worker` says why)."""
+    from wan.train.data_parallel import close, end_worker, init_data_parallel
+
+    parallel = init_data_parallel(args.device, args.dist_backend)
+    try:
+        code = run_training(args, sparsity, training, spec, parallel)
+    finally:
+        close(parallel)
+    if parallel.distributed:
+        end_worker(code)
+    return code
+
+
+def run_training(args: argparse.Namespace, sparsity, training: TrainingConfig, spec: ModelSpec, parallel) -> int:
     from wan.train.latent_cache import load_entries
     from wan.train.run_folder import clear_run, write_run_file
     from wan.train.trainer import Trainer
     from wan.train.validation import Validator
 
-    parallel = init_data_parallel(args.device, args.dist_backend)
-    try:
-        if parallel.is_main:
-            entries = precompute_cache(args, training, spec, parallel.device, show=True)
-            if args.overwrite:
-                clear_run(args.output)
-            write_run_file(args.output, run_settings(args, sparsity, training))
-        parallel.barrier()
-        if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
-            entries = precompute_cache(args, training, spec, parallel.device, show=False)
-        validator, empty_prompt, encoders = None, None, None
-        if training.validation.every or training.caption_dropout:
-            encoders = load_encoders(args.model, parallel.device, spec)
-        if training.caption_dropout:
-            from wan.train.latent_cache import empty_prompt_embeds
+    if parallel.is_main:
+        entries = precompute_cache(args, training, spec, parallel.device, show=True)
+        if args.overwrite:
+            clear_run(args.output)
+        write_run_file(args.output, run_settings(args, sparsity, training))
+    parallel.barrier()
+    if not parallel.is_main:  # the cache is complete now: rank 0 encoded what was missing
+        entries = precompute_cache(args, training, spec, parallel.device, show=False)
+    validator, empty_prompt, encoders = None, None, None
+    if training.validation.every or training.caption_dropout:
+        encoders = load_encoders(args.model, parallel.device, spec)
+    if training.caption_dropout:
+        from wan.train.latent_cache import empty_prompt_embeds
 
-            empty_prompt = empty_prompt_embeds(encoders)
-        if training.validation.every:
-            validator = Validator(encoders, training, parallel.device,
-                                  torch.bfloat16 if parallel.device.type == "cuda" else torch.float32, spec)
-        trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
-                          flow_shift(args.model, training), validator, spec, empty_prompt)
+        empty_prompt = empty_prompt_embeds(encoders)
+    if training.validation.every:
+        validator = Validator(encoders, training, parallel.device,
+                              torch.bfloat16 if parallel.device.type == "cuda" else torch.float32, spec)
+    trainer = Trainer(args.model, load_entries(entries), args.output, sparsity, training, parallel,
+                      flow_shift(args.model, training), validator, spec, empty_prompt)
+    if parallel.is_main:
+        print(describe_start(sparsity, training, trainer))
+    start = trainer.resume(None if args.resume == "latest" else args.resume) if args.resume else 0
+    code = trainer.run(start)
+    if code == 0:
+        results = ", ".join(str(path) for path in trainer.export())
         if parallel.is_main:
-            print(describe_start(sparsity, training, trainer))
-        start = trainer.resume(None if args.resume == "latest" else args.resume) if args.resume else 0
-        code = trainer.run(start)
-        if code == 0:
-            results = ", ".join(str(path) for path in trainer.export())
-            if parallel.is_main:
-                print(f"wrote {results} (log: {args.output / 'log.jsonl'}; plot it with scripts/plot_training.py)")
-        return code
-    finally:
-        close(parallel)
+            print(f"wrote {results} (log: {args.output / 'log.jsonl'}; plot it with scripts/plot_training.py)")
+    return code
 
 
 def describe_start(sparsity, training: TrainingConfig, trainer) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -75,3 +77,16 @@ def shard_transformer(transformer: torch.nn.Module, compute_dtype: torch.dtype) 
 def close(parallel: DataParallel) -> None:
     if parallel.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_worker(code: int) -> NoReturn:
+    """End a torchrun worker whose run is over (process group destroyed, files closed) without the interpreter's
+    finalization. destroy_process_group does not stop gloo's worker threads: FSDP2's module state and DTensor's caches
+    keep the group alive, so its destructor, which joins them, never runs. A worker thread that drops the last
+    reference to a finished collective's tensor needs the GIL to free the tensor's Python object; asked for during
+    finalization, the GIL ends the thread instead, and a C++ thread ended that way aborts the whole process
+    ("terminate called without an active exception"): now and then, on the rank that exits soonest after its last
+    collective."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
