@@ -1,21 +1,44 @@
-"""scripts/bench_train.py --smoke on the CPU: it runs a LoRA and a full fine-tuning step to the end and prints its
-table (GPU time is costly; a script that breaks there wastes it). The times mean nothing here."""
+"""scripts/bench_train.py --smoke on the CPU: it runs a LoRA and a full fine-tuning step of Wan, and a Kandinsky 5
+LoRA step dense and under its NABLA configs, to the end and prints its table (GPU time is costly; a script that breaks
+there wastes it). The times mean nothing here."""
 
+import math
 import sys
 
 import pytest
 
 from scripts import bench_train
 
+K5_CAPPED = ", max density 0.3"
 
-def test_bench_train_smoke(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--smoke", "--layers", "1"])
+
+@pytest.mark.parametrize("flags, rows", [
+    ([], [["lora", "dense"], ["full", "dense"]]),
+    (["--arch", "k5-lite", "--max-density", "0.3"],
+     [["lora", "dense"], ["lora", "NABLA trained (P 0.9 + STA, block 64)" + K5_CAPPED],
+      ["lora", "kandinsky5-fast (query block 128)" + K5_CAPPED]]),
+], ids=["wan", "kandinsky5"])
+def test_bench_train_smoke(flags, rows, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--smoke", "--layers", "1", *flags])
     bench_train.main()
     lines = capsys.readouterr().out.splitlines()
-    assert "skipping the NABLA rows: they run FLASH, on CUDA" in lines
-    rows = lines[lines.index(bench_train.HEADER) + 2:]
-    assert [row.split(" | ")[2:4] for row in rows] == [["lora", "dense"], ["full", "dense"]]
-    assert all(float(row.split(" | ")[4]) > 0 for row in rows)
+    table = [row.split(" | ") for row in lines[lines.index(bench_train.HEADER) + 2:]]
+    assert [row[2:4] for row in table] == rows
+    assert all(float(row[4]) > 0 for row in table)
+    if not flags:
+        assert "skipping the NABLA rows: they run FLASH, on CUDA" in lines
+        return
+    # Kandinsky 5's batches through make_batch (channels-last, visual_cond, pooled CLIP): a LoRA step with finite
+    # losses; its NABLA rows trained sparse, under the cap (uncapped, its trained P keeps 0.96 of the blocks here)
+    assert table[0][1] == "512x256x5" and all(math.isfinite(float(x)) for row in table for x in row[11][:-2].split(", "))
+    assert float(table[0][6]) == 1.0 and all(float(row[6]) < 0.9 for row in table[1:])
+
+
+def test_bench_train_refuses_full_fine_tuning_of_kandinsky5(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--arch", "k5-lite", "--methods", "lora", "full"])
+    with pytest.raises(SystemExit):
+        bench_train.main()
+    assert "finetune trains a LoRA on Kandinsky 5" in capsys.readouterr().err
 
 
 def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys):

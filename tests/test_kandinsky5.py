@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
+from diffusers import DiffusionPipeline, Kandinsky5T2VPipeline
 from diffusers.models.transformers import transformer_kandinsky
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 from PIL import Image
@@ -170,8 +170,12 @@ def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
 
 @pytest.mark.parametrize("arch, billions, threshold", [("k5-lite", 2.0, 0.9), ("k5-pro", 19.0, 0.7)])
 def test_real_size_configs(arch, billions, threshold):
-    with torch.device("meta"):  # the published sizes, without their memory
-        model = Kandinsky5Transformer3DModel(**random_kandinsky5.transformer_config(arch))
+    model = random_kandinsky5.build_random_transformer(arch, "meta")  # the published sizes, without their memory
     assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.25 * billions
+    # bf16 but what from_pretrained keeps in float32: the time embeddings and every modulation
+    kept = {name for name, p in model.named_parameters() if p.dtype == torch.float32}
+    assert model.dtype == torch.bfloat16 and kept == {name for name, _ in model.named_parameters()
+                                                      if "time_embeddings" in name or "modulation" in name}
+    assert len(random_kandinsky5.build_random_transformer(arch, "meta", layers=2).visual_transformer_blocks) == 2
     assert trained_config(model.config) == SparsityConfig(mode="nabla+sta", threshold=threshold, sta_window=(11, 3, 3),
                                                           dense_above=1.0)

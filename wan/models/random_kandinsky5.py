@@ -53,17 +53,24 @@ def transformer_config(arch: str) -> dict:
 
 
 def build_random_transformer(arch: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-                             seed: int = 0) -> Kandinsky5Transformer3DModel:
+                             seed: int = 0, layers: int | None = None) -> Kandinsky5Transformer3DModel:
     """The transformer of `arch` with random weights, built on `device` in `dtype` (Pro's 19B parameters would not
-    fit a GPU in float32), its modulations drawn too (diffusers zero-initialises every gate)."""
+    fit a GPU in float32), its modulations drawn too (diffusers zero-initialises every gate); `layers`: that many
+    visual blocks instead of the architecture's (a block's cost at the real widths)."""
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    config = transformer_config(arch) if layers is None else {**transformer_config(arch), "num_visual_blocks": layers}
     try:
         with torch.device(device):
-            transformer = Kandinsky5Transformer3DModel(**transformer_config(arch))
+            transformer = Kandinsky5Transformer3DModel(**config)
     finally:
         torch.set_default_dtype(default)
+    # as from_pretrained loads a checkpoint in `dtype` (its rule: a module named in _keep_in_fp32_modules stays
+    # float32: the time embeddings and modulations), so that a benchmark runs the dtypes a user's model runs
+    for name, module in transformer.named_modules():
+        if any(part in name.split(".") for part in transformer._keep_in_fp32_modules):
+            module.to(torch.float32)
     tiny.draw_modulations(transformer)
     return transformer.eval()
 
