@@ -98,7 +98,7 @@ def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
     (tmp_path / "nabla-0.7-fast").write_text("sparsity: {mode: sta}\n")  # a file of that name wins
     assert find_config("nabla-0.7-fast") == tmp_path.joinpath("nabla-0.7-fast").relative_to(tmp_path)
     with pytest.raises(ValueError, match="^config: 'nabla-9' is neither a file nor a shipped config; shipped: "
-                       "fastest, fewstep-4, finetune-full, finetune-lora, finetune-tiny, full, nabla-0.4, .*, sta-11-3-3$"):
+                       "fastest, fastest-60, fewstep-4, finetune-full, finetune-lora, finetune-tiny, full, kandinsky5-fast, kandinsky5-trained, nabla-0.4, .*, sta-11-3-3$"):
         find_config("nabla-9")
     with pytest.raises(ValueError, match="^config: file not found: sub/nabla-0.7.yaml; or give a shipped config"):
         find_config("sub/nabla-0.7.yaml")  # a path means that file, not the shipped one of its name
