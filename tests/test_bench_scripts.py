@@ -22,23 +22,46 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-@pytest.mark.parametrize("command, header", [
-    ([sys.executable, "scripts/bench_attention.py", "--smoke"],
-     "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |"),
-    ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache", "--video-steps", "5",
-      "--cache-warmup-steps", "2", "--block-sizes", "128", "64/128"],
-     ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
-      "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
-    ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
-    ([sys.executable, "scripts/bench_backward.py", "--smoke", "--profile"],
-     "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"),
-    ([sys.executable, "scripts/bench_mask.py", "--smoke"],
-     ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
-      "| block means in kernels of their own ms |")),
-], ids=["attention", "e2e", "parallel", "backward", "mask"])
-def test_benchmark_runs_to_its_table(command, header, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+BENCHMARKS = {  # name: (command, the header of its table)
+    "attention": ([sys.executable, "scripts/bench_attention.py", "--smoke"],
+                  "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |"),
+    "e2e": ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache", "--video-steps", "5",
+             "--cache-warmup-steps", "2", "--block-sizes", "128", "64/128"],
+            ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
+             "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
+    "parallel": ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
+    "backward": ([sys.executable, "scripts/bench_backward.py", "--smoke", "--profile"],
+                 "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"),
+    "mask": ([sys.executable, "scripts/bench_mask.py", "--smoke"],
+             ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
+              "| block means in kernels of their own ms |")),
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark_runs(tmp_path_factory):
+    """Every benchmark's process, all started on first use, each on one thread (OMP_NUM_THREADS=1): side by side they
+    keep both of CI's cores busy, where one after another they left one idle. Output goes to files (a full pipe would
+    stall a process until its test reads it). Those a test selection (-k) left unread are killed at the end."""
+    started = {}
+    for name, (command, _) in BENCHMARKS.items():
+        folder = tmp_path_factory.mktemp(f"bench_{name}")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(folder)}
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            started[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err), folder)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_benchmark_runs_to_its_table(name, benchmark_runs):
+    (command, header), (process, folder) = BENCHMARKS[name], benchmark_runs[name]
+    returncode = process.wait(timeout=600)
+    result = subprocess.CompletedProcess(command, returncode, (folder / "stdout").read_text(),
+                                         (folder / "stderr").read_text())
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert header in lines

@@ -53,12 +53,20 @@ def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "scripts/bench_train.py", "--smoke", "--batch", "2"]
-    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    monkeypatch.setattr(sys, "argv", command[-4:])
-    bench_train.main()
-    two, one = table(result.stdout.splitlines()), table(capsys.readouterr().out.splitlines())
+    # the one-process run goes on here while the two start up (their imports): both cores busy
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        monkeypatch.setattr(sys, "argv", command[-4:])
+        bench_train.main()
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    two, one = table(out.splitlines()), table(capsys.readouterr().out.splitlines())
     assert [row[9] for row in two] == ["2", "2"] and [row[9] for row in one] == ["1", "1"]
     for a, b in zip(two, one):
         assert [float(x) for x in a[11].strip(" |").split(", ")] == pytest.approx(
