@@ -1,6 +1,8 @@
-"""Two ranks on one GPU over gloo (`--dist-backend gloo`): the multi-GPU CUDA paths (compiled blocks under Ulysses,
-the FLASH kernel on each rank's heads, FP8 and TaylorSeer under sequence parallelism, CFG parallel, rank 0 writing,
-FSDP2 training) run on a machine with one GPU, against the one-process run. CUDA only; CI skips them.
+"""Two ranks on one GPU over gloo (`--dist-backend gloo`): the multi-GPU CUDA paths (CFG parallel with compiled blocks
+and the FLASH kernel, rank 0 writing, FSDP2 training) run on a machine with one GPU, against the one-process run.
+Ulysses over gloo on CUDA ends in a segmentation fault (gloo's all-to-all alone runs there) and is refused in one
+line; its test is an expected failure until that is found. The tiny model's head size (12) is below the 16 that
+compiled flex_attention takes on CUDA, so these run the 1.3B's architecture at a small size. CUDA only; CI skips them.
 
     python -m pytest -q tests/test_gpu_parallel.py
 """
@@ -63,7 +65,7 @@ def check_against_one(tmp_path: Path, model: Path, config_text: str, flags: list
     assert generate.main(video_args(model, config, one, size, steps)) == 0
     result = two_ranks([*video_args(model, config, two, size, steps), *flags])
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    assert result.stdout.count(f"wrote {two} (") == 1  # rank 0 alone writes and reports
     assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.json", "two.masks.pt", "two.npy"]
     assert video_fidelity(np.load(one), np.load(two))["psnr"] >= min_psnr
     single, ranked = masks_by_step(one.with_suffix(".json")), masks_by_step(two.with_suffix(".json"))
@@ -76,30 +78,47 @@ def check_against_one(tmp_path: Path, model: Path, config_text: str, flags: list
     assert report["steps"] == one_report["steps"] and report["layers"] == one_report["layers"]
 
 
-@pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses", "cfg"])
-def test_tiny_model_two_ranks_one_gpu(tiny_model, tmp_path, flags):
-    check_against_one(tmp_path, tiny_model, NABLA, flags, size=("64", "96", "9"), steps=2)
+def test_13b_nabla_flash_compiled_cfg_parallel_two_ranks_one_gpu(random_13b, tmp_path):
+    check_against_one(tmp_path, random_13b, NABLA, ["--cfg-parallel"])
 
 
-@pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses", "cfg"])
-def test_13b_nabla_flash_compiled_two_ranks_one_gpu(random_13b, tmp_path, flags):
-    check_against_one(tmp_path, random_13b, NABLA, flags)
-
-
-def test_13b_fastest_config_under_ulysses(random_13b, tmp_path):
-    """configs/fastest.yaml: FP8 linears and TaylorSeer under Ulysses; 10 steps, so the cache skips steps."""
+def fastest_in_10_steps() -> str:
+    """configs/fastest.yaml over 10 steps, so that TaylorSeer skips some."""
     text = (ROOT / "configs" / "fastest.yaml").read_text()
     text = text.replace("disable_cache_before_step: 6", "disable_cache_before_step: 3")
-    text = text.replace("disable_cache_after_step: 48", "disable_cache_after_step: 8")
-    check_against_one(tmp_path, random_13b, text, ["--ulysses", "2"], steps=10, min_psnr=30.0)
+    return text.replace("disable_cache_after_step: 48", "disable_cache_after_step: 8")
+
+
+def test_13b_fastest_config_under_cfg_parallel(random_13b, tmp_path):
+    """FP8 linears and TaylorSeer, each rank caching its own CFG pass."""
+    check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--cfg-parallel"], steps=10, min_psnr=30.0)
+
+
+def test_ulysses_over_gloo_on_cuda_is_one_line(random_13b, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(NABLA)
+    args = video_args(random_13b, config, tmp_path / "two.npy")
+    assert generate.main([*args, "--ulysses", "2", "--dist-backend", "gloo"]) == 2
+    assert "--ulysses over --dist-backend gloo on CUDA is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(reason="Ulysses over gloo on CUDA ends in a segmentation fault", strict=False)
+def test_13b_ulysses_two_ranks_one_gpu(random_13b, tmp_path, monkeypatch):
+    """What the refusal guards: the run itself, with the refusal lifted."""
+    monkeypatch.setenv("NABLA_ALLOW_GLOO_ULYSSES", "1")
+    check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--ulysses", "2"], steps=10, min_psnr=30.0)
 
 
 def test_fsdp2_training_two_ranks_one_gpu(tiny_model, tmp_path):
     """finetune train under FSDP2, two gloo ranks on one GPU, batch 1 each, gives the one-process run's losses at
     batch 2 (bf16 on the GPU: a relative tolerance)."""
-    from wan.models.tiny import write_demo_clips
+    from PIL import Image
 
-    data = write_demo_clips(tmp_path / "clips")
+    data = tmp_path / "images"  # one-frame samples: no video encoder needed
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (48, 48), (60 * i, 200 - 40 * i, 90)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a flat colour, number {i}")
     base = (ROOT / "configs" / "finetune-tiny.yaml").read_text()
     runs = {}
     for procs, batch in ((1, 2), (2, 1)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -258,6 +259,12 @@ def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, spec
         return
     if args.dist_backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--dist-backend nccl needs CUDA GPUs; allowed here: gloo")
+    if (args.dist_backend == "gloo" and args.ulysses > 1 and torch.cuda.is_available() and args.device != "cpu"
+            and not os.environ.get("NABLA_ALLOW_GLOO_ULYSSES")):
+        # gloo's collectives themselves run on CUDA tensors; the Ulysses run over them ends in a segmentation fault
+        # (tests/test_gpu_parallel.py lifts this with the variable to see whether it still does)
+        raise ValueError("--ulysses over --dist-backend gloo on CUDA is not supported (the run crashes); use nccl "
+                         "with one GPU per rank, or --cfg-parallel alone with gloo")
     if args.compare or args.cpu_offload:
         raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
     if args.cfg_parallel and settings.guidance_scale <= 1:

@@ -12,6 +12,7 @@ transformer folder.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -242,7 +243,8 @@ def _direct_map(device: str) -> str | None:
     where = torch.device(device)
     if where.type != "cuda" or where.index not in (None, torch.cuda.current_device()):
         return None
-    return "cuda"
+    # under torchrun transformers maps "cuda" to LOCAL_RANK's GPU, which ranks sharing one GPU (gloo) do not have
+    return None if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
 
 
 def load_encoders(model: str, device: torch.device, spec: ModelSpec) -> DiffusionPipeline:
