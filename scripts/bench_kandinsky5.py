@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 from diffusers import Kandinsky5T2VPipeline
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from wan.api import disable_nabla, enable_nabla
 from wan.benchmarking import log_clock, sync
@@ -95,15 +96,19 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     return torch.compile(transformer, mode=mode, dynamic=True), {}, None
 
 
-def tear_down(variant: str, transformer) -> None:
+def tear_down(variant: str, transformer, active_backend) -> None:
     if variant.startswith("ours"):
         disable_nabla(transformer)
     elif variant == "diffusers-nabla":
         transformer.reset_attention_backend()
+        # set_attention_backend also sets the process-wide default, which reset_attention_backend leaves: without
+        # this, every later model in the process (a training step on the CPU, say) would attend through flex
+        _AttentionBackendRegistry.set_active_backend(active_backend)
         torch._dynamo.reset()
 
 
 def measure(variant: str, transformer, args, forward: dict, device: torch.device) -> dict:
+    active_backend = _AttentionBackendRegistry.get_active_backend()[0]
     model, changed, handle = set_up(variant, transformer, args)
     try:
         with torch.no_grad():
@@ -118,7 +123,7 @@ def measure(variant: str, transformer, args, forward: dict, device: torch.device
                 sync(device)
                 times.append(time.perf_counter() - start)
     finally:
-        tear_down(variant, transformer)
+        tear_down(variant, transformer, active_backend)
     density = handle.state.mean_density() if handle is not None else None
     return {"variant": variant, "s": min(times), "warm": warm, "density": density}
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import wan.generate.cli
 import wan.generate.session
 import wan.models.loading
+import wan.models.make_tiny
 import wan.models.tiny
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
@@ -60,7 +61,7 @@ def test_the_tiny_checkpoint_is_a14b_shaped(a14b_model, pipe):
 
 def test_an_unknown_family_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        wan.models.tiny.main([str(tmp_path / "m"), "--family", "wan3"])
+        wan.models.make_tiny.main([str(tmp_path / "m"), "--family", "wan3"])
     assert exit_.value.code == 2 and "argument --family: invalid choice: 'wan3'" in \
         capsys.readouterr().err
     with pytest.raises(ValueError, match="^family 'wan3' is not allowed; allowed: wan2.1-t2v, wan2.2-a14b, wan2.1-i2v, wan2.1-flf2v, wan2.2-ti2v, wan2.2-i2v-a14b, wan2.1-vace$"):

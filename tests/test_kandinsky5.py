@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, Kandinsky5T2VPipeline
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.transformers import transformer_kandinsky
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor
 from PIL import Image
@@ -19,7 +20,7 @@ from scripts import bench_kandinsky5
 from wan.api import disable_nabla, enable_nabla
 from wan.attention.patch import patch_transformer, unpatch
 from wan.attention.processor import NablaWanAttnProcessor
-from wan.models import random_kandinsky5, tiny, tiny_kandinsky5
+from wan.models import make_tiny, random_kandinsky5, tiny_kandinsky5
 from wan.models.kandinsky5 import trained_config
 from wan.models.tiny_kandinsky5 import tiny_transformer
 
@@ -146,7 +147,7 @@ def test_a_model_not_trained_with_nabla_needs_a_config():
 
 @pytest.mark.parametrize("family", ["kandinsky5-lite", "kandinsky5-lite-i2v"])
 def test_tiny_pipelines_saved_by_the_command_run_under_their_trained_nabla(family, tmp_path, capsys):
-    tiny.main([str(tmp_path), "--family", family])
+    make_tiny.main([str(tmp_path), "--family", family])
     assert f"wrote a tiny Kandinsky 5 {'I2V' if family.endswith('i2v') else 'Lite T2V 10s'}" in capsys.readouterr().out
     pipe = DiffusionPipeline.from_pretrained(tmp_path)  # as a user loads a checkpoint before enable_nabla
     assert type(pipe) is tiny_kandinsky5.TINY[family][1]
@@ -162,7 +163,10 @@ def test_tiny_pipelines_saved_by_the_command_run_under_their_trained_nabla(famil
 
 
 def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
+    before = _AttentionBackendRegistry.get_active_backend()[0]
     bench_kandinsky5.main(["--smoke"])
+    # diffusers' set_attention_backend sets the process default too: the benchmark puts it back
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[0] == "| variant | s/eval | vs dense | vs diffusers-nabla | first call s | density |"
     assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {v}" for v in bench_kandinsky5.VARIANTS]

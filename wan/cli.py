@@ -18,7 +18,7 @@ def _finetune(argv: list[str], prog: str) -> int:
 
 
 def _make_tiny_model(argv: list[str], prog: str) -> int:
-    from wan.models.tiny import main as tiny_main  # diffusers and transformers load only for this command
+    from wan.models.make_tiny import main as tiny_main  # diffusers and transformers load only for this command
 
     tiny_main(argv, prog)
     return 0

@@ -1,6 +1,6 @@
 """Build a tiny, randomly initialised Wan pipeline in diffusers layout (offline demo/tests).
 
-    nabla-wan make-tiny-model OUT_DIR [--seed 0] [--family wan2.1-t2v]   (in a checkout: python scripts/make_tiny_model.py)
+    nabla-wan make-tiny-model OUT_DIR [--seed 0] [--family wan2.1-t2v]   (the command: wan/models/make_tiny.py)
 
 Families: `wan2.1-t2v` (one transformer), `wan2.2-a14b` (Wan2.2 A14B's layout: a high-noise `transformer` and a
 low-noise `transformer_2` of their own random weights, switched at `boundary_ratio` 0.875 as the published model is),
@@ -20,7 +20,6 @@ The weights are noise, so videos are noise too; the point is exercising the full
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +46,7 @@ TEXT_DIM = 32
 IMAGE_DIM, IMAGE_SIDE, IMAGE_PATCH = 16, 32, 16
 IMAGE_TOKENS = (IMAGE_SIDE // IMAGE_PATCH) ** 2 + 1
 
-_SENTENCES = [
+SENTENCES = [
     f"{who} {what} {where}"
     for who in ("a cat", "a dog", "two birds", "an old man", "a red car", "a small robot")
     for what in ("is playing piano", "runs quickly", "flies slowly", "jumps over a fence", "sleeps", "dances")
@@ -62,7 +61,7 @@ def build_tokenizer() -> T5TokenizerFast:
     trainer = trainers.UnigramTrainer(
         vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
-    tok.train_from_iterator(_SENTENCES, trainer)
+    tok.train_from_iterator(SENTENCES, trainer)
     trained = json.loads(tok.to_str())["model"]["vocab"]  # [[piece, log-prob]], the 3 specials first
     # The trainer's float sums (hence the order of ties) vary run to run: round and sort for stable ids.
     pieces = sorted(((p, round(s, 6)) for p, s in trained[3:]), key=lambda ps: (-ps[1], ps[0]))
@@ -187,7 +186,7 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "wan2.1-t2
 
 
 #: the demo clips' captions, from the tiny tokenizer's sentences
-_CLIP_CAPTIONS = ("a cat is playing piano in a sunny room", "a dog runs quickly on the beach at sunset",
+CLIP_CAPTIONS = ("a cat is playing piano in a sunny room", "a dog runs quickly on the beach at sunset",
                   "two birds flies slowly over a frozen lake", "a small robot dances in the city at night")
 
 
@@ -204,29 +203,5 @@ def write_demo_clips(folder: str | Path, count: int = 4, frames: int = 17, size:
         video = [np.stack([(x * 5 + t * 20 * (index + 1)) % 256, (y * 6 + index * 60) % 256, (x + y + t * 9) % 256],
                           -1).astype(np.uint8) for t in range(frames)]
         imageio.mimwrite(folder / f"clip{index}.mp4", video, fps=8, macro_block_size=8)
-        (folder / f"clip{index}.txt").write_text(_CLIP_CAPTIONS[index % len(_CLIP_CAPTIONS)] + "\n")
+        (folder / f"clip{index}.txt").write_text(CLIP_CAPTIONS[index % len(CLIP_CAPTIONS)] + "\n")
     return folder
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", type=Path, help="folder to write the pipeline to (diffusers layout)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
-    from wan.models import tiny_kandinsky5  # it imports this module: here, not at the top
-
-    families = {**FAMILIES, **{name: what for name, (what, _) in tiny_kandinsky5.TINY.items()}}
-    parser.add_argument("--family", choices=families, default="wan2.1-t2v", help="which architecture: "
-                        + "; ".join(f"{name}: {what}" for name, what in families.items()) + " (default: wan2.1-t2v)")
-    parser.add_argument("--clips", type=Path, metavar="DIR", help="also write a few short captioned clips to DIR, data "
-                        "to try fine-tuning on: nabla-wan finetune train --model OUT_DIR --data DIR --config "
-                        "finetune-tiny --output runs/tiny")
-    args = parser.parse_args(argv)
-    save = tiny_kandinsky5.save_tiny_model if args.family in tiny_kandinsky5.TINY else save_tiny_model
-    out = save(args.out_dir, args.seed, args.family)
-    print(f"wrote a tiny {families[args.family]} pipeline to {out}")
-    if args.clips is not None:
-        print(f"wrote {len(_CLIP_CAPTIONS)} captioned clips to {write_demo_clips(args.clips)}")
-
-
-if __name__ == "__main__":
-    main()

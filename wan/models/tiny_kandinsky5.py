@@ -37,7 +37,7 @@ from transformers import (
     Qwen2TokenizerFast,
 )
 
-from wan.models.tiny import _SENTENCES
+from wan.models.tiny import SENTENCES
 
 #: the tiny Qwen2.5-VL's and CLIP's widths (the transformer's in_text_dim and in_text_dim2)
 QWEN_DIM, CLIP_DIM = 16, 32
@@ -85,7 +85,7 @@ def qwen_tokenizer() -> Qwen2TokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(_SENTENCES, trainers.BpeTrainer(
+    tokenizer.train_from_iterator(SENTENCES, trainers.BpeTrainer(
         vocab_size=300, special_tokens=_QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     return Qwen2TokenizerFast(tokenizer_object=tokenizer, unk_token=None, bos_token=None, eos_token="<|endoftext|>",
