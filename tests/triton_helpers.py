@@ -39,7 +39,8 @@ def side_by_side(**runs: tuple):
     test selection (-k) left unread are killed at the end."""
     started = {name: start_interpreted(*run, threads=1) for name, run in runs.items()}  # no oversubscribed cores
     try:
-        yield lambda name: finish(started[name])
+        outputs = {}  # a child read by several tests is waited for once
+        yield lambda name: outputs[name] if name in outputs else outputs.setdefault(name, finish(started[name]))
     finally:
         for process in started.values():
             if process.returncode is None:  # not read by `finish`
