@@ -1,6 +1,7 @@
 """Running Triton kernels without a GPU: by the interpreter in a child process, and through the CUDA front end."""
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -39,8 +40,7 @@ def side_by_side(**runs: tuple):
     test selection (-k) left unread are killed at the end."""
     started = {name: start_interpreted(*run, threads=1) for name, run in runs.items()}  # no oversubscribed cores
     try:
-        outputs = {}  # a child read by several tests is waited for once
-        yield lambda name: outputs[name] if name in outputs else outputs.setdefault(name, finish(started[name]))
+        yield functools.cache(lambda name: finish(started[name]))  # a child read by several tests: waited for once
     finally:
         for process in started.values():
             if process.returncode is None:  # not read by `finish`
