@@ -37,7 +37,8 @@ finetune does (full fine-tuning is refused there); its batches are make_batch's 
 TEXT_TOKENS tokens and a CLIP pooled embedding at the real widths, the pipeline's rotary positions), flow shift 5 (its
 scheduler's). Its rows: dense (the patch's mode full: the checkpoint's own NABLA path dropped, as finetune runs it),
 the trained mask (configs/kandinsky5-trained.yaml: its P and STA window on 64-token blocks, from the transformer's
-config) and configs/kandinsky5-fast.yaml (128-row query blocks over those tiles, at the model's P and window). The
+config) and configs/kandinsky5-fast.yaml (128-row query blocks over those tiles, at the model's P and window); on CUDA,
+whose flex_attention backward takes 128-token key blocks only, the trained P and window on 128-token blocks. The
 default video is the 10s checkpoints' (Lite: 768x512x241, 93,696 tokens; Pro: 1280x768x241, 234,240): with gradient
 checkpointing a step keeps the bf16 weights and each block's input (Lite: 4 GB and 32 x 0.34 GB; Pro: 38 GB and
 60 x 1.9 GB, more than one GPU holds: time Pro with `--layers`, a block's cost at the real widths, or at the SD size,
@@ -117,13 +118,18 @@ def model_spec(arch: str, transformer: torch.nn.Module) -> ModelSpec:
     return T2V
 
 
-def k5_variants(config, max_density: float | None) -> list[tuple[str, SparsityConfig]]:
+def k5_variants(config, max_density: float | None, device: torch.device) -> list[tuple[str, SparsityConfig]]:
     """Kandinsky 5's rows: dense, its trained mask, and the fast config at the model's trained P and window (the
-    shipped file names Lite's), each NABLA row capped at `max_density` where given."""
+    shipped file names Lite's), each NABLA row capped at `max_density` where given. On CUDA, whose backward takes
+    128-token key blocks only (nabla.backend.check_trainable), one NABLA row: the trained P and window on 128-token
+    blocks, what `finetune` trains Kandinsky 5 with there."""
     trained = kandinsky5_facts.trained_config(config)
+    cap, suffix = ({}, "") if max_density is None else ({"max_density": max_density}, f", max density {max_density:g}")
+    if device.type == "cuda":
+        coarse = trained.replace(block_size=128, **cap)
+        return [("dense", SparsityConfig()), (f"NABLA P {trained.threshold:g} + STA, block 128{suffix}", coarse)]
     fast = load_config(find_config("kandinsky5-fast")).replace(threshold=trained.threshold,
                                                                 sta_window=trained.sta_window)
-    cap, suffix = ({}, "") if max_density is None else ({"max_density": max_density}, f", max density {max_density:g}")
     return [("dense", SparsityConfig()),
             (f"NABLA trained (P {trained.threshold:g} + STA, block 64){suffix}", trained.replace(**cap)),
             (f"kandinsky5-fast (query block 128){suffix}", fast.replace(**cap))]
@@ -227,7 +233,7 @@ def main() -> None:
         parser.error("Kandinsky 5 runs in one process: shard_transformer shards Wan's `blocks`, not its "
                      "visual_transformer_blocks")
     if args.arch in K5_ARCHS:  # backend auto: its sparse rows run on the CPU too (Wan's insist on FLASH)
-        variants = k5_variants(build_config(args.arch), args.max_density)
+        variants = k5_variants(build_config(args.arch), args.max_density, parallel.device)
     elif parallel.device.type == "cuda":
         cap = NABLA.max_density if args.max_density is None else args.max_density
         variants = [("dense", SparsityConfig()), (f"NABLA {cap:.0%}, block 128, flash", NABLA.replace(max_density=cap))]

@@ -26,6 +26,7 @@ from diffusers import ContextParallelConfig, WanTransformer3DModel
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from wan.defaults import local_device
+from wan.speedups import gloo_cuda
 
 
 @dataclasses.dataclass
@@ -85,6 +86,8 @@ def init_parallel(ulysses: int, cfg_parallel: bool, backend: str | None = None) 
     device = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if gloo_cuda.needed(dist.get_backend()):
+        gloo_cuda.use_c10d_all_gather()
     mesh = init_device_mesh(device.type, (2 if cfg_parallel else 1, 1, ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))
     return ParallelSetup(rank, world, ulysses, cfg_parallel, device, mesh)
 

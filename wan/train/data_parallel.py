@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from wan.defaults import local_device
+from wan.speedups import gloo_cuda
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ def init_data_parallel(device: str | None = None, backend: str | None = None) ->
     local = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(local)
+    if gloo_cuda.needed(dist.get_backend()):
+        gloo_cuda.use_c10d_all_gather()
     return DataParallel(rank, world, local)
 
 
