@@ -90,3 +90,22 @@ def test_memory_trace_lists_what_is_alive_at_the_peak():
     assert peak == 230 * 2**20 and sorted(event["addr"] for event in alive) == [2, 4, 5]
     assert memory_report(snapshot, top=2).splitlines()[1:] == ["    1 x    170.00 MiB  processor.py:9 attend",
                                                                "    1 x     50.00 MiB  processor.py:9 attend"]
+
+
+def test_kandinsky5_rows_train_on_cuda():
+    """CUDA's flex_attention backward takes 128-token key blocks only: there the NABLA row keeps the trained P and
+    window on 128-token blocks, and every row passes the check finetune makes before loading."""
+    import torch
+
+    from nabla.backend import check_trainable
+
+    config = bench_train.build_config("k5-lite")
+    on_cpu = bench_train.k5_variants(config, None, torch.device("cpu"))
+    on_cuda = bench_train.k5_variants(config, 0.2, torch.device("cuda"))
+    assert [s.block_size for _, s in on_cpu[1:]] == [64, 64]
+    assert len(on_cuda) == 2 and on_cuda[1][1].block_size == 128 and on_cuda[1][1].max_density == 0.2
+    assert (on_cuda[1][1].threshold, on_cuda[1][1].sta_window) == (on_cpu[1][1].threshold, on_cpu[1][1].sta_window)
+    for _, sparsity in on_cuda:
+        check_trainable(sparsity, "cuda")
+    with pytest.raises(ValueError, match="block_size 64 cannot train on CUDA"):
+        check_trainable(on_cpu[1][1], "cuda")
