@@ -11,8 +11,9 @@ from nabla.masks import cdf_keep_sorted
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
 for n in (1, 37, 130):
-    for threshold in (0.1, 0.5, 0.95, 1.0):
-        for low, high in ((1, n), (max(1, n // 3), n), (1, max(1, n // 4)), (max(1, n // 2), max(1, n // 2))):
+    bounds = ((1, n), (max(1, n // 3), n), (1, max(1, n // 4)), (max(1, n // 2), max(1, n // 2)))
+    for i, threshold in enumerate((0.1, 0.5, 0.95, 1.0)):
+        for low, high in bounds[i % 2::2]:  # each threshold two of the bounds, each bound two thresholds
             probs = (torch.randn(1, 3, n) * 2.5).softmax(-1)
             fast, ref = cdf_keep(probs, threshold, low, high), cdf_keep_sorted(probs, threshold, low, high)
             if not torch.equal(fast, ref):
@@ -48,7 +49,7 @@ def interpreted():
 
 
 def test_triton_kernel_matches_sorting(interpreted):
-    assert "checked 54" in interpreted("cut")
+    assert "checked 30" in interpreted("cut")
 
 
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
@@ -65,12 +66,12 @@ CONFIGS = (SparsityConfig(mode="nabla", threshold=0.5), SparsityConfig(mode="nab
            SparsityConfig(mode="nabla", threshold=0.9, max_density=0.3, block_size=128),
            SparsityConfig(mode="nabla", threshold=0.05, min_density=0.4),
            SparsityConfig(mode="nabla+sta", threshold=0.3, sta_window=(1, 3, 3)))
-# 12 tiles with padding: every config; 4 without: a plain cut and the STA union (the interpreter is slow)
-for grid, configs in (((3, 10, 13), CONFIGS), ((1, 16, 16), CONFIGS[::4])):
+# 8 tiles with padding: every config; 4 without: a plain cut and the STA union (the interpreter is slow)
+for grid, configs in (((2, 10, 13), CONFIGS), ((1, 16, 16), CONFIGS[::4])):
     layout = TileLayout(*grid)
     for config in configs:
         bs = config.block_size
-        q, k = (torch.randn(2, 2, layout.padded_length, 16) * 3 for _ in range(2))
+        q, k = (torch.randn(1, 2, layout.padded_length, 16) * 3 for _ in range(2))  # the kernel runs B x H alike
         logits, empty = pooled_logits(q, k, bs, layout.valid)
         nb = logits.shape[-1]
         low, high = density_bounds(nb, config.min_density, config.max_density)

@@ -53,29 +53,30 @@ def torchrun(tmp_path, model, config, out, *extra, procs, size=("64", "96")):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-# NABLA under Ulysses: the cached case and the four-process one (each torchrun is a slow test: few of them). The
-# Ulysses case runs 48x48, 27 tokens a frame, which do not split over 2 ranks: the padded tile stream takes them.
-@pytest.mark.parametrize("config, mode, size", [("nabla", "cfg", ("64", "96")), ("cached", "ulysses", ("48", "48"))])
-def test_two_processes_match_one(tiny_model, tmp_path, single, config, mode, size, capsys):
-    flags = ["--ulysses", "2"] if mode == "ulysses" else ["--cfg-parallel", "--dist-backend", "gloo"]
-    multi = torchrun(tmp_path, tiny_model, config, tmp_path / "two.npy", *flags, procs=2, size=size)
+# Each torchrun is a slow test: two of them. CFG parallel alone, and the four-process mesh with NABLA under Ulysses,
+# the step cache, and 48x48 frames of 27 tokens, which do not split over 2 ranks: the padded tile stream takes them.
+def test_cfg_parallel_two_processes_match_one(tiny_model, tmp_path, single):
+    multi = torchrun(tmp_path, tiny_model, "nabla", tmp_path / "two.npy", "--cfg-parallel", "--dist-backend", "gloo",
+                     procs=2)
     assert multi.returncode == 0, multi.stderr[-3000:]
     two = np.load(tmp_path / "two.npy")
-    assert two.shape == (9, int(size[0]), int(size[1]), 3)
-    np.testing.assert_allclose(two, single(config, size), atol=1e-4)
+    assert two.shape == (9, 64, 96, 3)
+    np.testing.assert_allclose(two, single("nabla"), atol=1e-4)
     assert multi.stdout.count("wrote ") == 1  # rank 0 alone reports
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".npy"] == ["two.npy"]
-    if config == "cached":  # the cache did skip a step, on every rank alike (else the all-to-alls would hang)
-        assert "denoising steps computed: 1 of 2" in multi.stdout
-        assert "denoising steps computed: 1 of 2" in capsys.readouterr().out  # the one-process run, too
 
 
-def test_ulysses_and_cfg_parallel_together(tiny_model, tmp_path, single):
-    """4 processes: two CFG groups of two Ulysses ranks, NABLA, equal to one process."""
-    multi = torchrun(tmp_path, tiny_model, "nabla", tmp_path / "four.npy", "--ulysses", "2", "--cfg-parallel", procs=4)
+def test_ulysses_and_cfg_parallel_together(tiny_model, tmp_path, single, capsys):
+    """4 processes: two CFG groups of two Ulysses ranks, NABLA and the step cache, equal to one process."""
+    size = ("48", "48")
+    multi = torchrun(tmp_path, tiny_model, "cached", tmp_path / "four.npy", "--ulysses", "2", "--cfg-parallel",
+                     procs=4, size=size)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "four.npy"), single("nabla"), atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "four.npy"), single("cached", size), atol=1e-4)
     assert multi.stdout.count("wrote ") == 1
+    # the cache did skip a step, on every rank alike (else the all-to-alls would hang), as in one process
+    assert "denoising steps computed: 1 of 2" in multi.stdout
+    assert "denoising steps computed: 1 of 2" in capsys.readouterr().out
 
 
 def test_bad_degree_names_allowed_ones(tiny_model, tmp_path, capsys):

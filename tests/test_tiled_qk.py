@@ -15,9 +15,9 @@ from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
 for grid, batch, heads, dim, block_size, dtype, affine, eps in (  # batch 2 once: the interpreter is slow
-    ((3, 10, 13), 2, 2, 16, 64, torch.float32, True, 1e-6),  # padded rows and columns, S not a multiple of 128
-    ((3, 10, 13), 1, 2, 16, 128, torch.bfloat16, True, 1e-6),
-    ((2, 16, 16), 1, 3, 12, 64, torch.bfloat16, False, None),  # no padding; head dim not a power of two
+    ((2, 10, 13), 2, 2, 16, 64, torch.float32, True, 1e-6),  # padded rows and columns, S not a multiple of 128
+    ((2, 10, 13), 1, 2, 16, 128, torch.bfloat16, True, 1e-6),
+    ((1, 16, 16), 1, 3, 12, 64, torch.bfloat16, False, None),  # no padding; head dim not a power of two
     ((1, 9, 20), 1, 1, 32, 128, torch.float16, True, 1e-5),
 ):
     layout = TileLayout(*grid)
@@ -70,9 +70,9 @@ from wan.attention.tiled_qk import _tiled_qk
 torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
 checked = 0
 for grid, heads, dim, dtype, affine in (
-    ((3, 10, 13), 2, 16, torch.float32, True),  # padded rows and columns
-    ((2, 16, 16), 3, 12, torch.float32, False),  # no padding, no weight
-    ((3, 10, 13), 2, 16, torch.bfloat16, True),
+    ((2, 10, 13), 2, 16, torch.float32, True),  # padded rows and columns
+    ((1, 16, 16), 3, 12, torch.float32, False),  # no padding, no weight
+    ((2, 10, 13), 2, 16, torch.bfloat16, True),
 ):
     layout = TileLayout(*grid)
     L, S, C = layout.length, layout.padded_length, heads * dim
@@ -149,7 +149,7 @@ CHECK_PROCESSOR = FORCED + r"""
 from wan.generate.run import generate
 from wan.generate.settings import GenerationSettings
 
-settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=9, steps=2, guidance_scale=4.0)
+settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=5, steps=2, guidance_scale=1.0)
 pipe = load_pipeline(sys.argv[1], device="cpu")
 results = []
 for fused in (False, True):
@@ -161,7 +161,7 @@ for fused in (False, True):
     results.append((frames, torch.stack([d for _, _, d in handle.state.records.densities])))
     unpatch(pipe.transformer)
 (ref, ref_density), (out, density) = results
-assert len(calls) == 4 * 2 * 2 * 2, len(calls)  # (checks for q, k; q, k run) x 2 layers x 2 CFG passes x 2 steps
+assert len(calls) == 4 * 2 * 2, len(calls)  # (checks for q, k; q, k run) x 2 layers x 2 steps (guidance 1: one pass)
 assert torch.equal(density, ref_density) and float(density.mean()) < 0.9, (density, ref_density)
 err = abs(out - ref).max()
 assert err < 1e-4, err
@@ -181,8 +181,8 @@ for block in transformer.blocks:
     block.attn1.norm_q.requires_grad_(False)
     block.attn1.norm_k.requires_grad_(False)
 gen = torch.Generator().manual_seed(0)
-inputs = (torch.randn(2, 16, 3, 16, 20, generator=gen), torch.tensor([700.0, 150.0]), torch.randn(2, 9, 32, generator=gen))
-target = torch.randn(2, 16, 3, 16, 20, generator=gen)
+inputs = (torch.randn(2, 16, 2, 16, 20, generator=gen), torch.tensor([700.0, 150.0]), torch.randn(2, 9, 32, generator=gen))
+target = torch.randn(2, 16, 2, 16, 20, generator=gen)
 results = []
 for fused in (False, True):
     if fused:
