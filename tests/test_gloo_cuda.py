@@ -43,7 +43,8 @@ def test_gather_concatenates_in_rank_order(dim):
 def test_swap_under_gloo_only(monkeypatch):
     for name in ("all_gather_tensor", "all_gather_single"):
         monkeypatch.setattr(funcol, name, getattr(funcol, name), raising=False)
-    assert not gloo_cuda.needed("nccl") and gloo_cuda.needed("gloo")
-    gloo_cuda.use_c10d_all_gather()
+    gloo_cuda.use_c10d_all_gather("nccl")
+    assert funcol.all_gather_single is not gloo_cuda.all_gather_c10d
+    gloo_cuda.use_c10d_all_gather("gloo")
     assert funcol.all_gather_single is gloo_cuda.all_gather_c10d
     assert funcol.all_gather_tensor is gloo_cuda.all_gather_c10d

@@ -38,12 +38,10 @@ def all_gather_c10d(self: torch.Tensor, gather_dim: int, group, tag: str = "") -
     return gather(self, gather_dim, process_group(group, tag))
 
 
-def use_c10d_all_gather() -> None:
-    """Route funcol's all-gather through c10d's for the rest of the process (idempotent)."""
+def use_c10d_all_gather(backend: str) -> None:
+    """Under gloo, route funcol's all-gather through c10d's for the rest of the process (idempotent)."""
+    if backend != "gloo":
+        return
     for name in _NAMES:
         if hasattr(funcol, name):
             setattr(funcol, name, all_gather_c10d)
-
-
-def needed(backend: str | None) -> bool:
-    return backend == "gloo"
