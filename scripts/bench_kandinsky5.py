@@ -3,6 +3,7 @@
     python scripts/bench_kandinsky5.py --arch k5-lite                          # 768x512 x 241: 93,696 tokens
     python scripts/bench_kandinsky5.py --arch k5-lite --diffusers-compile max-autotune-no-cudagraphs
     python scripts/bench_kandinsky5.py --arch k5-pro --max-density 0.15        # 1280x768 x 241: 234,240 tokens
+    python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2          # every path at a trained-like density
     python scripts/bench_kandinsky5.py --smoke                                 # the tiny model on the CPU, seconds
 
 Variants, each on the same random-weight transformer (wan.models.random_kandinsky5, bf16) and inputs:
@@ -14,7 +15,8 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
 - `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles).
 The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
 give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
-density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only.
+density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only;
+`--threshold` lowers P on every path alike.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "none"),
                         default="default", help="how diffusers' NABLA path compiles the whole model (default: default)")
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
+    parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
+                        "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -57,6 +61,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         height, width, frames = ARCHS[args.arch].size
         args.height, args.width, args.frames = args.height or height, args.width or width, args.frames or frames
     return args
+
+
+def build(args: argparse.Namespace, device: torch.device):
+    """The transformer every variant runs; `--threshold` becomes its P, which the pipeline's sparse_params (diffusers'
+    path) and trained_config (ours) both read."""
+    transformer = tiny_transformer(visual_cond=True) if args.smoke else build_random_transformer(args.arch, device)
+    if args.threshold is not None:
+        transformer.register_to_config(attention_P=args.threshold)
+    return transformer
 
 
 def inputs(transformer, args, device: torch.device) -> dict:
@@ -77,6 +90,7 @@ def inputs(transformer, args, device: torch.device) -> dict:
 def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours) or None."""
     capped = {} if args.max_density is None else {"max_density": args.max_density}
+    capped |= {} if args.threshold is None else {"threshold": args.threshold}
     compile_blocks = None if not args.smoke else False
     if variant == "ours-trained":
         config = trained_config(transformer.config).replace(**capped)
@@ -141,7 +155,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
-    transformer = tiny_transformer(visual_cond=True) if args.smoke else build_random_transformer(args.arch, device)
+    transformer = build(args, device)
     forward = inputs(transformer, args, device)
     tokens = forward["hidden_states"].shape[1] * (args.height // 16) * (args.width // 16)
     log_clock(f"{'tiny (smoke)' if args.smoke else ARCHS[args.arch].title}: {args.width}x{args.height} x "

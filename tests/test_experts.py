@@ -116,7 +116,10 @@ def test_low_noise_config_and_a_dense_high_noise_expert(pipe, tmp_path):
         disable_nabla(pipe)
 
 
-def test_warm_up_runs_a_dense_and_a_sparse_step_in_each_expert(pipe):
+def test_warm_up_runs_a_dense_and_a_sparse_step_in_each_expert(pipe, monkeypatch):
+    """...and decodes the first latent frame alone, the VAE's own decode restored after."""
+    decoded, decode = [], type(pipe.vae).decode
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda vae, z, *a, **k: decoded.append(z.shape[2]) or decode(vae, z, *a, **k))
     handle = enable_nabla(pipe, SparsityConfig(mode="nabla", threshold=0.5, dense_steps=1))
     try:
         settings = GenerationSettings(prompt="a cat", height=32, width=32, frames=5, steps=9)
@@ -125,6 +128,7 @@ def test_warm_up_runs_a_dense_and_a_sparse_step_in_each_expert(pipe):
         assert records.experts == {0: 0, 1: 0, 2: 1, 3: 1}  # 4 steps, the boundary at 2
         assert {step for step, _, _ in records.densities} == {1, 3}  # steps 0 and 2 dense
         assert [h.state.config.dense_steps for h in handle.experts] == [1, 1]  # restored
+        assert decoded == [1] and "decode" not in vars(pipe.vae)
     finally:
         disable_nabla(pipe)
 

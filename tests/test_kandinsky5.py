@@ -172,6 +172,16 @@ def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
     assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {v}" for v in bench_kandinsky5.VARIANTS]
 
 
+def test_the_benchmarks_threshold_reaches_every_nabla_path():
+    args = bench_kandinsky5.parse(["--smoke", "--threshold", "0.3"])
+    transformer = bench_kandinsky5.build(args, torch.device("cpu"))
+    assert bench_kandinsky5.inputs(transformer, args, torch.device("cpu"))["sparse_params"]["P"] == 0.3
+    for variant in ("ours-trained", "ours-fast"):
+        handle = bench_kandinsky5.set_up(variant, transformer, args)[2]
+        assert handle.state.config.threshold == 0.3
+        disable_nabla(transformer)
+
+
 @pytest.mark.parametrize("arch, billions, threshold", [("k5-lite", 2.0, 0.9), ("k5-pro", 19.0, 0.7)])
 def test_real_size_configs(arch, billions, threshold):
     model = random_kandinsky5.build_random_transformer(arch, "meta")  # the published sizes, without their memory
