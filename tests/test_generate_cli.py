@@ -237,6 +237,21 @@ def test_cli_process_help_and_exit_code(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("users", [None, "0"], ids=["unset", "user-off"])
+def test_commands_keep_flash_attention_kernels_on_disk_unless_the_user_said_no(tmp_path, monkeypatch, users):
+    """FlashAttention-4 reads its cache switch when imported: both commands set it first thing, a user's own kept."""
+    import wan.generate.cli
+    import wan.train.cli
+    from wan.speedups.kernel_cache import FA4_CACHE
+
+    for main, argv in ((wan.generate.cli.main, ["--prompt", "x", "--frames", "10", "--output", str(tmp_path / "v.mp4")]),
+                       (wan.train.cli.main, ["train", "--data", str(tmp_path / "none"), "--output", str(tmp_path / "r")])):
+        monkeypatch.delenv(FA4_CACHE, raising=False)
+        if users is not None:
+            monkeypatch.setenv(FA4_CACHE, users)
+        assert main(argv) == 2 and os.environ[FA4_CACHE] == (users or "1")
+
+
 def test_same_seed_same_video_twice(tiny_model, tmp_path):
     """Raw frames (--output NAME.npy): exact, where MP4 encoding is lossy."""
     videos = []

@@ -30,6 +30,7 @@ from wan.generate.batch import Job
 from wan.generate.plan import DTYPES, Plan, resolve
 from wan.generate.session import Session, prepare, warn_long_prompt
 from wan.generate.settings import SCHEDULERS, TI2V_DEFAULTS, VAE_DTYPES
+from wan.speedups.kernel_cache import keep_compiled_kernels
 from wan.speedups.precision import PRECISIONS
 
 
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`generate.py` / `nabla-wan generate`: the exit code (2 for bad input, refused before any model loads)."""
     args = build_parser(prog).parse_args(argv)
     from wan.generate.run import NonFiniteLatentsError
+    keep_compiled_kernels()
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank speaks for all
     try:

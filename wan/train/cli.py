@@ -35,6 +35,7 @@ from wan.defaults import (
 from wan.io.files import check_folder
 from wan.models.loading import ModelNotFoundError, load_encoders, model_id
 from wan.models.spec import T2V_PIPELINE, ModelSpec
+from wan.speedups.kernel_cache import keep_compiled_kernels
 from wan.train.checks import (
     check_optimizer,
     check_trainable_model,
@@ -241,6 +242,7 @@ def describe_start(sparsity, training: TrainingConfig, trainer) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`finetune.py` / `nabla-wan finetune`: the exit code (2 for bad input, refused before any model loads)."""
     args = build_parser(prog).parse_args(argv)
+    keep_compiled_kernels()
     try:
         sparsity, training, spec = check_inputs(args)
         if args.command == "precompute":
