@@ -88,9 +88,11 @@ def test_installed_command_outside_the_checkout(tmp_path):
         out, err = process.communicate(timeout=300)
         return process.returncode, out, err
 
-    # the import probe and the refused device need no model: they run beside the model's making (seconds of imports)
-    probe = "import importlib.metadata as m, wan, nabla, torch, setuptools; print(wan.__file__, nabla.__file__, " \
-            "wan.__version__, m.metadata('nabla-wan')['License-Expression'], torch.__file__, setuptools.__file__)"
+    # the probe and the refused device need no model: they run beside the model's making
+    # where each package would be imported from, without importing them (torch's import alone takes seconds)
+    probe = "import importlib.metadata as m, importlib.util as u; print(*(u.find_spec(p).origin for p in ('wan', " \
+            "'nabla')), m.version('nabla-wan'), m.metadata('nabla-wan')['License-Expression'], " \
+            "*(u.find_spec(p).origin for p in ('torch', 'setuptools')))"
     probing, refusing = start(python, "-c", probe), start(command, "generate", "--prompt", "a cat", "--device", "gpu")
     made = run(command, "make-tiny-model", "tw")
     assert made[0] == 0 and (work / "tw" / "model_index.json").is_file(), made[2]

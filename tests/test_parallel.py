@@ -1,4 +1,4 @@
-"""Multi-process sampling on the CPU (gloo): Ulysses 2 and CFG parallel 2 against one process.
+"""Multi-process sampling on the CPU (gloo): Ulysses 2 and CFG parallel 2 together against one process.
 
 The one-process references run once per config and size, in this process; each multi-process case is one
 torchrun of generate.py, writing raw frames (--output NAME.npy: exact, where MP4 encoding is lossy).
@@ -53,19 +53,10 @@ def torchrun(tmp_path, model, config, out, *extra, procs, size=("64", "96")):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-# Each torchrun is a slow test: two of them. CFG parallel alone, and the four-process mesh with NABLA under Ulysses,
-# the step cache, and 48x48 frames of 27 tokens, which do not split over 2 ranks: the padded tile stream takes them.
-def test_cfg_parallel_two_processes_match_one(tiny_model, tmp_path, single):
-    multi = torchrun(tmp_path, tiny_model, "nabla", tmp_path / "two.npy", "--cfg-parallel", "--dist-backend", "gloo",
-                     procs=2)
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    two = np.load(tmp_path / "two.npy")
-    assert two.shape == (9, 64, 96, 3)
-    np.testing.assert_allclose(two, single("nabla"), atol=1e-4)
-    assert multi.stdout.count("wrote ") == 1  # rank 0 alone reports
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".npy"] == ["two.npy"]
-
-
+# Each torchrun is a slow test: one, the four-process mesh (two CFG groups of two Ulysses ranks) with NABLA, the
+# step cache, and 48x48 frames of 27 tokens, which do not split over 2 ranks: the padded tile stream takes them. CFG
+# parallel alone runs in scripts/bench_parallel.py's smoke (tests/test_bench_scripts.py) and, against one process, in
+# tests/test_gpu_parallel.py.
 def test_ulysses_and_cfg_parallel_together(tiny_model, tmp_path, single, capsys):
     """4 processes: two CFG groups of two Ulysses ranks, NABLA and the step cache, equal to one process."""
     size = ("48", "48")
@@ -73,7 +64,8 @@ def test_ulysses_and_cfg_parallel_together(tiny_model, tmp_path, single, capsys)
                      procs=4, size=size)
     assert multi.returncode == 0, multi.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "four.npy"), single("cached", size), atol=1e-4)
-    assert multi.stdout.count("wrote ") == 1
+    assert multi.stdout.count("wrote ") == 1  # rank 0 alone reports, and writes
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".npy"] == ["four.npy"]
     # the cache did skip a step, on every rank alike (else the all-to-alls would hang), as in one process
     assert "denoising steps computed: 1 of 2" in multi.stdout
     assert "denoising steps computed: 1 of 2" in capsys.readouterr().out
