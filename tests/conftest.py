@@ -1,3 +1,5 @@
+import shutil
+import tempfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -6,7 +8,39 @@ import pytest
 import torch
 
 import wan.io.video
+from tests.triton_helpers import INTERPRETED, read_check, start_checks
 from wan.models.tiny import save_tiny_model
+
+
+def pytest_collection_finish(session):
+    """The interpreted Triton checks of the collected test files start now, in one background process: on one core
+    they run beside the in-process tests, and are done by the time their tests read them."""
+    modules = {item.module.__name__.rpartition(".")[2] for item in session.items
+               if "interpreted" in getattr(item, "fixturenames", ())}
+    names = [name for name, (module, _, _) in INTERPRETED.items() if module in modules]
+    if names:
+        folder = Path(tempfile.mkdtemp(prefix="interpreted-"))
+        session.config.stash[_CHECKS] = (start_checks(names, folder), folder)
+
+
+def pytest_sessionfinish(session):
+    """Checks that a test selection left unread are stopped."""
+    if _CHECKS in session.config.stash:
+        process, folder = session.config.stash[_CHECKS]
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_CHECKS = pytest.StashKey()
+
+
+@pytest.fixture(scope="session")
+def interpreted(request):
+    """`interpreted(name)`: the stdout of the named check of tests.triton_helpers.INTERPRETED, once it has passed."""
+    process, folder = request.config.stash[_CHECKS]
+    return lambda name: read_check(process, folder, name)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.triton_helpers import make_hopper_ir, side_by_side
+from tests.triton_helpers import make_hopper_ir
 
 CHECK = r"""
 import math, torch
@@ -41,15 +41,8 @@ print("checked", checked)
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    """This file's two interpreted checks, started together on first use (their scripts are beside the tests)."""
-    with side_by_side(cut=(CHECK,), indices=(CHECK_INDICES,)) as output:
-        yield output
-
-
 def test_triton_kernel_matches_sorting(interpreted):
-    assert "checked 30" in interpreted("cut")
+    assert "checked 30" in interpreted("cdf-cut")
 
 
 # The fused kernel: softmax, cut, STA union and FlexAttention's (count, indices), against the torch path.
@@ -108,7 +101,7 @@ print("checked", checked)
 
 
 def test_fused_mask_kernel_matches_the_torch_path(interpreted):
-    assert "checked 13" in interpreted("indices")
+    assert "checked 13" in interpreted("cdf-indices")
 
 
 def test_kernels_compile_for_hopper():
@@ -137,7 +130,6 @@ def test_kernels_compile_for_hopper():
 
 def test_fused_mask_kernel_refuses_rows_its_counts_cannot_hold():
     """Both index lists are counted in the halves of one int32: 2^16 key blocks a row must be refused, not wrapped."""
-    import pytest
     import torch
 
     from nabla.cdf_select import nabla_block_indices

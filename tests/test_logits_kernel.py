@@ -3,7 +3,7 @@ accuracy on tensor cores is checked on the GPU (tests/test_gpu.py)."""
 
 import pytest
 
-from tests.triton_helpers import make_hopper_ir, run_interpreted
+from tests.triton_helpers import make_hopper_ir
 
 CHECK = r"""
 import torch
@@ -22,8 +22,8 @@ print("checked", checked)
 """
 
 
-def test_kernel_matches_the_matmul():
-    assert "checked 4" in run_interpreted(CHECK)
+def test_kernel_matches_the_matmul(interpreted):
+    assert "checked 4" in interpreted("logits")
 
 
 def test_kernel_compiles_for_hopper():

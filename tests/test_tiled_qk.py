@@ -4,7 +4,7 @@ CPU, against the processor's torch path (gather, RMSNorm, rotary, pool_blocks)."
 import pytest
 import torch
 
-from tests.triton_helpers import make_hopper_ir, side_by_side
+from tests.triton_helpers import make_hopper_ir
 
 CHECK = r"""
 import torch
@@ -49,17 +49,8 @@ print("checked", checked)
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted(tiny_model):
-    """This file's interpreted checks, started together on first use (their scripts are below); the forward and
-    backward kernel checks share one child, which pays the imports once."""
-    with side_by_side(kernels=(CHECK + CHECK_GRAD,), processor=(CHECK_PROCESSOR, str(tiny_model)),
-                      training=(CHECK_TRAINING, str(tiny_model))) as output:
-        yield output
-
-
 def test_tiled_qk_kernel_matches_the_torch_path(interpreted):
-    assert "checked 4" in interpreted("kernels").splitlines()
+    assert "checked 4" in interpreted("tiled-qk").splitlines()
 
 
 CHECK_GRAD = r"""
@@ -105,7 +96,7 @@ def test_tiled_qk_backward_matches_the_torch_path_and_keeps_no_input_copy(interp
     """The op's input gradient (the rotation undone on the output, the norm's input as its output over the weight)
     against autograd through the torch path, on padded grids, with and without a weight; and what it saves for the
     backward is its output, never its input."""
-    assert "checked 3" in interpreted("kernels").splitlines()
+    assert "checked 3" in interpreted("tiled-qk").splitlines()
 
 
 def test_tiled_qk_kernels_compile_for_hopper():
@@ -128,7 +119,8 @@ def test_tiled_qk_kernels_compile_for_hopper():
 
 
 # The processor with the kernels (forced on the CPU) against its torch path: same video, same masks.
-# What both runs below share: `force_kernels()` makes the processor take the kernels on the CPU, recording each check.
+# What both runs below share: `force_kernels(True)` makes the processor take the kernels on the CPU, recording each
+# check; `force_kernels(False)` puts the CPU's choice back (the checks share one process with others).
 FORCED = r"""
 import sys, torch
 import wan.attention.processor, wan.attention.tiled_qk
@@ -141,8 +133,10 @@ def on_cpu(x, norm, rotary):
     calls.append(x)
     return rotary is not None and isinstance(norm, torch.nn.RMSNorm)
 
-def force_kernels():
-    wan.attention.processor.fused_applies = wan.attention.tiled_qk.fused_applies = on_cpu
+unforced = wan.attention.processor.fused_applies, wan.attention.tiled_qk.fused_applies
+
+def force_kernels(on):
+    wan.attention.processor.fused_applies, wan.attention.tiled_qk.fused_applies = (on_cpu, on_cpu) if on else unforced
 """
 
 CHECK_PROCESSOR = FORCED + r"""
@@ -153,8 +147,7 @@ settings = GenerationSettings(prompt="a cat", height=128, width=160, frames=5, s
 pipe = load_pipeline(sys.argv[1], device="cpu")
 results = []
 for fused in (False, True):
-    if fused:
-        force_kernels()
+    force_kernels(fused)
     # step 0 dense (raster order through the kernels), step 1 sparse (tile order)
     handle = patch_transformer(pipe.transformer, SparsityConfig(mode="nabla", threshold=0.5, dense_steps=1))
     frames, _ = generate(pipe, settings)
@@ -170,7 +163,7 @@ print("fused", len(calls), "max diff", err)
 
 
 def test_processor_with_the_kernels_matches_its_torch_path(interpreted):
-    assert "fused" in interpreted("processor")
+    assert "fused" in interpreted("tiled-qk-processor")
 
 
 # Training through the kernels (forced on the CPU; frozen norms, as under LoRA) against the torch path: the same loss
@@ -185,8 +178,7 @@ inputs = (torch.randn(2, 16, 2, 16, 20, generator=gen), torch.tensor([700.0, 150
 target = torch.randn(2, 16, 2, 16, 20, generator=gen)
 results = []
 for fused in (False, True):
-    if fused:
-        force_kernels()
+    force_kernels(fused)
     handle = patch_transformer(transformer, SparsityConfig(mode="nabla", threshold=0.4))
     assert all(block.attn1.processor.invertible_norms for block in transformer.blocks)
     transformer.zero_grad(set_to_none=True)
@@ -207,7 +199,7 @@ print("trained", len(calls))
 
 
 def test_training_through_the_kernels_matches_the_torch_path(interpreted):
-    assert "trained" in interpreted("training")
+    assert "trained" in interpreted("tiled-qk-training")
 
 
 def test_tiled_qk_refuses_what_it_does_not_compute():

@@ -1,51 +1,75 @@
-"""Running Triton kernels without a GPU: by the interpreter in a child process, and through the CUDA front end."""
+"""Running Triton kernels without a GPU: by the interpreter in one child process for the suite, and through the CUDA
+front end."""
 
 import contextlib
-import functools
+import importlib
+import io
 import os
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_interpreted(code: str, *args: str, threads: int | None = None) -> subprocess.Popen:
-    """Start `code` (with `args` in sys.argv) in a child Python under Triton's interpreter; `finish` waits for it.
-    A child process: TRITON_INTERPRET must be set before Triton is imported, and only there. `threads`: torch's
-    intra-op threads there (its default: one per core)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+#: every check run under Triton's interpreter: its name, the test module holding its script, the script's parts, and
+#: whether it takes a tiny Wan model's folder (sys.argv[1]); in the order they run, that of the test files
+INTERPRETED = {
+    "cdf-cut": ("test_cdf_select", ("CHECK",), False),
+    "cdf-indices": ("test_cdf_select", ("CHECK_INDICES",), False),
+    "logits": ("test_logits_kernel", ("CHECK",), False),
+    "tiled-qk": ("test_tiled_qk", ("CHECK", "CHECK_GRAD"), False),
+    "tiled-qk-processor": ("test_tiled_qk", ("CHECK_PROCESSOR",), True),
+    "tiled-qk-training": ("test_tiled_qk", ("CHECK_TRAINING",), True),
+}
 
 
-def finish(process: subprocess.Popen) -> str:
-    """The stdout of a `start_interpreted` child, which must exit 0."""
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    return out
+def start_checks(names: list[str], folder: Path) -> subprocess.Popen:
+    """One child process that runs the named checks one after another under Triton's interpreter (TRITON_INTERPRET
+    must be set before Triton is imported, and only there), each writing NAME.out and then NAME.status into `folder`.
+    One process pays the imports once, and on one thread it runs beside the in-process tests."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = "import sys; from tests.triton_helpers import run_checks; run_checks(sys.argv[1], sys.argv[2:])"
+    return subprocess.Popen([sys.executable, "-c", code, str(folder), *names], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_interpreted(code: str, *args: str) -> str:
-    """`code` under Triton's interpreter, to its end: its stdout."""
-    return finish(start_interpreted(code, *args))
+def run_checks(folder: str, names: list[str]) -> None:
+    """In the child: each check's script run to its end (a failure is written down, and the next check runs)."""
+    folder, model = Path(folder), None
+    for name in names:
+        module, parts, takes_model = INTERPRETED[name]
+        if takes_model and model is None:
+            from wan.models.tiny import save_tiny_model
+
+            model = str(save_tiny_model(folder / "tiny_wan", seed=0))  # the suite's tiny_model, made alike
+        script = "".join(getattr(importlib.import_module(f"tests.{module}"), part) for part in parts)
+        sys.argv = ["-c", *([model] if takes_model else [])]
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(compile(script, f"<{name}>", "exec"), {"__name__": "__main__"})  # noqa: S102 (the tests' own)
+            status = "ok"
+        except Exception:  # noqa: BLE001 (an assertion or any error: the test reads it)
+            status = traceback.format_exc()
+        (folder / f"{name}.out").write_text(out.getvalue())
+        (folder / f"{name}.status.tmp").write_text(status)
+        (folder / f"{name}.status.tmp").rename(folder / f"{name}.status")  # last: the test waits for it
 
 
-@contextlib.contextmanager
-def side_by_side(**runs: tuple):
-    """Interpreted children started together, {name: (code, *args)}; yields their stdout by name, waiting for each
-    on first use. One interpreter keeps one core busy: on CI's two cores, two run in the time of one. Children a
-    test selection (-k) left unread are killed at the end."""
-    started = {name: start_interpreted(*run, threads=1) for name, run in runs.items()}  # no oversubscribed cores
-    try:
-        yield functools.cache(lambda name: finish(started[name]))  # a child read by several tests: waited for once
-    finally:
-        for process in started.values():
-            if process.returncode is None:  # not read by `finish`
-                process.kill()
-                process.communicate()
+def read_check(process: subprocess.Popen, folder: Path, name: str, timeout: float = 900) -> str:
+    """The stdout of check `name` of `start_checks`'s child, once it has run; it must have passed."""
+    status, deadline = folder / f"{name}.status", time.monotonic() + timeout
+    while not status.exists():
+        if process.poll() is not None and not status.exists():
+            raise AssertionError(f"the interpreted checks' process exited {process.returncode} before {name}: "
+                                 f"{process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{name}: not done after {timeout} s"
+        time.sleep(0.2)
+    assert status.read_text() == "ok", status.read_text()[-3000:]
+    return (folder / f"{name}.out").read_text()
 
 
 def make_hopper_ir(kernel, constants: dict, types: dict) -> None:
