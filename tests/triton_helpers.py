@@ -32,8 +32,9 @@ def start_checks(names: list[str], folder: Path) -> subprocess.Popen:
     One process pays the imports once, and on one thread it runs beside the in-process tests."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     code = "import sys; from tests.triton_helpers import run_checks; run_checks(sys.argv[1], sys.argv[2:])"
-    return subprocess.Popen([sys.executable, "-c", code, str(folder), *names], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(folder / "stderr", "w") as err:  # a file: a full pipe would stall the child until read
+        return subprocess.Popen([sys.executable, "-c", code, str(folder), *names], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def run_checks(folder: str, names: list[str]) -> None:
@@ -65,7 +66,7 @@ def read_check(process: subprocess.Popen, folder: Path, name: str, timeout: floa
     while not status.exists():
         if process.poll() is not None and not status.exists():
             raise AssertionError(f"the interpreted checks' process exited {process.returncode} before {name}: "
-                                 f"{process.stderr.read()[-3000:]}")
+                                 f"{(folder / 'stderr').read_text()[-3000:]}")
         assert time.monotonic() < deadline, f"{name}: not done after {timeout} s"
         time.sleep(0.2)
     assert status.read_text() == "ok", status.read_text()[-3000:]
