@@ -1,7 +1,5 @@
-import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -23,21 +21,10 @@ def pytest_collection_finish(session):
     if names:
         folder = Path(tempfile.mkdtemp(prefix="interpreted-"))
         session.config.stash[_CHECKS] = (start_checks(names, folder), folder)
-    # a test module's STARTED_EARLY: {name: function(folder, env) -> result}, read by its tests through `early`
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as now: later tests' monkeypatched variables stay out
-    started = session.config.stash.setdefault(_EARLY, {})
-    for item in session.items:
-        if "early" in getattr(item, "fixturenames", ()):
-            for name, function in item.module.STARTED_EARLY.items():
-                if name not in started:
-                    started[name] = _Background(function, Path(tempfile.mkdtemp(prefix=f"{name}-")), env)
 
 
 def pytest_sessionfinish(session):
-    """Checks that a test selection left unread are stopped; work started early is waited for and removed."""
-    for job in session.config.stash.get(_EARLY, {}).values():
-        job.join(timeout=600)
-        shutil.rmtree(job.folder, ignore_errors=True)
+    """Checks that a test selection left unread are stopped."""
     if _CHECKS in session.config.stash:
         process, folder = session.config.stash[_CHECKS]
         if process.poll() is None:
@@ -47,38 +34,6 @@ def pytest_sessionfinish(session):
 
 
 _CHECKS = pytest.StashKey()
-_EARLY = pytest.StashKey()
-
-
-class _Background(threading.Thread):
-    """`function(folder, env)` in a thread (its work is in child processes), its result or error kept for `early`."""
-
-    def __init__(self, function, folder: Path, env: dict[str, str]):
-        super().__init__(daemon=True)
-        self.function, self.folder, self.env, self.result, self.error = function, folder, env, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.function(self.folder, self.env)
-        except Exception as err:  # noqa: BLE001 (raised again in the test that reads it)
-            self.error = err
-
-
-@pytest.fixture(scope="session")
-def early(request):
-    """`early(name)`: what a test module's STARTED_EARLY[name] returned, started in the background after collection;
-    its error, if it raised, is raised here."""
-
-    def result(name: str):
-        job = request.config.stash[_EARLY][name]
-        job.join(timeout=900)
-        assert not job.is_alive(), f"{name}: not done after 900 s"
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    return result
 
 
 @pytest.fixture(scope="session")

@@ -54,10 +54,9 @@ def test_ci_runs_the_readmes_commands():
     assert 'pip install -q --disable-pip-version-check -e ".[test]"\n' in ci and "python3 -m pytest -q\n" in ci
 
 
-def install_and_run(tmp_path: Path, env: dict[str, str]) -> dict:
-    """pip install of a copy of the sources into a fresh venv; from a folder with no checkout in sight, the installed
-    `nabla-wan` makes the tiny model and a video with a config found by name. Started early, in the background (the
-    conftest's `early` fixture): what it returns, the test below checks."""
+def test_installed_command_outside_the_checkout(tmp_path):
+    """pip install of a copy of the sources into a fresh venv; from a folder with no checkout in sight, the
+    installed `nabla-wan` makes the tiny model and a video with a config found by name."""
     source = tmp_path / "src"
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name if source.exists() else _mkdir(source) / name)
@@ -69,53 +68,42 @@ def install_and_run(tmp_path: Path, env: dict[str, str]) -> dict:
     # not the base interpreter's through --system-site-packages: inside a user's venv those are another set.
     wheels = _mkdir(tmp_path / "dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", wheels, source], check=True, capture_output=True, env=env)
+                    "--disable-pip-version-check", "-w", wheels, source], check=True, capture_output=True)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
     venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               check=True, capture_output=True, text=True, env=env).stdout.strip()
+                               check=True, capture_output=True, text=True).stdout.strip()
     Path(venv_site, "outer.pth").write_text("\n".join(_site_dirs()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-                    "--disable-pip-version-check", *wheels.glob("*.whl")], check=True, capture_output=True, env=env)
+                    "--disable-pip-version-check", *wheels.glob("*.whl")], check=True, capture_output=True)
     work = _mkdir(tmp_path / "work")
     command = venv / "bin" / "nabla-wan"
 
     def start(*args) -> subprocess.Popen:
-        return subprocess.Popen(args, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(args, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def run(*args) -> tuple[int, str, str]:
         process = start(*args)
         out, err = process.communicate(timeout=300)
         return process.returncode, out, err
 
+    # the probe and the refused device need no model: they run beside the model's making
     # where each package would be imported from, without importing them (torch's import alone takes seconds)
     probe = "import importlib.metadata as m, importlib.util as u; print(*(u.find_spec(p).origin for p in ('wan', " \
             "'nabla')), m.version('nabla-wan'), m.metadata('nabla-wan')['License-Expression'], " \
             "*(u.find_spec(p).origin for p in ('torch', 'setuptools')))"
-    # the probe and the refused device need no model: they run beside the model's making
     probing, refusing = start(python, "-c", probe), start(command, "generate", "--prompt", "a cat", "--device", "gpu")
-    results = {"venv": venv, "work": work, "made": run(command, "make-tiny-model", "tw")}
-    results["generated"] = run(command, "generate", "--model", "tw", "--prompt", "a cat", "--config", "nabla-0.7",
-                               "--height", "32", "--width", "32", "--frames", "5", "--steps", "2", "--output", "v.npy")
-    for name, process in (("probed", probing), ("refused", refusing)):
-        out, err = process.communicate(timeout=300)
-        results[name] = (process.returncode, out, err)
-    return results
-
-
-STARTED_EARLY = {"installed": install_and_run}
-
-
-def test_installed_command_outside_the_checkout(early):
-    found = early("installed")
-    venv, work, made, (code, out, err) = found["venv"], found["work"], found["made"], found["generated"]
+    made = run(command, "make-tiny-model", "tw")
     assert made[0] == 0 and (work / "tw" / "model_index.json").is_file(), made[2]
+    args = ["generate", "--model", "tw", "--prompt", "a cat", "--config", "nabla-0.7", "--height", "32", "--width",
+            "32", "--frames", "5", "--steps", "2", "--output", "v.npy"]
+    code, out, err = run(command, *args)
     assert code == 0, err
     assert "nabla, threshold 0.7" in out and np.load(work / "v.npy").shape == (5, 32, 32, 3)
-    returncode, where, _ = found["probed"]
+    where, _ = probing.communicate(timeout=300)
     where = where.split()
-    assert returncode == 0 and all(path.startswith(str(venv)) for path in where[:2])
+    assert probing.returncode == 0 and all(path.startswith(str(venv)) for path in where[:2])
     import setuptools
     import torch
 
@@ -123,8 +111,8 @@ def test_installed_command_outside_the_checkout(early):
     assert where[4:] == [torch.__file__, setuptools.__file__]  # the venv runs on this interpreter's packages
     installed = Path(where[0]).parent / "configs"
     assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
-    returncode, _, bad = found["refused"]
-    assert returncode == 2 and bad.startswith("error: --device 'gpu' is not allowed") and bad.count("\n") == 1
+    _, bad = refusing.communicate(timeout=300)
+    assert refusing.returncode == 2 and bad.startswith("error: --device 'gpu' is not allowed") and bad.count("\n") == 1
 
 
 def _site_dirs() -> list[str]:
