@@ -40,7 +40,7 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
 
 
 #: x264's preset: several times faster to encode than its default (medium) at the same quality setting, for files of
-#: about the same size and fidelity (BENCHMARKS.md, "Writing the MP4")
+#: about the same size and fidelity (BENCHMARKS.md, "With the faster MP4 writer")
 X264_PRESET = "veryfast"
 
 
