@@ -88,8 +88,8 @@ def test_installed_command_outside_the_checkout(tmp_path):
         out, err = process.communicate(timeout=300)
         return process.returncode, out, err
 
+    # where each package would be imported from, found without importing them (torch's import alone takes seconds);
     # the probe and the refused device need no model: they run beside the model's making
-    # where each package would be imported from, without importing them (torch's import alone takes seconds)
     probe = "import importlib.metadata as m, importlib.util as u; print(*(u.find_spec(p).origin for p in ('wan', " \
             "'nabla')), m.version('nabla-wan'), m.metadata('nabla-wan')['License-Expression'], " \
             "*(u.find_spec(p).origin for p in ('torch', 'setuptools')))"

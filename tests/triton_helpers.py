@@ -64,7 +64,7 @@ def read_check(process: subprocess.Popen, folder: Path, name: str, timeout: floa
     """The stdout of check `name` of `start_checks`'s child, once it has run; it must have passed."""
     status, deadline = folder / f"{name}.status", time.monotonic() + timeout
     while not status.exists():
-        if process.poll() is not None and not status.exists():
+        if process.poll() is not None and not status.exists():  # looked at again: written just before it exited
             raise AssertionError(f"the interpreted checks' process exited {process.returncode} before {name}: "
                                  f"{(folder / 'stderr').read_text()[-3000:]}")
         assert time.monotonic() < deadline, f"{name}: not done after {timeout} s"
