@@ -1,5 +1,5 @@
-"""The all-gather that stands in for torch's functional one when ranks share a GPU over gloo: two gloo ranks, as
-threads of this process on the CPU, give what funcol.all_gather_single gives (rank order, any gather dim)."""
+"""The all-gather and all-to-all that stand in for torch's functional ones when ranks share a GPU over gloo: two gloo
+ranks, as threads of this process on the CPU, give what funcol's give (rank order, any gather dim, uneven splits)."""
 
 import datetime
 import threading
@@ -40,11 +40,24 @@ def test_gather_concatenates_in_rank_order(dim):
     assert all(torch.equal(results[r], expected) for r in range(2))
 
 
+@pytest.mark.parametrize("splits", [None, [1, 3]])
+def test_all_to_all_sends_each_rank_its_part(splits):
+    """Rank r gets part r of every rank's rows, in rank order (equal parts, or the rows `splits` gives each rank)."""
+    shards = [torch.randn(4, 3, 2).transpose(1, 2) for _ in range(2)]  # not contiguous
+    sizes = splits or [2, 2]
+    received = [[splits[r]] * 2 if splits else None for r in range(2)]
+    results = two_ranks(lambda r, group: gloo_cuda.all_to_all_single_c10d(shards[r], received[r], splits, group))
+    for r in range(2):
+        expected = torch.cat([shard.split(sizes)[r] for shard in shards])
+        assert torch.equal(results[r], expected)
+
+
 def test_swap_under_gloo_only(monkeypatch):
-    for name in ("all_gather_tensor", "all_gather_single"):
+    for name in ("all_gather_tensor", "all_gather_single", "all_to_all_single"):
         monkeypatch.setattr(funcol, name, getattr(funcol, name), raising=False)
-    gloo_cuda.use_c10d_all_gather("nccl")
+    gloo_cuda.use_c10d_collectives("nccl")
     assert funcol.all_gather_single is not gloo_cuda.all_gather_c10d
-    gloo_cuda.use_c10d_all_gather("gloo")
+    gloo_cuda.use_c10d_collectives("gloo")
     assert funcol.all_gather_single is gloo_cuda.all_gather_c10d
     assert funcol.all_gather_tensor is gloo_cuda.all_gather_c10d
+    assert funcol.all_to_all_single is gloo_cuda.all_to_all_single_c10d

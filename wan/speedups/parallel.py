@@ -86,7 +86,7 @@ def init_parallel(ulysses: int, cfg_parallel: bool, backend: str | None = None) 
     device = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    gloo_cuda.use_c10d_all_gather(dist.get_backend())
+    gloo_cuda.use_c10d_collectives(dist.get_backend())
     mesh = init_device_mesh(device.type, (2 if cfg_parallel else 1, 1, ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))
     return ParallelSetup(rank, world, ulysses, cfg_parallel, device, mesh)
 

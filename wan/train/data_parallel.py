@@ -64,7 +64,7 @@ def init_data_parallel(device: str | None = None, backend: str | None = None) ->
     local = local_device(rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(local)
-    gloo_cuda.use_c10d_all_gather(dist.get_backend())
+    gloo_cuda.use_c10d_collectives(dist.get_backend())
     return DataParallel(rank, world, local)
 
 
