@@ -8,19 +8,40 @@ import pytest
 import torch
 
 import wan.io.video
+from tests import forked
 from tests.triton_helpers import INTERPRETED, read_check, start_checks
 from wan.models.tiny import save_tiny_model
 
 
 def pytest_collection_finish(session):
     """The interpreted Triton checks of the collected test files start now, in one background process: on one core
-    they run beside the in-process tests, and are done by the time their tests read them."""
+    they run beside the in-process tests, and are done by the time their tests read them. So do the server of
+    tests.forked, where a collected test file runs scripts through it, and what test modules start early."""
     modules = {item.module.__name__.rpartition(".")[2] for item in session.items
                if "interpreted" in getattr(item, "fixturenames", ())}
     names = [name for name, (module, _, _) in INTERPRETED.items() if module in modules]
     if names:
         folder = Path(tempfile.mkdtemp(prefix="interpreted-"))
         session.config.stash[_CHECKS] = (start_checks(names, folder), folder)
+    # the server of forked scripts imports what they need once, now, beside the first in-process tests; then the
+    # test modules that start processes early (a `start_early(items)`) start them
+    if any(getattr(getattr(item, "module", None), "forked", None) is forked for item in session.items):
+        forked.start_server()
+    by_module = {}
+    for item in session.items:
+        by_module.setdefault(getattr(item, "module", None), []).append(item)
+    for module, items in by_module.items():
+        if hasattr(module, "start_early"):
+            module.start_early(items)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that read what runs in the background go last: by then it has run on the CPU the others left idle."""
+    items.sort(key=lambda item: any(name in getattr(item, "fixturenames", ()) for name in BACKGROUND))
+
+
+#: the fixtures through which tests read what runs in the background from the session's start
+BACKGROUND = ("interpreted", "benchmark_runs")
 
 
 def pytest_sessionfinish(session):

@@ -5,76 +5,78 @@ GPU time is costly; a script that breaks there wastes it. These runs time nothin
 
 import ast
 import itertools
-import os
 import re
-import subprocess
-import sys
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from scripts import bench_e2e
+from tests import forked
 from wan.models.random import ARCHS, build_random_pipeline
 from wan.models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-BENCHMARKS = {  # name: (command, the header of its table)
-    "attention": ([sys.executable, "scripts/bench_attention.py", "--smoke"],
+BENCHMARKS = {  # name: (script, its arguments, torchrun's processes (0: python), the header of its table)
+    "attention": ("scripts/bench_attention.py", ["--smoke"], 0,
                   "| shape | kernel | density | kernel density | mask build ms | attention total ms | TFLOP/s | speedup |"),
-    "e2e": ([sys.executable, "scripts/bench_e2e.py", "--smoke", "--fp8", "--cache", "--video-steps", "5",
-             "--cache-warmup-steps", "2", "--block-sizes", "128", "64/128"],
+    "e2e": ("scripts/bench_e2e.py", ["--smoke", "--fp8", "--cache", "--video-steps", "5", "--cache-warmup-steps", "2",
+                                     "--block-sizes", "128", "64/128"], 0,
             ("| variant | steps computed | s/step | vs stock | vs dense compiled | density | attention share | mask share "
              "| mask / sparse call | first call s | peak GiB | s per video (5 steps) |")),
-    "parallel": ([*TORCHRUN, "scripts/bench_parallel.py", "--smoke"], "| GPUs | attention | s/step | speedup vs 1 GPU |"),
-    "backward": ([sys.executable, "scripts/bench_backward.py", "--smoke", "--profile"],
+    "parallel": ("scripts/bench_parallel.py", ["--smoke"], 2, "| GPUs | attention | s/step | speedup vs 1 GPU |"),
+    "backward": ("scripts/bench_backward.py", ["--smoke", "--profile"], 0,
                  "| shape | kernel | forward ms | forward + backward ms, wall / GPU | vs dense SDPA, wall / GPU | note |"),
-    "mask": ([sys.executable, "scripts/bench_mask.py", "--smoke"],
+    "mask": ("scripts/bench_mask.py", ["--smoke"], 0,
              ("| shape | inputs | block | mask ms wall / GPU | sparse call ms wall / GPU | mask share wall / GPU "
               "| block means in kernels of their own ms |")),
 }
 
 
+_STARTED: dict[str, forked.Run] = {}
+
+
+def start_early(items: list[pytest.Item]) -> None:
+    """Called by the conftest once tests are collected: each selected benchmark's process starts now (tests.forked:
+    as `python` or torchrun runs it, without paying the imports again), on one thread, at the lowest priority: on the
+    CPU the in-process tests leave idle, and at full speed once a test waits for it."""
+    names = [item.callspec.params["name"] for item in items if "benchmark_runs" in item.fixturenames]
+    folder = Path(tempfile.mkdtemp(prefix="benchmarks-"))
+    for name in names:
+        script, args, procs, _ = BENCHMARKS[name]
+        env = {"OMP_NUM_THREADS": "1", "OUT": str(folder / name)}
+        _STARTED[name] = forked.start(script, args, folder / name / "output", procs, env, nice=19)
+
+
 @pytest.fixture(scope="module")
-def benchmark_runs(tmp_path_factory):
-    """Every benchmark's process, all started on first use, each on one thread (OMP_NUM_THREADS=1): side by side they
-    keep both of CI's cores busy, where one after another they left one idle. Output goes to files (a full pipe would
-    stall a process until its test reads it). Those a test selection (-k) left unread are killed at the end."""
-    started = {}
-    for name, (command, _) in BENCHMARKS.items():
-        folder = tmp_path_factory.mktemp(f"bench_{name}")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OUT": str(folder)}
-        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-            started[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err), folder)
-    yield started
-    for process, _ in started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def benchmark_runs():
+    """The benchmarks' runs by name; those a test selection left unread are killed at the end."""
+    yield _STARTED
+    for run in _STARTED.values():
+        run.kill()
+    for run in _STARTED.values():
+        shutil.rmtree(run.folder.parent.parent, ignore_errors=True)  # the benchmarks- folder
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_benchmark_runs_to_its_table(name, benchmark_runs):
-    (command, header), (process, folder) = BENCHMARKS[name], benchmark_runs[name]
-    returncode = process.wait(timeout=600)
-    result = subprocess.CompletedProcess(command, returncode, (folder / "stdout").read_text(),
-                                         (folder / "stderr").read_text())
+    (_, args, _, header) = BENCHMARKS[name]
+    result = benchmark_runs[name].wait(timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert header in lines
     rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
     rest = lines[lines.index(header) + 2 + len(rows):]
     assert len(rows) >= 3
-    if "--profile" in command:  # then where one lone call of each row went (on the CPU every row runs)
+    if "--profile" in args:  # then where one lone call of each row went (on the CPU every row runs)
         assert rest[3:5] == ["| shape | kernel | kernels ms | idle ms | kernels by name, ms |", "|---|---|---:|---:|---|"]
         profiles = rest[5:]
         assert len(profiles) == len(rows) and all(float(row.split(" | ")[2]) > 0 for row in profiles)
     else:
         assert rest == []
-    if "--cache" in command:  # the cache row computes fewer steps than it runs; FP8 rows need a GPU of 8.9+
+    if "--cache" in args:  # the cache row computes fewer steps than it runs; FP8 rows need a GPU of 8.9+
         # the whole 5-step schedule: step 0 computed, then interval 2 (steps 1 and 3 computed, 2 and 4 cached)
         assert any(row.startswith("| NABLA + cache") and "| 3/5 |" in row for row in rows)
         assert "skipping the NABLA + FP8 rows: precision fp8 needs a CUDA GPU" in result.stdout

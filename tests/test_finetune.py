@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -23,6 +21,7 @@ import finetune
 import wan.train.run_folder
 import wan.train.trainer
 from scripts.plot_training import plot
+from tests import forked
 from wan.models.lora import load_lora
 from wan.train.run_folder import read_log
 
@@ -177,7 +176,7 @@ def assert_ema_is_not_raw(run: Path) -> None:
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
-    """torchrun, 2 gloo processes, FSDP2, resuming a copy of the reference run from its step-4 checkpoint (written by
+    """torchrun's 2 gloo processes (tests.forked), FSDP2, resuming a copy of the reference run from its step-4 checkpoint (written by
     one process; the weights, their EMA and the AdamW state read back into each rank's shards): batch 1 each (the same
     global batch of 4) gives the reference's losses, its step-6 checkpoint (gathered from the shards, written by rank
     0) and its EMA weights (each rank averaging its shards); steps 1-4 stay as logged, not run again."""
@@ -189,10 +188,8 @@ def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
     settings["training"]["batch_size"] = 1  # per rank: the global batch is the reference's
     (run / "run.json").write_text(json.dumps(settings))
     config = write_config(tmp_path, batch_size=1, ema_decay=EMA)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
-               *train_args(tiny_model, data, config, run), "--resume"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = forked.run("finetune.py", [*train_args(tiny_model, data, config, run), "--resume"], tmp_path / "ranks",
+                        procs=2, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and logs
     got, want = read_log(run), reference[1]

@@ -41,31 +41,25 @@ def test_bench_train_refuses_full_fine_tuning_of_kandinsky5(monkeypatch, capsys)
     assert "finetune trains a LoRA on Kandinsky 5" in capsys.readouterr().err
 
 
-def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys):
+def test_bench_train_under_torchrun_gives_one_process_losses(monkeypatch, capsys, tmp_path):
     """Two gloo processes (FSDP2), the global batch of 2 split between them, against one process (here) accumulating
     it: the same losses (the two-GPU run of issue 27 is this command on NCCL)."""
-    import os
-    import subprocess
-    from pathlib import Path
+    from tests import forked
 
     def table(lines: list[str]) -> list[list[str]]:
         return [row.split(" | ") for row in lines[lines.index(bench_train.HEADER) + 2:]]
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "scripts/bench_train.py", "--smoke", "--batch", "2"]
-    # the one-process run goes on here while the two start up (their imports): both cores busy
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    args = ["--smoke", "--batch", "2"]
+    # torchrun's two ranks (tests.forked) go on while the one-process run goes on here: both cores busy
+    ranks = forked.start("scripts/bench_train.py", args, tmp_path / "ranks", procs=2, env={"OMP_NUM_THREADS": "1"})
     try:
-        monkeypatch.setattr(sys, "argv", command[-4:])
+        monkeypatch.setattr(sys, "argv", ["bench_train.py", *args])
         bench_train.main()
-        out, err = process.communicate(timeout=300)
+        result = ranks.wait(timeout=300)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, err[-3000:]
+        ranks.kill()
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 0, err[-3000:]
     two, one = table(out.splitlines()), table(capsys.readouterr().out.splitlines())
     assert [row[9] for row in two] == ["2", "2"] and [row[9] for row in one] == ["1", "1"]
     for a, b in zip(two, one):

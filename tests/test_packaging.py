@@ -54,9 +54,10 @@ def test_ci_runs_the_readmes_commands():
     assert 'pip install -q --disable-pip-version-check -e ".[test]"\n' in ci and "python3 -m pytest -q\n" in ci
 
 
-def test_installed_command_outside_the_checkout(tmp_path):
+def test_installed_command_outside_the_checkout(tmp_path, tiny_model):
     """pip install of a copy of the sources into a fresh venv; from a folder with no checkout in sight, the
-    installed `nabla-wan` makes the tiny model and a video with a config found by name."""
+    installed `nabla-wan` makes the tiny model, and a video with a config found by name (of the suite's tiny model,
+    made alike, so that the two commands run side by side)."""
     source = tmp_path / "src"
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name if source.exists() else _mkdir(source) / name)
@@ -83,23 +84,18 @@ def test_installed_command_outside_the_checkout(tmp_path):
     def start(*args) -> subprocess.Popen:
         return subprocess.Popen(args, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def run(*args) -> tuple[int, str, str]:
-        process = start(*args)
-        out, err = process.communicate(timeout=300)
-        return process.returncode, out, err
-
     # where each package would be imported from, found without importing them (torch's import alone takes seconds);
-    # the probe and the refused device need no model: they run beside the model's making
+    # the four processes run side by side
     probe = "import importlib.metadata as m, importlib.util as u; print(*(u.find_spec(p).origin for p in ('wan', " \
             "'nabla')), m.version('nabla-wan'), m.metadata('nabla-wan')['License-Expression'], " \
             "*(u.find_spec(p).origin for p in ('torch', 'setuptools')))"
-    probing, refusing = start(python, "-c", probe), start(command, "generate", "--prompt", "a cat", "--device", "gpu")
-    made = run(command, "make-tiny-model", "tw")
-    assert made[0] == 0 and (work / "tw" / "model_index.json").is_file(), made[2]
-    args = ["generate", "--model", "tw", "--prompt", "a cat", "--config", "nabla-0.7", "--height", "32", "--width",
+    shutil.copytree(tiny_model, work / "tiny")
+    args = ["generate", "--model", "tiny", "--prompt", "a cat", "--config", "nabla-0.7", "--height", "32", "--width",
             "32", "--frames", "5", "--steps", "2", "--output", "v.npy"]
-    code, out, err = run(command, *args)
-    assert code == 0, err
+    probing, refusing = start(python, "-c", probe), start(command, "generate", "--prompt", "a cat", "--device", "gpu")
+    making, generating = start(command, "make-tiny-model", "tw"), start(command, *args)
+    out, err = generating.communicate(timeout=300)
+    assert generating.returncode == 0, err
     assert "nabla, threshold 0.7" in out and np.load(work / "v.npy").shape == (5, 32, 32, 3)
     where, _ = probing.communicate(timeout=300)
     where = where.split()
@@ -111,6 +107,8 @@ def test_installed_command_outside_the_checkout(tmp_path):
     assert where[4:] == [torch.__file__, setuptools.__file__]  # the venv runs on this interpreter's packages
     installed = Path(where[0]).parent / "configs"
     assert sorted(p.stem for p in installed.glob("*.yaml")) == shipped_configs() and not installed.is_symlink()
+    _, made = making.communicate(timeout=300)
+    assert making.returncode == 0 and (work / "tw" / "model_index.json").is_file(), made
     _, bad = refusing.communicate(timeout=300)
     assert refusing.returncode == 2 and bad.startswith("error: --device 'gpu' is not allowed") and bad.count("\n") == 1
 

@@ -1,18 +1,17 @@
 """Multi-process sampling on the CPU (gloo): Ulysses 2 and CFG parallel 2 together against one process.
 
 The one-process references run once per config and size, in this process; each multi-process case is one
-torchrun of generate.py, writing raw frames (--output NAME.npy: exact, where MP4 encoding is lossy).
+torchrun-like launch of generate.py (tests.forked: ranks forked with torchrun's environment, imports paid once),
+writing raw frames (--output NAME.npy: exact, where MP4 encoding is lossy).
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import generate
+from tests import forked
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -47,10 +46,8 @@ def single(tiny_model, tmp_path_factory):
 
 
 def torchrun(tmp_path, model, config, out, *extra, procs, size=("64", "96")):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = [*launcher, "generate.py", *cli_args(tmp_path, model, config, out, size), *extra]
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    args = [*cli_args(tmp_path, model, config, out, size), *extra]
+    return forked.run("generate.py", args, tmp_path / "ranks", procs=procs, env={"OMP_NUM_THREADS": "1"})
 
 
 # Each torchrun is a slow test: one, the four-process mesh (two CFG groups of two Ulysses ranks) with NABLA, the

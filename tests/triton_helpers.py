@@ -38,7 +38,9 @@ def start_checks(names: list[str], folder: Path) -> subprocess.Popen:
 
 
 def run_checks(folder: str, names: list[str]) -> None:
-    """In the child: each check's script run to its end (a failure is written down, and the next check runs)."""
+    """In the child: each check's script run to its end (a failure is written down, and the next check runs), at the
+    lowest priority: on the CPU the in-process tests leave idle, and at full speed once a test waits for it."""
+    os.nice(19)
     folder, model = Path(folder), None
     for name in names:
         module, parts, takes_model = INTERPRETED[name]
