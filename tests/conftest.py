@@ -17,6 +17,8 @@ def pytest_collection_finish(session):
     """The interpreted Triton checks of the collected test files start now, in one background process: on one core
     they run beside the in-process tests, and are done by the time their tests read them. So do the server of
     tests.forked, where a collected test file runs scripts through it, and what test modules start early."""
+    if session.config.option.collectonly:
+        return
     modules = {item.module.__name__.rpartition(".")[2] for item in session.items
                if "interpreted" in getattr(item, "fixturenames", ())}
     names = [name for name, (module, _, _) in INTERPRETED.items() if module in modules]
@@ -45,7 +47,8 @@ BACKGROUND = ("interpreted", "benchmark_runs")
 
 
 def pytest_sessionfinish(session):
-    """Checks that a test selection left unread are stopped."""
+    """Checks and scripts that a test selection left unread are stopped."""
+    forked.stop_all()
     if _CHECKS in session.config.stash:
         process, folder = session.config.stash[_CHECKS]
         if process.poll() is None:

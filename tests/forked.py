@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "torch._inductor.utils", "torch.distributed.fsdp", "diffusers", "transformers", "peft",
            "wan.generate.cli", "wan.train.cli", "wan.models.tiny", "wan.benchmarking"]
 _CONTEXT = multiprocessing.get_context("forkserver")
+_STARTED: list[Run] = []
 
 
 def start_server() -> None:
@@ -130,7 +131,14 @@ def start(script: str, args: list[str], folder: Path, procs: int = 0, env: dict[
 
     launched.starting = threading.Thread(target=start_ranks, daemon=True)
     launched.starting.start()
+    _STARTED.append(launched)
     return launched
+
+
+def stop_all() -> None:
+    """Every run still going is killed (the session's end: else multiprocessing would wait for them at exit)."""
+    for launched in _STARTED:
+        launched.kill()
 
 
 def run(script: str, args: list[str], folder: Path, procs: int = 0, env: dict[str, str] | None = None,
