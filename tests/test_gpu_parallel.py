@@ -105,7 +105,8 @@ def test_ulysses_over_gloo_on_cuda_is_one_line(random_13b, tmp_path, capsys):
 
 
 @pytest.mark.xfail(reason="Ulysses over gloo on CUDA ended in a segmentation fault in funcol.all_gather_tensor "
-                   "(diffusers' output gather), and still failed with wan.speedups.gloo_cuda in its place", strict=False)
+                   "(diffusers' output gather), and still failed with c10d's all-gather in its place; the all-to-all "
+                   "is routed through c10d's too since, not yet run on a GPU", strict=False)
 def test_13b_ulysses_two_ranks_one_gpu(random_13b, tmp_path, monkeypatch):
     """What the refusal guards: the run itself, with the refusal lifted."""
     monkeypatch.setenv("NABLA_ALLOW_GLOO_ULYSSES", "1")

@@ -262,8 +262,8 @@ def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, spec
     if (args.dist_backend == "gloo" and args.ulysses > 1 and torch.cuda.is_available() and args.device != "cpu"
             and not os.environ.get("NABLA_ALLOW_GLOO_ULYSSES")):
         # it ended in a segmentation fault in torch's functional all-gather, and still failed with that routed through
-        # c10d's (wan.speedups.gloo_cuda); refused until a GPU run shows it through (tests/test_gpu_parallel.py lifts
-        # this with the variable to see)
+        # c10d's (wan.speedups.gloo_cuda), before the all-to-all was routed too; refused until a GPU run shows it
+        # through (tests/test_gpu_parallel.py lifts this with the variable to see)
         raise ValueError("--ulysses over --dist-backend gloo on CUDA is not supported (the run fails); use nccl "
                          "with one GPU per rank, or --cfg-parallel alone with gloo")
     if args.compare or args.cpu_offload:
