@@ -12,7 +12,9 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
   set it up: `set_attention_backend("flex")` and the whole model compiled with `dynamic=True`, in the mode of
   `--diffusers-compile` ("default" or "max-autotune-no-cudagraphs"; "none": eager, whose flex ignores the mask);
 - `ours-trained`: `enable_nabla(transformer)`, the checkpoint's trained config (64-token blocks, compiled blocks);
-- `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles).
+- `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles);
+- `ours-fast-fp8`: `ours-fast` with the visual blocks' Linear layers in FP8 (torchao, as `precision: fp8`): it
+  quantizes the shared transformer in place, so it runs last (CUDA of compute capability 8.9+; skipped elsewhere).
 The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
 give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
 density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only;
@@ -34,8 +36,10 @@ from wan.benchmarking import log_clock, sync
 from wan.models.kandinsky5 import trained_config
 from wan.models.random_kandinsky5 import ARCHS, build_random_transformer
 from wan.models.tiny_kandinsky5 import tiny_transformer
+from wan.speedups.precision import apply_precision
 
-VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast")
+VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast", "ours-fast-fp8")
+FP8 = "ours-fast-fp8"
 TEXT_TOKENS = 256
 
 
@@ -54,6 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
+    if FP8 in args.variants and args.variants[-1] != FP8:
+        parser.error(f"--variants: {FP8} quantizes the transformer every variant shares, in place: put it last")
     if args.smoke:
         args.height, args.width, args.frames, args.evals = args.height or 256, args.width or 256, args.frames or 5, 1
         args.diffusers_compile = "none"
@@ -95,7 +101,7 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     if variant == "ours-trained":
         config = trained_config(transformer.config).replace(**capped)
         return transformer, {}, enable_nabla(transformer, config, compile=compile_blocks)
-    if variant == "ours-fast":
+    if variant in ("ours-fast", FP8):
         from nabla.config import load_config
         from wan.defaults import find_config
 
@@ -162,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.frames} frames, {tokens} tokens; diffusers' compile: {args.diffusers_compile}")
     rows = []
     for variant in args.variants:
+        if variant == FP8:
+            try:
+                apply_precision(transformer, "fp8")
+            except ValueError as error:
+                print(f"skipping {FP8}: {error}")
+                continue
         rows.append(measure(variant, transformer, args, forward, device))
         log_clock(f"{variant}: {rows[-1]['s']:.3f} s/eval (first call {rows[-1]['warm']:.1f} s)")
     print(table(rows))
