@@ -112,6 +112,7 @@ def start(script: str, args: list[str], folder: Path, procs: int = 0, env: dict[
     """`python SCRIPT ARGS` (procs 0) or torchrun's `--nproc_per_node=procs` ranks of it, starting now; outputs under
     `folder`. `env` adds to the server's environment; `nice` lowers the children's priority (19: the CPU the
     in-process tests leave idle)."""
+    start_server()  # a no-op once it runs
     folder.mkdir(parents=True, exist_ok=True)
     launcher = ["torchrun", f"--nproc_per_node={procs}"] if procs else ["python"]
     launched = Run([*launcher, script, *args], folder)
