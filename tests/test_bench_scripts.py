@@ -43,7 +43,7 @@ def start_early(items: list[pytest.Item]) -> None:
     as `python` or torchrun runs it, without paying the imports again), on one thread, at the lowest priority: on the
     CPU the in-process tests leave idle, and at full speed once a test waits for it."""
     names = [item.callspec.params["name"] for item in items if "benchmark_runs" in item.fixturenames]
-    folder = Path(tempfile.mkdtemp(prefix="benchmarks-"))
+    folder = Path(tempfile.mkdtemp(prefix="benchmarks-")) if names else None
     for name in names:
         script, args, procs, _ = BENCHMARKS[name]
         env = {"OMP_NUM_THREADS": "1", "OUT": str(folder / name)}
