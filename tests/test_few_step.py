@@ -222,6 +222,12 @@ def test_every_phase_is_timed_and_they_add_up(tiny_model, tmp_path, capsys):
     assert "denoising" in line and "(3 steps: " in line and "start-up (once): loading" in line
 
 
+def test_one_step_is_one_step():
+    from wan.generate.phases import describe_phases
+
+    assert describe_phases({"denoising": 1.5}, [1.5]) == "denoising 1.50 s (1 step: 1.50 s a step)"
+
+
 def test_timing_the_phases_changes_nothing(tiny_model):
     pipe = WanPipeline.from_pretrained(tiny_model)
     settings = GenerationSettings(prompt="a cat", height=64, width=96, frames=9, steps=2)

@@ -82,7 +82,8 @@ def timed_phases(pipe: Any, device: str | torch.device) -> Iterator[PhaseClock]:
 def describe_phases(phases: dict[str, float], steps: list[float]) -> str:
     """One line: "text encoding 0.12 s, preparing 0.01 s, denoising 7.68 s (4 steps: 1.92 s a step), decoding
     4.75 s"."""
-    per_step = f" ({len(steps)} steps: {sum(steps) / len(steps):.2f} s a step)" if steps else ""
+    count = f"{len(steps)} step" + ("s" if len(steps) != 1 else "")
+    per_step = f" ({count}: {sum(steps) / len(steps):.2f} s a step)" if steps else ""
     names = {"text_encoding": "text encoding", "preparing": "preparing", "denoising": "denoising",
              "decoding": "VAE decoding", "writing": "writing"}
     parts = [f"{names.get(name, name)} {seconds:.2f} s" + (per_step if name == "denoising" else "")
