@@ -1,7 +1,7 @@
 """Scripts run as `python SCRIPT ARGS` or `torchrun --standalone --nproc_per_node=N SCRIPT ARGS` runs them, in
 processes forked from a server that imported torch, diffusers, transformers and peft once (multiprocessing's
-forkserver with a preload). A fresh interpreter pays those imports again, over ten seconds of one core each: on CI's
-two cores they were most of what the multi-process tests cost. The script runs unchanged as `__main__`, with its own
+forkserver with a preload). A fresh interpreter pays those imports again, one core's seconds each: on CI's two
+cores they were most of what the multi-process tests cost. The script runs unchanged as `__main__`, with its own
 argv, working directory, environment and, per rank, the variables torchrun sets; its exit code, stdout and stderr
 come back as subprocess's. What this skips is the launcher itself, torch's own: tests/test_gpu_parallel.py runs the
 commands through torchrun, on a GPU.
