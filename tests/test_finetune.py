@@ -176,10 +176,11 @@ def assert_ema_is_not_raw(run: Path) -> None:
 
 
 def test_two_processes_equal_one(tiny_model, data, reference, tmp_path):
-    """torchrun's 2 gloo processes (tests.forked), FSDP2, resuming a copy of the reference run from its step-4 checkpoint (written by
-    one process; the weights, their EMA and the AdamW state read back into each rank's shards): batch 1 each (the same
-    global batch of 4) gives the reference's losses, its step-6 checkpoint (gathered from the shards, written by rank
-    0) and its EMA weights (each rank averaging its shards); steps 1-4 stay as logged, not run again."""
+    """torchrun's 2 gloo processes (tests.forked), FSDP2, resuming a copy of the reference run from its step-4
+    checkpoint (written by one process; the weights, their EMA and the AdamW state read back into each rank's shards):
+    batch 1 each (the same global batch of 4) gives the reference's losses, its step-6 checkpoint (gathered from the
+    shards, written by rank 0) and its EMA weights (each rank averaging its shards); steps 1-4 stay as logged, not run
+    again."""
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
     for newer in ("checkpoints/step-00000006", "lora", "lora_ema"):
