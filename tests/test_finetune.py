@@ -25,7 +25,6 @@ from tests import forked
 from wan.models.lora import load_lora
 from wan.train.run_folder import read_log
 
-ROOT = Path(__file__).resolve().parents[1]
 EMA = 0.9  # the reference run's ema_decay
 LORA = "pytorch_lora_weights.safetensors"
 TRAINING = {"height": 32, "width": 32, "frames": 9, "fps": 8, "rank": 4, "alpha": 4, "learning_rate": 1e-2,

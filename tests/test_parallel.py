@@ -13,7 +13,6 @@ import pytest
 import generate
 from tests import forked
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "full": "sparsity: {mode: full}\n",
     "nabla": "sparsity: {mode: nabla, threshold: 0.5}\n",
