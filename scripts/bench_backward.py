@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from wan.benchmarking import (
     HEAD_DIM,
     SHAPES,
     SMOKE_SHAPES,
+    Profile,
     Shape,
     add_backends_option,
     bench_ms,
@@ -42,7 +42,7 @@ from wan.benchmarking import (
     gpu_ms,
     log,
     masked_reference,
-    sync,
+    profile_call,
     warm_up,
 )
 
@@ -61,57 +61,6 @@ class Row:
     gpu_speedup: float | None = None
     note: str = ""
     profile: Profile | None = None  # --profile
-
-
-@dataclass
-class Profile:
-    """One lone forward + backward call as the device ran it."""
-
-    kernel_ms: float  # the call's kernels, end to end minus idle
-    idle_ms: float  # the device idle between the call's start and its last kernel (waiting for launches)
-    parts: dict[str, float]  # kernel_ms by `kernel_label`, largest first
-
-
-def kernel_label(name: str) -> str:
-    """A short name for a kernel of the call: FA4's by their part, the rest by their own name."""
-    for pattern, label in (("bwd_preprocess", "FA4 backward pre"), ("bwd_postprocess", "FA4 backward post"),
-                           ("flash_bwd", "FA4 backward"), ("flash_fwd", "FA4 forward")):
-        if pattern in name:
-            return label
-    return re.sub(r"_+\d+$", "", name)[:48]
-
-
-def timeline(spans: list[tuple[str, float, float]]) -> Profile:
-    """`Profile` of (name, start us, end us) spans on one device queue: the first is a marker queued just before the
-    call, so the time from its end to the first kernel is the call's first launch."""
-    marker, *kernels = sorted(spans, key=lambda span: span[1])
-    parts: dict[str, float] = {}
-    idle, last = 0.0, marker[2]
-    for name, start, end in kernels:
-        idle += max(0.0, start - last)
-        last = max(last, end)
-        parts[kernel_label(name)] = parts.get(kernel_label(name), 0.0) + (end - start) / 1e3
-    busy = (last - marker[2] - idle) / 1e3
-    return Profile(busy, idle / 1e3, dict(sorted(parts.items(), key=lambda item: -item[1])))
-
-
-def profile_call(fn, device: torch.device, calls: int = 3) -> Profile:
-    """`timeline` of the last of `calls` calls, alone (synchronised before and after), as torch.profiler saw it: on
-    CUDA the device's kernels; on the CPU, where there is no device queue, the top-level operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    marker = torch.zeros(1, device=device)
-    for _ in range(calls - 1):
-        fn()
-    sync(device)
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        marker.add_(1)
-        fn()
-        sync(device)
-    on_device = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-    events = [e for e in prof.events() if e.device_type == on_device and (device.type == "cuda" or e.cpu_parent is None)]
-    return timeline([(e.name, e.time_range.start, e.time_range.end) for e in events])
 
 
 def grad_check(config: SparsityConfig, shape: Shape, device: torch.device) -> float:

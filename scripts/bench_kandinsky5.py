@@ -4,6 +4,7 @@
     python scripts/bench_kandinsky5.py --arch k5-lite --diffusers-compile max-autotune-no-cudagraphs
     python scripts/bench_kandinsky5.py --arch k5-pro --max-density 0.15        # 1280x768 x 241: 234,240 tokens
     python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2          # every path at a trained-like density
+    python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --variants dense ours-fast --profile
     python scripts/bench_kandinsky5.py --smoke                                 # the tiny model on the CPU, seconds
 
 Variants, each on the same random-weight transformer (wan.models.random_kandinsky5, bf16) and inputs:
@@ -18,7 +19,8 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
 The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
 give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
 density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only;
-`--threshold` lowers P on every path alike.
+`--threshold` lowers P on every path alike. `--profile` adds where one more evaluation's device time goes
+(torch.profiler: attention, matmuls and the rest, and the largest kernels).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from diffusers import Kandinsky5T2VPipeline
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from wan.api import disable_nabla, enable_nabla
-from wan.benchmarking import log_clock, sync
+from wan.benchmarking import kernel_groups, log_clock, profile_call, sync
 from wan.models.kandinsky5 import trained_config
 from wan.models.random_kandinsky5 import ARCHS, build_random_transformer
 from wan.models.tiny_kandinsky5 import tiny_transformer
@@ -56,6 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
+    parser.add_argument("--profile", action="store_true", help="also where one more evaluation's time goes")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
     if FP8 in args.variants and args.variants[-1] != FP8:
@@ -142,10 +145,11 @@ def measure(variant: str, transformer, args, forward: dict, device: torch.device
                 model(**{**forward, **changed})
                 sync(device)
                 times.append(time.perf_counter() - start)
+            profile = profile_call(lambda: model(**{**forward, **changed}), device, calls=1) if args.profile else None
     finally:
         tear_down(variant, transformer, active_backend)
     density = handle.state.mean_density() if handle is not None else None
-    return {"variant": variant, "s": min(times), "warm": warm, "density": density}
+    return {"variant": variant, "s": min(times), "warm": warm, "density": density, "profile": profile}
 
 
 def table(rows: list[dict]) -> str:
@@ -155,7 +159,23 @@ def table(rows: list[dict]) -> str:
         ratio = [f"{base[ref] / row['s']:.2f}x" if ref in base else "-" for ref in ("dense", "diffusers-nabla")]
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
         lines.append(f"| {row['variant']} | {row['s']:.3f} | {ratio[0]} | {ratio[1]} | {row['warm']:.1f} | {density} |")
-    return "\n".join(lines)
+    return "\n".join(lines + profile_table(rows))
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    """One more evaluation of each variant, as the device ran it (`--profile`)."""
+    profiled = [row for row in rows if row["profile"] is not None]
+    if not profiled:
+        return []
+    lines = ["", "| variant | kernels ms | idle ms | attention / matmul / other ms | largest kernels, ms |",
+             "|---|---|---|---|---|"]
+    for row in profiled:
+        profile = row["profile"]
+        groups = kernel_groups(profile.parts)
+        largest = ", ".join(f"{name} {ms:.1f}" for name, ms in list(profile.parts.items())[:4])
+        lines.append(f"| {row['variant']} | {profile.kernel_ms:.1f} | {profile.idle_ms:.1f} | {groups['attention']:.1f}"
+                     f" / {groups['matmul']:.1f} / {groups['other']:.1f} | {largest} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,7 +165,7 @@ def test_random_models_are_the_published_architectures():
 
 
 def test_timeline_counts_idle_gaps_and_groups_kernels():
-    from scripts.bench_backward import timeline
+    from wan.benchmarking import kernel_groups, timeline
 
     spans = [("kernel_cutlass_flash_fwd_sm90_x", 50.0, 70.0), ("aten::add_", 0.0, 10.0), ("triton_red_fused_1", 15.0, 25.0),
              ("kernel_cutlass_flash_bwd_postprocess_y", 72.0, 73.0), ("triton_red_fused_2", 24.0, 40.0)]
@@ -174,6 +174,8 @@ def test_timeline_counts_idle_gaps_and_groups_kernels():
     assert profile.kernel_ms == pytest.approx((73 - 10 - 17) / 1e3)
     assert profile.parts == pytest.approx({"triton_red_fused": 0.026, "FA4 forward": 0.020, "FA4 backward post": 0.001})
     assert list(profile.parts) == ["triton_red_fused", "FA4 forward", "FA4 backward post"]
+    parts = {**profile.parts, "nvjet_tst_128x256_h_bz": 0.004, "sm90_xmma_gemm_bf16": 0.002}
+    assert kernel_groups(parts) == pytest.approx({"other": 0.026, "attention": 0.021, "matmul": 0.006})
 
 
 def test_scripts_import_only_the_installed_packages():

@@ -202,3 +202,14 @@ def test_real_size_configs(arch, billions, threshold):
     assert len(random_kandinsky5.build_random_transformer(arch, "meta", layers=2).visual_transformer_blocks) == 2
     assert trained_config(model.config) == SparsityConfig(mode="nabla+sta", threshold=threshold, sta_window=(11, 3, 3),
                                                           dense_above=1.0)
+
+
+def test_the_benchmarks_profile_splits_each_evaluation(capsys):
+    bench_kandinsky5.main(["--smoke", "--variants", "dense", "ours-fast", "--profile"])
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("| variant | kernels ms | idle ms | attention / matmul / other ms | largest kernels, ms |")
+    rows = [line.split(" | ") for line in lines[at + 2:at + 4]]
+    assert [row[0] for row in rows] == ["| dense", "| ours-fast"]
+    for row in rows:  # on the CPU the top-level operators stand in for kernels; the groups share all of them
+        groups = [float(ms) for ms in row[3].split(" / ")]
+        assert float(row[1]) > 0 and sum(groups) > 0 and groups[1] > 0  # the Linear layers are matmuls

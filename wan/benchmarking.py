@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import re
 import statistics
 import time
 from collections import Counter
@@ -159,6 +160,75 @@ def gpu_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> f
         if hidden:
             break
     return start.elapsed_time(end) / calls
+
+
+# --- Where one call's device time goes (torch.profiler; bench_backward, bench_kandinsky5 --profile) ---
+
+@dataclass
+class Profile:
+    """One lone call (a forward, or a forward and its backward) as the device ran it."""
+
+    kernel_ms: float  # the call's kernels, end to end minus idle
+    idle_ms: float  # the device idle between the call's start and its last kernel (waiting for launches)
+    parts: dict[str, float]  # kernel_ms by `kernel_label`, largest first
+
+
+def kernel_label(name: str) -> str:
+    """A short name for a kernel of the call: FA4's by their part, the rest by their own name."""
+    for pattern, label in (("bwd_preprocess", "FA4 backward pre"), ("bwd_postprocess", "FA4 backward post"),
+                           ("flash_bwd", "FA4 backward"), ("flash_fwd", "FA4 forward")):
+        if pattern in name:
+            return label
+    return re.sub(r"_+\d+$", "", name)[:48]
+
+
+#: kernel name parts (lower case) of each coarse group, checked in this order (FA4's CuTe kernels are cutlass ones
+#: too); on the CPU, the operators' names
+KERNEL_GROUPS = (("attention", ("fa4", "flash", "fmha", "flex", "attention")),
+                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm", "wgmma", "linear", "addmm", "aten::mm", "aten::bmm")))
+
+
+def kernel_groups(parts: dict[str, float]) -> dict[str, float]:
+    """`Profile.parts` summed into attention, matmul and other (norms, rotary embedding, modulation, the mask build,
+    copies), largest first."""
+    groups = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for name, ms in parts.items():
+        group = next((g for g, needles in KERNEL_GROUPS if any(n in name.lower() for n in needles)), "other")
+        groups[group] += ms
+    return dict(sorted(groups.items(), key=lambda item: -item[1]))
+
+
+def timeline(spans: list[tuple[str, float, float]]) -> Profile:
+    """`Profile` of (name, start us, end us) spans on one device queue: the first is a marker queued just before the
+    call, so the time from its end to the first kernel is the call's first launch."""
+    marker, *kernels = sorted(spans, key=lambda span: span[1])
+    parts: dict[str, float] = {}
+    idle, last = 0.0, marker[2]
+    for name, start, end in kernels:
+        idle += max(0.0, start - last)
+        last = max(last, end)
+        parts[kernel_label(name)] = parts.get(kernel_label(name), 0.0) + (end - start) / 1e3
+    busy = (last - marker[2] - idle) / 1e3
+    return Profile(busy, idle / 1e3, dict(sorted(parts.items(), key=lambda item: -item[1])))
+
+
+def profile_call(fn, device: torch.device, calls: int = 3) -> Profile:
+    """`timeline` of the last of `calls` calls, alone (synchronised before and after), as torch.profiler saw it: on
+    CUDA the device's kernels; on the CPU, where there is no device queue, the top-level operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    marker = torch.zeros(1, device=device)
+    for _ in range(calls - 1):
+        fn()
+    sync(device)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        marker.add_(1)
+        fn()
+        sync(device)
+    on_device = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == on_device and (device.type == "cuda" or e.cpu_parent is None)]
+    return timeline([(e.name, e.time_range.start, e.time_range.end) for e in events])
 
 
 # --- End-to-end runs (bench_e2e, bench_parallel) ---
