@@ -11,7 +11,8 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
 - `dense`: stock diffusers, `sparse_params` None (SDPA over every token), eager;
 - `diffusers-nabla`: stock diffusers given the pipeline's `sparse_params` (the authors' nablaT_v2 mask), as its docs
   set it up: `set_attention_backend("flex")` and the whole model compiled with `dynamic=True`, in the mode of
-  `--diffusers-compile` ("default" or "max-autotune-no-cudagraphs"; "none": eager, whose flex ignores the mask);
+  `--diffusers-compile` ("default" or "max-autotune-no-cudagraphs"; "flex": flex_attention alone compiled, as
+  FastVideo runs it, the rest eager; "none": eager, whose flex ignores the mask);
 - `ours-trained`: `enable_nabla(transformer)`, the checkpoint's trained config (64-token blocks, compiled blocks);
 - `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles);
 - `ours-fast-fp8`: `ours-fast` with the visual blocks' Linear layers in FP8 (torchao, as `precision: fp8`): it
@@ -31,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 from diffusers import Kandinsky5T2VPipeline
+from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from wan.api import disable_nabla, enable_nabla
@@ -43,6 +45,8 @@ from wan.speedups.precision import apply_precision
 VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast", "ours-fast-fp8")
 FP8 = "ours-fast-fp8"
 TEXT_TOKENS = 256
+FLEX = attention_dispatch.flex_attention  # torch's flex_attention module, whose function diffusers' dispatch calls
+EAGER_FLEX = FLEX.flex_attention
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,8 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int)
     parser.add_argument("--evals", type=int, default=3, help="timed evaluations per variant (default: 3)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "none"),
-                        default="default", help="how diffusers' NABLA path compiles the whole model (default: default)")
+    parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "flex", "none"),
+                        default="default", help="how diffusers' NABLA path is compiled (default: the whole model, default mode)")
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
@@ -115,6 +119,9 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     transformer.set_attention_backend("flex")
     if args.diffusers_compile == "none":
         return transformer, {}, None
+    if args.diffusers_compile == "flex":
+        FLEX.flex_attention = torch.compile(EAGER_FLEX, dynamic=False)
+        return transformer, {}, None
     mode = None if args.diffusers_compile == "default" else args.diffusers_compile
     return torch.compile(transformer, mode=mode, dynamic=True), {}, None
 
@@ -124,6 +131,7 @@ def tear_down(variant: str, transformer, active_backend) -> None:
         disable_nabla(transformer)
     elif variant == "diffusers-nabla":
         transformer.reset_attention_backend()
+        FLEX.flex_attention = EAGER_FLEX
         # set_attention_backend also sets the process-wide default, which reset_attention_backend leaves: without
         # this, every later model in the process (a training step on the CPU, say) would attend through flex
         _AttentionBackendRegistry.set_active_backend(active_backend)

@@ -213,3 +213,17 @@ def test_the_benchmarks_profile_splits_each_evaluation(capsys):
     for row in rows:  # on the CPU the top-level operators stand in for kernels; the groups share all of them
         groups = [float(ms) for ms in row[3].split(" / ")]
         assert float(row[1]) > 0 and sum(groups) > 0 and groups[1] > 0  # the Linear layers are matmuls
+
+
+def test_the_benchmarks_flex_only_compile_is_undone():
+    """`--diffusers-compile flex` compiles the flex_attention that diffusers' dispatch calls, and only for its row."""
+    args = bench_kandinsky5.parse(["--smoke"])
+    args.diffusers_compile = "flex"
+    transformer = bench_kandinsky5.build(args, torch.device("cpu"))
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    model, _, handle = bench_kandinsky5.set_up("diffusers-nabla", transformer, args)
+    assert model is transformer and handle is None
+    assert bench_kandinsky5.FLEX.flex_attention is not bench_kandinsky5.EAGER_FLEX
+    bench_kandinsky5.tear_down("diffusers-nabla", transformer, before)
+    assert bench_kandinsky5.FLEX.flex_attention is bench_kandinsky5.EAGER_FLEX
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before
