@@ -35,6 +35,7 @@ from diffusers import Kandinsky5T2VPipeline
 from diffusers.models import attention_dispatch
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
+from nabla.config import BACKENDS
 from wan.api import disable_nabla, enable_nabla
 from wan.benchmarking import kernel_groups, log_clock, profile_call, sync
 from wan.models.kandinsky5 import trained_config
@@ -62,6 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
+    parser.add_argument("--backend", choices=BACKENDS, help="our variants' kernel (default: each config's)")
     parser.add_argument("--profile", action="store_true", help="also where one more evaluation's time goes")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
@@ -104,6 +106,7 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours) or None."""
     capped = {} if args.max_density is None else {"max_density": args.max_density}
     capped |= {} if args.threshold is None else {"threshold": args.threshold}
+    capped |= {} if args.backend is None else {"backend": args.backend}
     compile_blocks = None if not args.smoke else False
     if variant == "ours-trained":
         config = trained_config(transformer.config).replace(**capped)

@@ -181,13 +181,14 @@ def test_the_benchmark_runs_fp8_last(capsys):
     assert "ours-fast-fp8 quantizes the transformer every variant shares, in place: put it last" in capsys.readouterr().err
 
 
-def test_the_benchmarks_threshold_reaches_every_nabla_path():
-    args = bench_kandinsky5.parse(["--smoke", "--threshold", "0.3"])
+def test_the_benchmarks_threshold_and_backend_reach_every_nabla_path():
+    args = bench_kandinsky5.parse(["--smoke", "--threshold", "0.3", "--backend", "triton"])
     transformer = bench_kandinsky5.build(args, torch.device("cpu"))
     assert bench_kandinsky5.inputs(transformer, args, torch.device("cpu"))["sparse_params"]["P"] == 0.3
     for variant in ("ours-trained", "ours-fast"):
         handle = bench_kandinsky5.set_up(variant, transformer, args)[2]
-        assert handle.state.config.threshold == 0.3
+        assert (handle.state.config.threshold, handle.state.config.backend) == (0.3, "triton")
+        bench_kandinsky5.tear_down(variant, transformer, None)
         disable_nabla(transformer)
 
 
