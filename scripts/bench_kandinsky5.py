@@ -12,7 +12,10 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
 - `diffusers-nabla`: stock diffusers given the pipeline's `sparse_params` (the authors' nablaT_v2 mask), as its docs
   set it up: `set_attention_backend("flex")` and the whole model compiled with `dynamic=True`, in the mode of
   `--diffusers-compile` ("default" or "max-autotune-no-cudagraphs"; "flex": flex_attention alone compiled, as
-  FastVideo runs it, the rest eager; "none": eager, whose flex ignores the mask);
+  FastVideo runs it, the rest eager; "none": eager, whose flex ignores the mask). diffusers' flex call names the
+  kernel's BLOCK_M for the mask's 64-token blocks but not BLOCK_N, whose default may be 128, which inductor refuses
+  for 64-token key blocks: `--diffusers-kernel-options mask` (the default) fills in the mask's block sizes where
+  diffusers names none, `shipped` keeps its call as it is;
 - `ours-trained`: `enable_nabla(transformer)`, the checkpoint's trained config (64-token blocks, compiled blocks);
 - `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles);
 - `ours-fast-fp8`: `ours-fast` with the visual blocks' Linear layers in FP8 (torchao, as `precision: fp8`): it
@@ -50,6 +53,18 @@ FLEX = attention_dispatch.flex_attention  # torch's flex_attention module, whose
 EAGER_FLEX = FLEX.flex_attention
 
 
+def with_mask_block_sizes(flex):
+    """`flex` with BLOCK_M and BLOCK_N set to the block mask's own block sizes where the caller set none."""
+
+    def call(*args, block_mask=None, kernel_options=None, **kwargs):
+        if block_mask is not None:
+            q_block, kv_block = block_mask.BLOCK_SIZE
+            kernel_options = {"BLOCK_M": q_block, "BLOCK_N": kv_block} | (kernel_options or {})
+        return flex(*args, block_mask=block_mask, kernel_options=kernel_options, **kwargs)
+
+    return call
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=list(ARCHS), default="k5-lite")
@@ -60,6 +75,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "flex", "none"),
                         default="default", help="how diffusers' NABLA path is compiled (default: the whole model, default mode)")
+    parser.add_argument("--diffusers-kernel-options", choices=("mask", "shipped"), default="mask",
+                        help="diffusers' flex call: the mask's block sizes where it names none (default), or as shipped")
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
@@ -122,8 +139,9 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     transformer.set_attention_backend("flex")
     if args.diffusers_compile == "none":
         return transformer, {}, None
+    flex = torch.compile(EAGER_FLEX, dynamic=False) if args.diffusers_compile == "flex" else EAGER_FLEX
+    FLEX.flex_attention = with_mask_block_sizes(flex) if args.diffusers_kernel_options == "mask" else flex
     if args.diffusers_compile == "flex":
-        FLEX.flex_attention = torch.compile(EAGER_FLEX, dynamic=False)
         return transformer, {}, None
     mode = None if args.diffusers_compile == "default" else args.diffusers_compile
     return torch.compile(transformer, mode=mode, dynamic=True), {}, None

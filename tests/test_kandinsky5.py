@@ -228,3 +228,23 @@ def test_the_benchmarks_flex_only_compile_is_undone():
     bench_kandinsky5.tear_down("diffusers-nabla", transformer, before)
     assert bench_kandinsky5.FLEX.flex_attention is bench_kandinsky5.EAGER_FLEX
     assert _AttentionBackendRegistry.get_active_backend()[0] == before
+
+
+def test_the_text_encoder_at_real_head_size_encodes():
+    """The real-size random pipelines' Qwen2.5-VL (heads of 128 channels): its rotary sections must add up to half a
+    head, which the tiny one's [1, 1, 2] did only at head size 8 (make_random_model's pipeline failed in generate)."""
+    tokenizer = tiny_kandinsky5.qwen_tokenizer()
+    encoder = tiny_kandinsky5.qwen_encoder(tokenizer, width=256)
+    out = encoder(**tokenizer("a red fox", return_tensors="pt"), output_hidden_states=True)
+    assert out.hidden_states[-1].shape == (1, len(tokenizer("a red fox").input_ids), 256)
+
+
+def test_the_benchmark_gives_diffusers_flex_call_the_masks_block_sizes():
+    seen = []
+    flex = bench_kandinsky5.with_mask_block_sizes(lambda *args, **kwargs: seen.append(kwargs["kernel_options"]))
+    mask = BlockMask.from_kv_blocks(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32),
+                                    BLOCK_SIZE=(64, 32))
+    flex(None, block_mask=mask)
+    flex(None, block_mask=mask, kernel_options={"BLOCK_M": 16})  # what the caller names stays
+    flex(None, kernel_options={"BLOCK_M": 16})
+    assert seen == [{"BLOCK_M": 64, "BLOCK_N": 32}, {"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 16}]

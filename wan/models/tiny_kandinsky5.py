@@ -100,17 +100,24 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 
 def qwen_encoder(tokenizer: Qwen2TokenizerFast, width: int = QWEN_DIM) -> Qwen2_5_VLForConditionalGeneration:
-    """A one-layer Qwen2.5-VL of hidden size `width` (the transformer's in_text_dim) for `tokenizer`."""
+    """A one-layer Qwen2.5-VL of hidden size `width` (the transformer's in_text_dim) for `tokenizer`: heads of 128
+    channels where the width allows (the published model's), else two; its multimodal rotary sections split each
+    head's half as the published [16, 24, 24] does (they must add up to it)."""
     ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in
            (("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"),
             ("image_token_id", "image_pad"), ("video_token_id", "video_pad"))}
+    heads = max(2, width // 128)
+    half = width // heads // 2
+    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    ends = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
-                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+                     "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": sections, "rope_type": "default", "type": "default"}, **ends},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": width},
-        hidden_size=width, vocab_size=len(tokenizer), **ids)
+        hidden_size=width, vocab_size=len(tokenizer), **ids, **ends)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
