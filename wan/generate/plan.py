@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -259,13 +258,6 @@ def _check_parallel(args: argparse.Namespace, settings: GenerationSettings, spec
         return
     if args.dist_backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--dist-backend nccl needs CUDA GPUs; allowed here: gloo")
-    if (args.dist_backend == "gloo" and args.ulysses > 1 and torch.cuda.is_available() and args.device != "cpu"
-            and not os.environ.get("NABLA_ALLOW_GLOO_ULYSSES")):
-        # it ended in a segmentation fault in torch's functional all-gather, and still failed with that routed through
-        # c10d's (wan.speedups.gloo_cuda), before the all-to-all was routed too; refused until a GPU run shows it
-        # through (tests/test_gpu_parallel.py lifts this with the variable to see)
-        raise ValueError("--ulysses over --dist-backend gloo on CUDA is not supported (the run fails); use nccl "
-                         "with one GPU per rank, or --cfg-parallel alone with gloo")
     if args.compare or args.cpu_offload:
         raise ValueError("--compare and --cpu-offload run on one process; drop them with --ulysses/--cfg-parallel")
     if args.cfg_parallel and settings.guidance_scale <= 1:
