@@ -18,8 +18,9 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
   diffusers names none, `shipped` keeps its call as it is;
 - `ours-trained`: `enable_nabla(transformer)`, the checkpoint's trained config (64-token blocks, compiled blocks);
 - `ours-fast`: `enable_nabla(transformer, "kandinsky5-fast")` (128-row query blocks over the 64-token tiles);
-- `ours-fast-fp8`: `ours-fast` with the visual blocks' Linear layers in FP8 (torchao, as `precision: fp8`): it
-  quantizes the shared transformer in place, so it runs last (CUDA of compute capability 8.9+; skipped elsewhere).
+- `ours-trained-fp8`, `ours-fast-fp8`: those with the visual blocks' Linear layers in FP8 (torchao, as `precision:
+  fp8`): the first quantizes the shared transformer in place, so they run after the others (CUDA of compute
+  capability 8.9+; skipped elsewhere).
 The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
 give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
 density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only;
@@ -46,8 +47,8 @@ from wan.models.random_kandinsky5 import ARCHS, build_random_transformer
 from wan.models.tiny_kandinsky5 import tiny_transformer
 from wan.speedups.precision import apply_precision
 
-VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast", "ours-fast-fp8")
-FP8 = "ours-fast-fp8"
+VARIANTS = ("dense", "diffusers-nabla", "ours-trained", "ours-fast", "ours-trained-fp8", "ours-fast-fp8")
+FP8 = ("ours-trained-fp8", "ours-fast-fp8")
 TEXT_TOKENS = 256
 FLEX = attention_dispatch.flex_attention  # torch's flex_attention module, whose function diffusers' dispatch calls
 EAGER_FLEX = FLEX.flex_attention
@@ -84,8 +85,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also where one more evaluation's time goes")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
-    if FP8 in args.variants and args.variants[-1] != FP8:
-        parser.error(f"--variants: {FP8} quantizes the transformer every variant shares, in place: put it last")
+    quantized = [variant in FP8 for variant in args.variants]
+    if quantized != sorted(quantized):
+        parser.error(f"--variants: {' and '.join(FP8)} quantize the transformer every variant shares, in place: put "
+                     "them after the others")
     if args.smoke:
         args.height, args.width, args.frames, args.evals = args.height or 256, args.width or 256, args.frames or 5, 1
         args.diffusers_compile = "none"
@@ -125,10 +128,10 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     capped |= {} if args.threshold is None else {"threshold": args.threshold}
     capped |= {} if args.backend is None else {"backend": args.backend}
     compile_blocks = None if not args.smoke else False
-    if variant == "ours-trained":
+    if variant in ("ours-trained", "ours-trained-fp8"):
         config = trained_config(transformer.config).replace(**capped)
         return transformer, {}, enable_nabla(transformer, config, compile=compile_blocks)
-    if variant in ("ours-fast", FP8):
+    if variant in ("ours-fast", "ours-fast-fp8"):
         from nabla.config import load_config
         from wan.defaults import find_config
 
@@ -215,13 +218,17 @@ def main(argv: list[str] | None = None) -> None:
     tokens = forward["hidden_states"].shape[1] * (args.height // 16) * (args.width // 16)
     log_clock(f"{'tiny (smoke)' if args.smoke else ARCHS[args.arch].title}: {args.width}x{args.height} x "
               f"{args.frames} frames, {tokens} tokens; diffusers' compile: {args.diffusers_compile}")
-    rows = []
+    rows, fp8 = [], None
     for variant in args.variants:
-        if variant == FP8:
-            try:
-                apply_precision(transformer, "fp8")
-            except ValueError as error:
-                print(f"skipping {FP8}: {error}")
+        if variant in FP8:
+            if fp8 is None:
+                try:
+                    apply_precision(transformer, "fp8")
+                    fp8 = ""
+                except ValueError as error:
+                    fp8 = str(error)
+            if fp8:
+                print(f"skipping {variant}: {fp8}")
                 continue
         rows.append(measure(variant, transformer, args, forward, device))
         log_clock(f"{variant}: {rows[-1]['s']:.3f} s/eval (first call {rows[-1]['warm']:.1f} s)")

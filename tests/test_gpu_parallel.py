@@ -99,7 +99,12 @@ def test_13b_fastest_config_under_cfg_parallel(random_13b, tmp_path):
     check_against_one(tmp_path, random_13b, fastest_in_10_steps(), ["--cfg-parallel"], steps=10, min_psnr=30.0)
 
 
-def test_13b_ulysses_two_ranks_one_gpu(random_13b, tmp_path):
+def test_13b_nabla_flash_compiled_ulysses_two_ranks_one_gpu(random_13b, tmp_path):
+    """Each rank's half of the heads through the FLASH kernel on the padded tile stream."""
+    check_against_one(tmp_path, random_13b, NABLA, ["--ulysses", "2"])
+
+
+def test_13b_fastest_config_under_ulysses(random_13b, tmp_path):
     """Ulysses 2 with every lever. Each rank multiplies half the tokens: matmuls of another height may round
     differently, and FP8's quantisation turns a last-bit difference into a larger one, so late layers' masks may flip
     a few more blocks at the threshold than the bf16 runs' 1%."""

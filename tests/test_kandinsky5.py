@@ -171,14 +171,17 @@ def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0] == "| variant | s/eval | vs dense | vs diffusers-nabla | first call s | density |"
     # FP8 needs a CUDA GPU of 8.9+: its row is skipped in one line on the CPU, the others run
-    assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {v}" for v in bench_kandinsky5.VARIANTS[:-1]]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [f"| {v}" for v in bench_kandinsky5.VARIANTS[:-2]]
+    assert "skipping ours-trained-fp8: precision fp8 needs a CUDA GPU" in out
     assert "skipping ours-fast-fp8: precision fp8 needs a CUDA GPU" in out
 
 
 def test_the_benchmark_runs_fp8_last(capsys):
-    with pytest.raises(SystemExit):
-        bench_kandinsky5.parse(["--variants", "ours-fast-fp8", "dense"])
-    assert "ours-fast-fp8 quantizes the transformer every variant shares, in place: put it last" in capsys.readouterr().err
+    for variants in (["ours-fast-fp8", "dense"], ["ours-trained-fp8", "ours-fast", "ours-fast-fp8"]):
+        with pytest.raises(SystemExit):
+            bench_kandinsky5.parse(["--variants", *variants])
+        assert "quantize the transformer every variant shares, in place: put them after the others" in capsys.readouterr().err
+    assert bench_kandinsky5.parse(["--variants", "dense", "ours-trained-fp8", "ours-fast-fp8"]).variants[-1] == "ours-fast-fp8"
 
 
 def test_the_benchmarks_threshold_and_backend_reach_every_nabla_path():
