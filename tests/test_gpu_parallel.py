@@ -1,5 +1,6 @@
-"""Two ranks on one GPU over gloo (`--dist-backend gloo`): the multi-GPU CUDA paths (CFG parallel with compiled blocks
-and the FLASH kernel, rank 0 writing, FSDP2 training) run on a machine with one GPU, against the one-process run.
+"""Two ranks on one GPU over gloo (`--dist-backend gloo`): the multi-GPU CUDA paths (Ulysses and CFG parallel with
+compiled blocks and the FLASH kernel, rank 0 writing, FSDP2 training) run on a machine with one GPU, against the
+one-process run.
 Ulysses over gloo on CUDA ended in a segmentation fault in torch's functional all-gather (diffusers' gather of the
 output, FSDP2's full state dict), where c10d's all_gather runs; wan.speedups.gloo_cuda puts c10d's collectives in
 place of the functional all-gather and all-to-all under gloo. The tiny model's head size (12) is below the 16 that
