@@ -75,9 +75,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evals", type=int, default=3, help="timed evaluations per variant (default: 3)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--diffusers-compile", choices=("default", "max-autotune-no-cudagraphs", "flex", "none"),
-                        default="default", help="how diffusers' NABLA path is compiled (default: the whole model, default mode)")
+                        default="default",
+                        help="how diffusers' NABLA path is compiled (default: the whole model, default mode)")
     parser.add_argument("--diffusers-kernel-options", choices=("mask", "shipped"), default="mask",
-                        help="diffusers' flex call: the mask's block sizes where it names none (default), or as shipped")
+                        help="diffusers' flex call: the mask's block sizes where it names none (default), or as "
+                        "shipped")
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")

@@ -78,7 +78,8 @@ def check_against_one(tmp_path: Path, model: Path, config_text: str, flags: list
         assert mask.shape == reference.shape
         flipped[key] = (mask != reference).float().mean().item()  # rounding may tip a block at the threshold
     worst = max(flipped, key=flipped.get)
-    print(f"blocks flipped: at most {flipped[worst]:.4f} (step, layer {worst}), mean {np.mean(list(flipped.values())):.4f}")
+    mean = np.mean(list(flipped.values()))
+    print(f"blocks flipped: at most {flipped[worst]:.4f} (step, layer {worst}), mean {mean:.4f}")
     assert flipped[worst] <= max_flipped, worst
     report, one_report = (json.loads(p.with_suffix(".json").read_text()) for p in (two, one))
     assert report["steps"] == one_report["steps"] and report["layers"] == one_report["layers"]

@@ -185,7 +185,8 @@ def kernel_label(name: str) -> str:
 #: kernel name parts (lower case) of each coarse group, checked in this order (FA4's CuTe kernels are cutlass ones
 #: too); on the CPU, the operators' names
 KERNEL_GROUPS = (("attention", ("fa4", "flash", "fmha", "flex", "attention")),
-                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm", "wgmma", "linear", "addmm", "aten::mm", "aten::bmm")))
+                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm", "wgmma", "linear", "addmm",
+                             "aten::mm", "aten::bmm")))
 
 
 def kernel_groups(parts: dict[str, float]) -> dict[str, float]:
