@@ -24,7 +24,9 @@ Variants, each on the same random-weight transformer (wan.models.random_kandinsk
 The first call of each is its warm-up (compile and autotune time printed), then `--evals` timed calls. Random weights
 give random attention maps, so NABLA keeps most blocks; `--max-density` caps our variants at a trained model's
 density (the table prints each variant's), which diffusers' path cannot take: compare at equal density only;
-`--threshold` lowers P on every path alike. `--profile` adds where one more evaluation's device time goes
+`--threshold` lowers P on every path alike. diffusers' density is read from the BlockMasks its warm-up call builds
+(not under a whole-model compile, which would trace the reading): at the same P it may differ from ours on CUDA, where
+nablaT_v2 sums its sorted bf16 map in bf16. `--profile` adds where one more evaluation's device time goes
 (torch.profiler: attention, matmuls and the rest, and the largest kernels).
 """
 
@@ -64,6 +66,23 @@ def with_mask_block_sizes(flex):
         return flex(*args, block_mask=block_mask, kernel_options=kernel_options, **kwargs)
 
     return call
+
+
+class FlexDensity:
+    """flex_attention that records the computed share of each BlockMask's blocks (`BlockMask.sparsity`), so that
+    diffusers' path prints the density ours print. It reads the mask on the host, so it records the warm-up call only,
+    and only where flex is called eagerly (a whole-model compile would trace it)."""
+
+    def __init__(self, flex):
+        self.flex, self.recording, self.densities = flex, True, []
+
+    def __call__(self, *args, block_mask=None, **kwargs):
+        if self.recording and block_mask is not None:
+            self.densities.append(1 - block_mask.sparsity() / 100)
+        return self.flex(*args, block_mask=block_mask, **kwargs)
+
+    def mean_density(self) -> float | None:
+        return sum(self.densities) / len(self.densities) if self.densities else None
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -125,7 +144,8 @@ def inputs(transformer, args, device: torch.device) -> dict:
 
 
 def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
-    """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours) or None."""
+    """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours), FlexDensity
+    (diffusers' path where flex runs eagerly) or None."""
     capped = {} if args.max_density is None else {"max_density": args.max_density}
     capped |= {} if args.threshold is None else {"threshold": args.threshold}
     capped |= {} if args.backend is None else {"backend": args.backend}
@@ -143,11 +163,13 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
         return transformer, {"sparse_params": None}, None
     transformer.set_attention_backend("flex")
     if args.diffusers_compile == "none":
-        return transformer, {}, None
+        FLEX.flex_attention = FlexDensity(EAGER_FLEX)
+        return transformer, {}, FLEX.flex_attention
     flex = torch.compile(EAGER_FLEX, dynamic=False) if args.diffusers_compile == "flex" else EAGER_FLEX
     FLEX.flex_attention = with_mask_block_sizes(flex) if args.diffusers_kernel_options == "mask" else flex
     if args.diffusers_compile == "flex":
-        return transformer, {}, None
+        FLEX.flex_attention = FlexDensity(FLEX.flex_attention)
+        return transformer, {}, FLEX.flex_attention
     mode = None if args.diffusers_compile == "default" else args.diffusers_compile
     return torch.compile(transformer, mode=mode, dynamic=True), {}, None
 
@@ -173,6 +195,8 @@ def measure(variant: str, transformer, args, forward: dict, device: torch.device
             model(**{**forward, **changed})
             sync(device)
             warm = time.perf_counter() - start
+            if isinstance(handle, FlexDensity):
+                handle.recording = False
             times = []
             for _ in range(args.evals):
                 start = time.perf_counter()
@@ -182,7 +206,7 @@ def measure(variant: str, transformer, args, forward: dict, device: torch.device
             profile = profile_call(lambda: model(**{**forward, **changed}), device, calls=1) if args.profile else None
     finally:
         tear_down(variant, transformer, active_backend)
-    density = handle.state.mean_density() if handle is not None else None
+    density = handle.mean_density() if isinstance(handle, FlexDensity) else handle and handle.state.mean_density()
     return {"variant": variant, "s": min(times), "warm": warm, "density": density, "profile": profile}
 
 

@@ -102,8 +102,11 @@ def test_13b_fastest_config_under_cfg_parallel(random_13b, tmp_path):
 
 
 def test_13b_nabla_flash_compiled_ulysses_two_ranks_one_gpu(random_13b, tmp_path):
-    """Each rank's half of the heads through the FLASH kernel on the padded tile stream."""
-    check_against_one(tmp_path, random_13b, NABLA, ["--ulysses", "2"])
+    """Each rank's half of the heads through the FLASH kernel on the padded tile stream. Each rank's linear layers
+    multiply half the tokens, matmuls of another height that may round q and k differently in the last bit: the
+    random model's flat maps hold many blocks at the threshold, so a few more of them flip than under CFG-parallel,
+    whose arithmetic is one process's (docs/MULTI-GPU.md)."""
+    check_against_one(tmp_path, random_13b, NABLA, ["--ulysses", "2"], max_flipped=0.02)
 
 
 def test_13b_fastest_config_under_ulysses(random_13b, tmp_path):

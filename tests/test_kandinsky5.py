@@ -176,6 +176,17 @@ def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
     assert "skipping ours-fast-fp8: precision fp8 needs a CUDA GPU" in out
 
 
+def test_the_benchmark_prints_diffusers_density_as_ours(capsys):
+    """diffusers' path's density comes from the BlockMasks nablaT_v2 builds; on the CPU (float32) its masks are ours,
+    so the two columns agree but for blocks that rounding tips at the threshold."""
+    bench_kandinsky5.main(["--smoke", "--variants", "diffusers-nabla", "ours-trained", "--threshold", "0.2",
+                           "--height", "512", "--width", "512", "--frames", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    densities = {row[0].strip("| "): float(row[-1].strip(" |")) for row in rows[1:]}
+    assert densities.keys() == {"diffusers-nabla", "ours-trained"}
+    assert densities["ours-trained"] < 0.9 and abs(densities["diffusers-nabla"] - densities["ours-trained"]) < 0.01
+
+
 def test_the_benchmark_runs_fp8_last(capsys):
     for variants in (["ours-fast-fp8", "dense"], ["ours-trained-fp8", "ours-fast", "ours-fast-fp8"]):
         with pytest.raises(SystemExit):
@@ -228,8 +239,8 @@ def test_the_benchmarks_flex_only_compile_is_undone():
     transformer = bench_kandinsky5.build(args, torch.device("cpu"))
     before = _AttentionBackendRegistry.get_active_backend()[0]
     model, _, handle = bench_kandinsky5.set_up("diffusers-nabla", transformer, args)
-    assert model is transformer and handle is None
-    assert bench_kandinsky5.FLEX.flex_attention is not bench_kandinsky5.EAGER_FLEX
+    assert model is transformer and bench_kandinsky5.FLEX.flex_attention is handle  # reads the masks' density
+    assert handle.flex is not bench_kandinsky5.EAGER_FLEX
     bench_kandinsky5.tear_down("diffusers-nabla", transformer, before)
     assert bench_kandinsky5.FLEX.flex_attention is bench_kandinsky5.EAGER_FLEX
     assert _AttentionBackendRegistry.get_active_backend()[0] == before
