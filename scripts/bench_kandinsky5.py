@@ -162,14 +162,13 @@ def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
     if variant == "dense":
         return transformer, {"sparse_params": None}, None
     transformer.set_attention_backend("flex")
-    if args.diffusers_compile == "none":
-        FLEX.flex_attention = FlexDensity(EAGER_FLEX)
-        return transformer, {}, FLEX.flex_attention
     flex = torch.compile(EAGER_FLEX, dynamic=False) if args.diffusers_compile == "flex" else EAGER_FLEX
-    FLEX.flex_attention = with_mask_block_sizes(flex) if args.diffusers_kernel_options == "mask" else flex
-    if args.diffusers_compile == "flex":
-        FLEX.flex_attention = FlexDensity(FLEX.flex_attention)
+    if args.diffusers_kernel_options == "mask" and args.diffusers_compile != "none":
+        flex = with_mask_block_sizes(flex)
+    if args.diffusers_compile in ("none", "flex"):  # flex called eagerly: its masks can be read
+        FLEX.flex_attention = FlexDensity(flex)
         return transformer, {}, FLEX.flex_attention
+    FLEX.flex_attention = flex
     mode = None if args.diffusers_compile == "default" else args.diffusers_compile
     return torch.compile(transformer, mode=mode, dynamic=True), {}, None
 
