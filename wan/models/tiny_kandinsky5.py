@@ -108,7 +108,9 @@ def qwen_encoder(tokenizer: Qwen2TokenizerFast, width: int = QWEN_DIM) -> Qwen2_
             ("image_token_id", "image_pad"), ("video_token_id", "video_pad"))}
     heads = max(2, width // 128)
     half = width // heads // 2
-    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    first = half // 4
+    rest = half - first
+    sections = [first, rest // 2, rest - rest // 2]
     ends = {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     config = Qwen2_5_VLConfig(
