@@ -5,6 +5,7 @@
     python scripts/bench_kandinsky5.py --arch k5-pro --max-density 0.15        # 1280x768 x 241: 234,240 tokens
     python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2          # every path at a trained-like density
     python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --variants dense ours-fast --profile
+    python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --ours-thresholds 0.17 0.15 --diffusers-compile flex
     python scripts/bench_kandinsky5.py --smoke                                 # the tiny model on the CPU, seconds
 
 Variants, each on the same random-weight transformer (wan.models.random_kandinsky5, bf16) and inputs:
@@ -102,6 +103,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-density", type=float, help="cap our variants' NABLA blocks per query row")
     parser.add_argument("--threshold", type=float, help="NABLA's P for diffusers' path and ours alike (default: the "
                         "checkpoint's): a lower P stands in for a trained model's sparser maps at equal density")
+    parser.add_argument("--ours-thresholds", type=float, nargs="+", default=[], metavar="P",
+                        help="our variants also at these P, diffusers' at --threshold still: where the two masks keep "
+                        "different shares of blocks at one P, the rows bracket diffusers' density")
     parser.add_argument("--backend", choices=BACKENDS, help="our variants' kernel (default: each config's)")
     parser.add_argument("--profile", action="store_true", help="also where one more evaluation's time goes")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
@@ -143,11 +147,11 @@ def inputs(transformer, args, device: torch.device) -> dict:
             "sparse_params": Kandinsky5T2VPipeline.get_sparse_params(owner, latents, device)}
 
 
-def set_up(variant: str, transformer, args) -> tuple[object, dict, object]:
-    """The callable of `variant`, the forward's changed arguments, and its NABLA handle (ours), FlexDensity
-    (diffusers' path where flex runs eagerly) or None."""
+def set_up(variant: str, transformer, args, threshold: float | None) -> tuple[object, dict, object]:
+    """The callable of `variant` (ours at P `threshold`), the forward's changed arguments, and its NABLA handle
+    (ours), FlexDensity (diffusers' path where flex runs eagerly) or None."""
     capped = {} if args.max_density is None else {"max_density": args.max_density}
-    capped |= {} if args.threshold is None else {"threshold": args.threshold}
+    capped |= {} if threshold is None else {"threshold": threshold}
     capped |= {} if args.backend is None else {"backend": args.backend}
     compile_blocks = None if not args.smoke else False
     if variant in ("ours-trained", "ours-trained-fp8"):
@@ -185,9 +189,9 @@ def tear_down(variant: str, transformer, active_backend) -> None:
         torch._dynamo.reset()
 
 
-def measure(variant: str, transformer, args, forward: dict, device: torch.device) -> dict:
+def measure(variant: str, transformer, args, forward: dict, device: torch.device, threshold: float | None) -> dict:
     active_backend = _AttentionBackendRegistry.get_active_backend()[0]
-    model, changed, handle = set_up(variant, transformer, args)
+    model, changed, handle = set_up(variant, transformer, args, threshold)
     try:
         with torch.no_grad():
             start = time.perf_counter()
@@ -206,7 +210,8 @@ def measure(variant: str, transformer, args, forward: dict, device: torch.device
     finally:
         tear_down(variant, transformer, active_backend)
     density = handle.mean_density() if isinstance(handle, FlexDensity) else handle and handle.state.mean_density()
-    return {"variant": variant, "s": min(times), "warm": warm, "density": density, "profile": profile}
+    name = variant if threshold == args.threshold else f"{variant} P {threshold:g}"
+    return {"variant": name, "s": min(times), "warm": warm, "density": density, "profile": profile}
 
 
 def table(rows: list[dict]) -> str:
@@ -255,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             if fp8:
                 print(f"skipping {variant}: {fp8}")
                 continue
-        rows.append(measure(variant, transformer, args, forward, device))
-        log_clock(f"{variant}: {rows[-1]['s']:.3f} s/eval (first call {rows[-1]['warm']:.1f} s)")
+        for threshold in [args.threshold] + (args.ours_thresholds if variant.startswith("ours") else []):
+            rows.append(measure(variant, transformer, args, forward, device, threshold))
+            log_clock(f"{rows[-1]['variant']}: {rows[-1]['s']:.3f} s/eval (first call {rows[-1]['warm']:.1f} s)")
     print(table(rows))
 
 

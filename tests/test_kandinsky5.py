@@ -178,13 +178,15 @@ def test_the_benchmark_runs_every_variant_in_its_smoke_mode(capsys):
 
 def test_the_benchmark_prints_diffusers_density_as_ours(capsys):
     """diffusers' path's density comes from the BlockMasks nablaT_v2 builds; on the CPU (float32) its masks are ours,
-    so the two columns agree but for blocks that rounding tips at the threshold."""
+    so the two columns agree but for blocks that rounding tips at the threshold. `--ours-thresholds` adds our rows at
+    another P and leaves diffusers' at `--threshold`."""
     bench_kandinsky5.main(["--smoke", "--variants", "diffusers-nabla", "ours-trained", "--threshold", "0.2",
-                           "--height", "512", "--width", "512", "--frames", "1"])
+                           "--ours-thresholds", "0.1", "--height", "512", "--width", "512", "--frames", "1"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     densities = {row[0].strip("| "): float(row[-1].strip(" |")) for row in rows[1:]}
-    assert densities.keys() == {"diffusers-nabla", "ours-trained"}
+    assert list(densities) == ["diffusers-nabla", "ours-trained", "ours-trained P 0.1"]
     assert densities["ours-trained"] < 0.9 and abs(densities["diffusers-nabla"] - densities["ours-trained"]) < 0.01
+    assert densities["ours-trained P 0.1"] < densities["ours-trained"] - 0.02
 
 
 def test_the_benchmark_runs_fp8_last(capsys):
