@@ -19,8 +19,10 @@ count, as generate.py patches them), quantised and cached: the timed --steps mus
 printed; `ti2v-5b`, Wan2.2 TI2V-5B, whose transformer takes a timestep per token (`expand_timesteps`); `i2v-14b`,
 Wan2.1 I2V-14B 480P, a WanImageToVideoPipeline given a (random) first frame, so the transformer reads its 36 input
 channels and, in cross-attention, the CLIP image tokens; `vace-14B`, Wan2.1 VACE-14B, a WanVACEPipeline given a
-(random) control video and mask, whose 8 VACE blocks' self-attention is patched with the 40 main blocks'. Before each
-table, the share of the stock step that
+(random) control video and mask, whose 8 VACE blocks' self-attention is patched with the 40 main blocks';
+`k5-lite`, `k5-pro`, Kandinsky 5 Lite and Pro T2V: the rest of the command line goes to
+scripts/bench_kandinsky5.py (its flags), whose unit is one transformer evaluation, timed against dense and against
+diffusers' own NABLA path as its docs set it up. Before each table, the share of the stock step that
 self-attention takes: what bounds the speedup that sparse attention can give.
 
 Variants: stock diffusers (eager), dense with compiled blocks, the NABLA patch with every step
@@ -53,9 +55,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,7 @@ from wan.benchmarking import log_clock as log
 from wan.generate.stats import step_report
 from wan.models.experts import boundary_step, experts, warmup_steps
 from wan.models.families import family_of
+from wan.models.random_kandinsky5 import ARCHS as KANDINSKY5_ARCHS
 from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, VACE_PIPELINE
 from wan.speedups.cache import cache_config, describe_cache, disable_cache, enable_cache, expert_cache
 from wan.speedups.precision import apply_precision, check_precision
@@ -379,8 +384,25 @@ def print_report(pipe, args, rows: list[dict], captured: dict) -> None:
               f"| {row['first_call_s']:.1f} | {row['peak_gib']:.1f} | {row['video_s']:.1f} |")
 
 
+def kandinsky5_bench(argv: list[str]):
+    """scripts/bench_kandinsky5.py's main where `argv` names a Kandinsky 5 architecture, else None. Loaded from its
+    file: this script runs as `python scripts/bench_e2e.py` and imported as `scripts.bench_e2e` alike."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--arch")
+    if peek.parse_known_args(argv)[0].arch not in KANDINSKY5_ARCHS:
+        return None
+    spec = importlib.util.spec_from_file_location("bench_kandinsky5", Path(__file__).with_name("bench_kandinsky5.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = model_args(__doc__, steps=3, extra=extra_options, argv=argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if kandinsky5 := kandinsky5_bench(argv):
+        return kandinsky5(argv)
+    handed_on = {name: f"{arch.title} (scripts/bench_kandinsky5.py)" for name, arch in KANDINSKY5_ARCHS.items()}
+    args = model_args(__doc__, steps=3, extra=extra_options, argv=argv, handed_on=handed_on)
     args.video_steps = args.video_steps or args.steps
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 norms and modulation; bf16 matmuls unaffected
     cache = cache_config(yaml.safe_load(args.cache)) if args.cache else None

@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 import wan.attention.processor
 from nabla import SparsityConfig
-from scripts import bench_kandinsky5
+from scripts import bench_e2e, bench_kandinsky5
 from wan.api import disable_nabla, enable_nabla
 from wan.attention.patch import patch_transformer, unpatch
 from wan.attention.processor import NablaWanAttnProcessor
@@ -204,7 +204,7 @@ def test_the_benchmarks_threshold_and_backend_reach_every_nabla_path():
     transformer = bench_kandinsky5.build(args, torch.device("cpu"))
     assert bench_kandinsky5.inputs(transformer, args, torch.device("cpu"))["sparse_params"]["P"] == 0.3
     for variant in ("ours-trained", "ours-fast"):
-        handle = bench_kandinsky5.set_up(variant, transformer, args)[2]
+        handle = bench_kandinsky5.set_up(variant, transformer, args, args.threshold)[2]
         assert (handle.state.config.threshold, handle.state.config.backend) == (0.3, "triton")
         bench_kandinsky5.tear_down(variant, transformer, None)
         disable_nabla(transformer)
@@ -240,7 +240,7 @@ def test_the_benchmarks_flex_only_compile_is_undone():
     args.diffusers_compile = "flex"
     transformer = bench_kandinsky5.build(args, torch.device("cpu"))
     before = _AttentionBackendRegistry.get_active_backend()[0]
-    model, _, handle = bench_kandinsky5.set_up("diffusers-nabla", transformer, args)
+    model, _, handle = bench_kandinsky5.set_up("diffusers-nabla", transformer, args, args.threshold)
     assert model is transformer and bench_kandinsky5.FLEX.flex_attention is handle  # reads the masks' density
     assert handle.flex is not bench_kandinsky5.EAGER_FLEX
     bench_kandinsky5.tear_down("diffusers-nabla", transformer, before)
@@ -266,3 +266,9 @@ def test_the_benchmark_gives_diffusers_flex_call_the_masks_block_sizes():
     flex(None, block_mask=mask, kernel_options={"BLOCK_M": 16})  # what the caller names stays
     flex(None, kernel_options={"BLOCK_M": 16})
     assert seen == [{"BLOCK_M": 64, "BLOCK_N": 32}, {"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 16}]
+
+
+def test_bench_e2e_hands_kandinsky5_architectures_to_their_benchmark(capsys):
+    bench_e2e.main(["--arch", "k5-lite", "--smoke", "--variants", "dense"])
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| variant" and rows[1:] == ["| dense"]

@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,16 +238,19 @@ PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 
 
 def model_args(description: str, steps: int, extra: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: Sequence[str] | None = None, archs: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options of the end-to-end benchmarks: architecture (`archs`, default: all of wan.models.random's ARCHS),
-    video size, timed steps, NABLA budget, --smoke."""
+               argv: Sequence[str] | None = None, archs: Sequence[str] | None = None,
+               handed_on: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The options of the end-to-end benchmarks: architecture (`archs`, default: all of wan.models.random's ARCHS;
+    `handed_on`: those another benchmark takes before this parser runs, by what they are, listed in its help and
+    errors), video size, timed steps, NABLA budget, --smoke."""
     from wan.models.random import ARCHS
 
-    archs = tuple(ARCHS) if archs is None else archs
+    archs, handed_on = tuple(ARCHS) if archs is None else archs, handed_on or {}
+    described = [f"{name}: {ARCHS[name].title}, {ARCHS[name].size[1]}x{ARCHS[name].size[0]} x {ARCHS[name].size[2]} "
+                 "frames" for name in archs] + [f"{name}: {what}" for name, what in handed_on.items()]
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=list(archs), default="14B", help="architecture (default: 14B): " + "; ".join(
-        f"{name}: {ARCHS[name].title}, {ARCHS[name].size[1]}x{ARCHS[name].size[0]} x {ARCHS[name].size[2]} frames"
-        for name in archs))
+    parser.add_argument("--arch", choices=[*archs, *handed_on], default="14B",
+                        help="architecture (default: 14B): " + "; ".join(described))
     parser.add_argument("--height", type=int, help="default: the architecture's")
     parser.add_argument("--width", type=int, help="default: the architecture's")
     parser.add_argument("--frames", type=int, help="default: the architecture's")
