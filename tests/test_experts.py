@@ -213,21 +213,22 @@ def test_video_to_video_runs_under_nabla(pipe):
 
 
 @pytest.mark.parametrize("target, named", [
-    ("animate", "WanAnimatePipeline (transformer: WanAnimateTransformer3DModel)"),
-    ("animate transformer", "WanAnimateTransformer3DModel"),
+    ("pipeline", "WanS2VPipeline (transformer: WanS2VTransformer3DModel)"),
+    ("transformer", "WanS2VTransformer3DModel"),
 ])
 def test_other_wan_pipelines_are_refused_in_one_line(target, named):
-    transformer = type("WanAnimateTransformer3DModel", (), {})()  # no family recognises it
+    transformer = type("WanS2VTransformer3DModel", (), {})()  # a class no family recognises
     # a stand-in of the pipeline's class name: enable_nabla reads its transformer only
-    pipeline = transformer if target.endswith("transformer") else type("WanAnimatePipeline", (SimpleNamespace,), {})(
+    pipeline = transformer if target == "transformer" else type("WanS2VPipeline", (SimpleNamespace,), {})(
         transformer=transformer)
     for call in (enable_nabla, disable_nabla):
         with pytest.raises(TypeError) as err:
             call(pipeline, SparsityConfig(mode="nabla")) if call is enable_nabla else call(pipeline)
         assert str(err.value) == (f"{call.__name__}: {named} is not supported; pass a WanPipeline, "
                                   "WanImageToVideoPipeline or WanVideoToVideoPipeline (their transformers are "
-                                  "WanTransformer3DModel, Wan2.2's transformer_2 included), a WanVACEPipeline, or one "
-                                  "of their transformers")
+                                  "WanTransformer3DModel, Wan2.2's transformer_2 included), a WanVACEPipeline, a "
+                                  "WanAnimatePipeline, a Kandinsky5T2VPipeline or Kandinsky5I2VPipeline, or one of "
+                                  "their transformers")
 
 
 def test_image_to_video_runs_under_nabla(pipe):

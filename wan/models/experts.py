@@ -20,8 +20,7 @@ def experts(pipe_or_transformer: Any, caller: str) -> list[Any]:
     """The transformers to patch: the one given, or the pipeline's `transformer` (and `transformer_2`), each of a
     family the patch knows (wan.models.families).
 
-    Anything else, such as WanAnimatePipeline's transformer (another class, which no family names), is a one-line
-    TypeError naming what is supported.
+    Anything else (a transformer class that no family names) is a one-line TypeError naming what is supported.
     """
     from wan.models.families import SUPPORTED, find_family  # imports diffusers: generate's checks use this module
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from wan.models.animate import ANIMATE
 from wan.models.kandinsky5 import KANDINSKY5
 from wan.models.vace import VACE
 from wan.models.wan import WAN
 
 #: every family, asked in order
-FAMILIES = (WAN, VACE, KANDINSKY5)
+FAMILIES = (WAN, VACE, ANIMATE, KANDINSKY5)
 SUPPORTED = ("a WanPipeline, WanImageToVideoPipeline or WanVideoToVideoPipeline (their transformers are "
-             "WanTransformer3DModel, Wan2.2's transformer_2 included), a WanVACEPipeline, or one of their "
-             "transformers")
+             "WanTransformer3DModel, Wan2.2's transformer_2 included), a WanVACEPipeline, a WanAnimatePipeline, "
+             "a Kandinsky5T2VPipeline or Kandinsky5I2VPipeline, or one of their transformers")
 
 
 def find_family(transformer: Any) -> Any | None:

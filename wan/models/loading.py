@@ -162,9 +162,11 @@ def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image:
 def check_pipeline(name: str, model: str) -> None:
     """One-line ValueError unless `name` is a pipeline class this project runs."""
     if name not in PIPELINES:
+        # Animate's pose, face and background videos are not generate's inputs; its blocks take the patch in Python
+        elsewhere = " (a WanAnimatePipeline runs NABLA through wan.enable_nabla)" if name == "WanAnimatePipeline" else ""
         raise ValueError(f"model: {model} is a {name or 'pipeline of no class'}; allowed: a WanPipeline (text to "
                          f"video), {I2V_PIPELINE} (image to video), {VACE_PIPELINE} (control inputs), "
-                         f"{kandinsky5_facts.T2V_PIPELINE} or {kandinsky5_facts.I2V_PIPELINE} model")
+                         f"{kandinsky5_facts.T2V_PIPELINE} or {kandinsky5_facts.I2V_PIPELINE} model{elsewhere}")
 
 
 def pipeline_class(spec: ModelSpec, image: bool) -> type[DiffusionPipeline]:
