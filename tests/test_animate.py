@@ -1,50 +1,30 @@
-"""Wan2.2 Animate under NABLA through the API (`enable_nabla` on a WanAnimatePipeline): a tiny random checkpoint
-saved in diffusers' layout and loaded as a user loads theirs; every block's self-attention patched, the face adapter
-and cross-attention stock; threshold 1.0 the stock video; a sparse mask changes it. CPU, float32."""
+"""Wan2.2 Animate under NABLA on the tiny checkpoint (`make-tiny-model --family wan2.2-animate`, loaded as a user
+loads theirs; CPU, float32): through the API, every block's self-attention patched, the face adapter and
+cross-attention stock, threshold 1.0 the stock video, a sparse mask another; through `generate`, its character
+image, pose and face videos (and a background and mask to replace), whose bad input is refused before loading."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+from diffusers import DiffusionPipeline, WanAnimatePipeline
 from PIL import Image
-from transformers import UMT5Config, UMT5EncoderModel
 
 import wan.generate.cli
+import wan.models.loading
 from nabla import SparsityConfig
 from wan import disable_nabla, enable_nabla
 from wan.attention.processor import NablaWanAttnProcessor
+from wan.io.video import write_video
 from wan.models import tiny
 
 FRAMES, SIDE, FACE = 9, 32, 16  # one segment of 9 frames: 3 latent frames and the character's
 
 
-def tiny_animate_pipeline() -> WanAnimatePipeline:
-    """Wan2.2 Animate's layout at tiny size: the tiny Wan's text encoder, VAE and CLIP tower, 2 blocks, each followed
-    by a face adapter, and a motion encoder of 16-pixel faces."""
-    tokenizer = tiny.build_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        text_encoder = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=tiny.TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id))
-        transformer = WanAnimateTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=12, text_dim=tiny.TEXT_DIM, freq_dim=32, ffn_dim=32,
-            num_layers=2, image_dim=tiny.IMAGE_DIM, added_kv_proj_dim=24, rope_max_seq_len=1024,
-            motion_encoder_channel_sizes={"16": 8, "8": 8, "4": 8}, motion_encoder_size=FACE, motion_style_dim=8,
-            motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8, face_encoder_num_heads=2,
-            inject_face_latents_blocks=1)
-        vae = tiny._tiny_vae(tiny.TINY["wan2.1-t2v"])
-        images = tiny._tiny_image_encoder()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return WanAnimatePipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
-                              scheduler=scheduler, transformer=transformer.eval(), **images)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("animate")
-    tiny_animate_pipeline().save_pretrained(path)
-    return path
+    return tiny.save_tiny_model(tmp_path_factory.mktemp("animate") / "model", family="wan2.2-animate")
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +76,63 @@ def test_threshold_one_is_the_stock_video_and_a_sparse_mask_is_not(pipe):
             assert density < 0.9 and np.abs(frames - stock).max() > 1e-3
 
 
-def test_generate_points_an_animate_checkpoint_to_the_api(folder, tmp_path, capsys):
-    """Its pose, face and background videos are not generate's inputs: one line, exit 2, nothing written."""
-    out = tmp_path / "v.npy"
-    assert wan.generate.cli.main(["--model", str(folder), "--prompt", "a cat", "--output", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a WanAnimatePipeline" in err and "through wan.enable_nabla" in err
-    assert not out.exists()
+@pytest.fixture
+def controls(tmp_path):
+    """The character (first.png) and 9-frame pose, face, background and mask videos as .npy frames written by the
+    project's own writer (what `--output NAME.npy` writes)."""
+    rng = np.random.RandomState(0)
+    video = rng.rand(FRAMES, 40, 48, 3).astype(np.float32)
+    mask = np.zeros_like(video)
+    mask[:, 10:30, 12:36] = 1
+    Image.fromarray((video[0] * 255).astype(np.uint8)).save(tmp_path / "first.png")
+    paths = {name: write_video(frames, tmp_path / f"{name}.npy") for name, frames in (
+        ("pose", video[::-1].copy()), ("face", rng.rand(FRAMES, 24, 24, 3).astype(np.float32)), ("background", video),
+        ("mask", mask), ("short", video[:5]))}
+    return {**paths, "image": tmp_path / "first.png"}
+
+
+def run_cli(*args) -> int:
+    return wan.generate.cli.main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["animate", "replace"])
+def test_generate_animates_the_character(folder, controls, replace, tmp_path):
+    """--image, --pose-video and --face-video (and --video with --mask: its replacement mode) reach the pipeline; NABLA
+    on both blocks' self-attention, --stats counting them."""
+    out, stats = tmp_path / "v.npy", tmp_path / "s.json"
+    background = ["--video", controls["background"], "--mask", controls["mask"]] if replace else []
+    assert run_cli("--model", folder, "--prompt", "a cat dances", "--image", controls["image"], "--pose-video",
+                   controls["pose"], "--face-video", controls["face"], *background, "--height", SIDE, "--width", SIDE,
+                   "--frames", FRAMES, "--steps", 2, "--config", "nabla-0.7", "--output", out, "--stats", stats) == 0
+    assert np.load(out).shape == (FRAMES, SIDE, SIDE, 3)
+    report = json.loads(stats.read_text())
+    assert (report["blocks"], report["computed_steps"], report["layers"]) == (2, [0, 1], [0, 1])
+
+
+@pytest.mark.parametrize("model, flags, error", [
+    ("animate", [], ("--pose-video: {animate} is a Wan2.2 Animate model; give the pose and the face video that move "
+                     "--image's character: --pose-video PATH --face-video PATH")),
+    ("animate", ["--pose-video", "{pose}"], ("pose_video: Wan2.2 Animate moves the character by a pose and a face "
+                                             "video together; give --face-video PATH too")),
+    ("animate", ["--pose-video", "{pose}", "--face-video", "{face}", "--video", "{background}"],
+     ("--video: {animate} is a Wan2.2 Animate model, whose --video is the background of its replacement mode; give "
+      "--mask PATH too, white where the character to replace is")),
+    ("animate", ["--pose-video", "{pose}", "--face-video", "{face}", "--reference-image", "{image}"],
+     "--reference-image: not supported for {animate}, a Wan2.2 Animate model; that control is Wan VACE's"),
+    ("animate", ["--pose-video", "{short}", "--face-video", "{face}"],
+     ("--pose-video: {short} has 5 frames and the video 9 (--frames); give a video of 9 frames, or as many --frames as "
+      "it has (4k+1)")),
+    ("tiny", ["--pose-video", "{pose}", "--face-video", "{face}"],
+     ("--pose-video: {tiny} is a WanPipeline model and takes no pose or face video; they need a Wan2.2 Animate model "
+      "(WanAnimatePipeline), such as Wan-AI/Wan2.2-Animate-14B-Diffusers")),
+], ids=["no controls", "pose alone", "video alone", "vace control", "short pose", "not animate"])
+def test_bad_controls_are_refused_before_loading(model, flags, error, folder, tiny_model, controls, tmp_path,
+                                                 monkeypatch, capsys):
+    monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    models = {"animate": folder, "tiny": tiny_model}
+    image = ["--image", controls["image"]] if model == "animate" else []
+    flags = [flag.format(**controls) for flag in flags]
+    assert run_cli("--model", models[model], "--prompt", "a cat", *image, *flags, "--height", SIDE, "--width", SIDE,
+                   "--frames", FRAMES, "--steps", 2, "--output", tmp_path / "v.npy") == 2
+    assert capsys.readouterr().err == "error: " + error.format(**models, **controls) + "\n"
+    assert not (tmp_path / "v.npy").exists()

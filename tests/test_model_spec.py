@@ -12,7 +12,7 @@ from wan.models.tiny import TINY, save_tiny_model
 
 NAMES = {"wan2.1-t2v": "Wan2.1 T2V", "wan2.2-a14b": "Wan2.2 T2V-A14B", "wan2.1-i2v": "Wan2.1 I2V",
          "wan2.1-flf2v": "Wan2.1 FLF2V", "wan2.2-ti2v": "Wan2.2 TI2V-5B", "wan2.2-i2v-a14b": "Wan2.2 I2V-A14B",
-         "wan2.1-vace": "Wan2.1 VACE"}
+         "wan2.1-vace": "Wan2.1 VACE", "wan2.2-animate": "Wan2.2 Animate"}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,12 @@ def test_each_family_reads_back_its_facts(folders, family):
 
 def test_the_facts_that_follow(folders):
     specs = {family: ModelSpec.from_folder(str(folder)) for family, folder in folders.items()}
-    assert [specs[f].image_frames for f in TINY] == [0, 0, 1, 2, 0, 2, 0]
-    assert [specs[f].image_condition for f in TINY] == [False, False, True, True, False, True, False]
-    assert [specs[f].image_embeds for f in TINY] == [False, False, True, True, False, False, False]
-    assert [specs[f].pixels_per_token for f in TINY] == [16, 16, 16, 16, 32, 16, 16]
-    assert [specs[f].vace for f in TINY] == [False] * 6 + [True]
+    assert [specs[f].image_frames for f in TINY] == [0, 0, 1, 2, 0, 2, 0, 1]
+    assert [specs[f].image_condition for f in TINY] == [False, False, True, True, False, True, False, False]
+    assert [specs[f].image_embeds for f in TINY] == [False, False, True, True, False, False, False, True]
+    assert [specs[f].pixels_per_token for f in TINY] == [16, 16, 16, 16, 32, 16, 16, 16]
+    assert [specs[f].vace for f in TINY] == [False] * 6 + [True, False]
+    assert [specs[f].animate for f in TINY] == [False] * 7 + [True] and specs["wan2.2-animate"].face_size == 16
     assert specs["wan2.2-a14b"].experts == EXPERT_NAMES and specs["wan2.2-a14b"].boundary_ratio == 0.875
     assert specs["wan2.2-i2v-a14b"].boundary_ratio == 0.9 and specs["wan2.1-i2v"].boundary_ratio is None
     assert specs["wan2.2-ti2v"].token_grid(121, 704, 1280) == (31, 22, 40)

@@ -65,6 +65,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    "Wan2.1, or Wan2.2 A14B, both experts get NABLA; Wan2.2 TI2V with or without --image) or image to video "
                    "(WanImageToVideoPipeline, read from its model_index.json: Wan2.1 I2V and FLF2V, Wan2.2 I2V; give "
                    "--image) or Wan VACE (WanVACEPipeline: --video, --mask, --reference-image, or text alone), or "
+                   "Wan2.2 Animate (WanAnimatePipeline: --image, --pose-video, --face-video; --video and --mask to "
+                   "replace a character; one segment of --frames frames), or "
                    "Kandinsky 5 (Kandinsky5T2VPipeline, or Kandinsky5I2VPipeline with --image; its defaults "
                    "512x768, 121 frames, 24 fps; one process, no cache, no --transformer) "
                    f"(default: {DEFAULT_MODEL})")
@@ -88,13 +90,19 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _control_flags(p: argparse.ArgumentParser) -> None:
-    """Wan VACE's controls (a WanVACEPipeline model; refused for the others)."""
+    """Wan VACE's and Wan2.2 Animate's controls (refused for the other models)."""
     p.add_argument("--video", metavar="PATH", help="Wan VACE: the control video (an MP4, or .npy frames as --output "
                    "NAME.npy writes them), one frame per generated frame (--frames), resized to --height x --width; "
                    "with --mask the video is kept where the mask is black and generated where it is white, without "
-                   "one it guides the whole video (a depth, pose or edge video, ...)")
+                   "one it guides the whole video (a depth, pose or edge video, ...). Wan2.2 Animate: the background "
+                   "video whose masked character --image replaces (its replacement mode)")
     p.add_argument("--mask", metavar="PATH", help="Wan VACE: the mask of --video, as many frames, greyscale: white "
-                   "where to generate, black where to keep the video")
+                   "where to generate, black where to keep the video. Wan2.2 Animate: white where the character to "
+                   "replace is")
+    p.add_argument("--pose-video", metavar="PATH", help="Wan2.2 Animate: the pose video (the skeleton frames its "
+                   "preprocessing draws) that moves --image's character, one frame per generated frame (--frames)")
+    p.add_argument("--face-video", metavar="PATH", help="Wan2.2 Animate: the face video (the cropped face of each "
+                   "frame) that drives its expression, as many frames as --pose-video")
     p.add_argument("--reference-image", metavar="PATH", action="append", help="Wan VACE: an image of a subject or a "
                    "look for the video to take; repeat it for several")
     p.add_argument("--conditioning-scale", type=float, metavar="S", help="Wan VACE: the strength of the controls' "

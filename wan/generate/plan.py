@@ -78,6 +78,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         "scheduler": args.scheduler, "flow_shift": args.flow_shift, "sigmas": args.sigmas,
         "vae_dtype": args.vae_dtype, "cfg_truncation": args.cfg_truncation, "video": args.video, "mask": args.mask,
         "reference_images": args.reference_image, "conditioning_scale": args.conditioning_scale,
+        "pose_video": args.pose_video, "face_video": args.face_video,
     }
     entries = _prompts_file(args)
     if entries is not None:
@@ -168,30 +169,64 @@ def check_model_levers(plan: Plan, spec: ModelSpec) -> None:
 
 _I2V_EXAMPLE = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 _VACE_EXAMPLE = "Wan-AI/Wan2.1-VACE-14B-diffusers"
+_ANIMATE_EXAMPLE = "Wan-AI/Wan2.2-Animate-14B-Diffusers"
 _CONTROLS = {"video": "--video", "mask": "--mask", "reference_images": "--reference-image",
              "conditioning_scale": "--conditioning-scale"}
+_ANIMATE_CONTROLS = {"pose_video": "--pose-video", "face_video": "--face-video"}
 
 
 def check_model_controls(plan: Plan, spec: ModelSpec) -> None:
     """One-line ValueError unless the run's controls fit the model: VACE's (--video, --mask, --reference-image,
-    --conditioning-scale) only for a Wan VACE model; for one, no --image, and none of the levers it does not run
-    with: a step cache (diffusers' caches skip main blocks, between which VACE adds its hints), several processes
-    (diffusers has no context-parallel plan for its transformer), --transformer (a WanTransformer3DModel)."""
+    --conditioning-scale) only for a Wan VACE model, Animate's (--pose-video, --face-video; --video and --mask to
+    replace) only for a Wan2.2 Animate one; for either, none of the levers it does not run with (`_check_levers`)."""
     settings, model = plan.settings, spec.model
     given = [flag for name, flag in _CONTROLS.items() if getattr(settings, name) is not None]
+    posed = [flag for name, flag in _ANIMATE_CONTROLS.items() if getattr(settings, name) is not None]
+    if posed and not spec.animate:
+        raise ValueError(f"{posed[0]}: {model} is a {spec.pipeline} model and takes no pose or face video; they need "
+                         f"a Wan2.2 Animate model (WanAnimatePipeline), such as {_ANIMATE_EXAMPLE}")
+    if spec.animate:
+        _check_animate_controls(plan, spec, given, posed)
+        return
     if given and not spec.vace:
         raise ValueError(f"{given[0]}: {model} is a {spec.pipeline} model and takes no control inputs; they need a "
                          f"Wan VACE model (WanVACEPipeline), such as {_VACE_EXAMPLE}")
     if not spec.vace:
         return
-    refused = [(settings.image is not None or settings.last_image is not None, "--image/--last-image",
-                "give the frames to keep as --video with a --mask, or the look as --reference-image"),
-               (plan.cache is not None, "cache", "drop the config's cache: section"),
+    if settings.image is not None or settings.last_image is not None:
+        raise ValueError(f"--image/--last-image: not supported for {model}, a Wan VACE model; give the frames to keep "
+                         "as --video with a --mask, or the look as --reference-image")
+    _check_levers(plan, spec)
+
+
+def _check_animate_controls(plan: Plan, spec: ModelSpec, given: list[str], posed: list[str]) -> None:
+    """Wan2.2 Animate: a pose and a face video (their pairing is the settings' check); --video with --mask, its
+    replacement mode; none of VACE's other controls."""
+    settings, model = plan.settings, spec.model
+    if not posed:
+        raise ValueError(f"--pose-video: {model} is a Wan2.2 Animate model; give the pose and the face video that "
+                         "move --image's character: --pose-video PATH --face-video PATH")
+    vace_only = [flag for flag in given if flag not in ("--video", "--mask")]
+    if vace_only:
+        raise ValueError(f"{vace_only[0]}: not supported for {model}, a Wan2.2 Animate model; that control is Wan "
+                         "VACE's")
+    if settings.video is not None and settings.mask is None:
+        raise ValueError(f"--video: {model} is a Wan2.2 Animate model, whose --video is the background of its "
+                         "replacement mode; give --mask PATH too, white where the character to replace is")
+    _check_levers(plan, spec)
+
+
+def _check_levers(plan: Plan, spec: ModelSpec) -> None:
+    """The levers a model of control inputs does not run with: a step cache (diffusers' caches skip main blocks,
+    between which VACE adds its hints and Animate its face features), several processes (diffusers has no
+    context-parallel plan for either transformer), --transformer (a WanTransformer3DModel)."""
+    refused = [(plan.cache is not None, "cache", "drop the config's cache: section"),
                (plan.parallel, "--ulysses/--cfg-parallel", "run it on one process"),
-               ("--transformer" in plan.one_expert_flags, "--transformer", "give the whole VACE model with --model")]
+               ("--transformer" in plan.one_expert_flags, "--transformer",
+                f"give the whole {spec.name} model with --model")]
     for bad, what, instead in refused:
         if bad:
-            raise ValueError(f"{what}: not supported for {model}, a Wan VACE model; {instead}")
+            raise ValueError(f"{what}: not supported for {spec.model}, a {spec.name} model; {instead}")
 _FLF2V_EXAMPLE = "Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers"
 
 

@@ -46,7 +46,10 @@ def generate(
     """
     device = pipe._execution_device
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    inputs = {**pipeline_images(settings), **pipeline_controls(settings)}
+    face_size = getattr(pipe.transformer.config, "motion_encoder_size", None)  # Wan2.2 Animate's face frames
+    inputs = {**pipeline_images(settings), **pipeline_controls(settings, face_size)}
+    # Wan2.2 Animate makes as many frames as its pose video has, one segment of them
+    frames = {} if "pose_video" in inputs else {"num_frames": settings.frames}
 
     total = steps or settings.steps
     # CFG truncation: the steps from `guided` on run the conditional pass alone (diffusers' pipelines read
@@ -68,7 +71,7 @@ def generate(
             negative_prompt=settings.negative_prompt or None,
             height=settings.height,
             width=settings.width,
-            num_frames=settings.frames,
+            **frames,
             num_inference_steps=total,
             guidance_scale=1.0 if guided == 0 else settings.guidance_scale,
             generator=generator,

@@ -37,6 +37,10 @@ class GenerationSettings:
     mask: str | None = None
     reference_images: list[str] | None = None
     conditioning_scale: float | None = None
+    #: Wan2.2 Animate's controls (WanAnimatePipeline): the pose video and the face video that move --image's
+    #: character; with `video` and `mask` too, the character replaces the one the mask marks in that video
+    pose_video: str | None = None
+    face_video: str | None = None
     #: the sampler (SCHEDULERS; None: the model's own, UniPC for Wan), its flow shift (None: the
     #: model's), and explicit sigmas before the shift (a distilled model's schedule; the steps are then as many)
     scheduler: str | None = None
@@ -95,6 +99,13 @@ class GenerationSettings:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be an image file's path")
         check_controls(self.video, self.mask, self.reference_images, self.conditioning_scale)
+        for name in ("pose_video", "face_video"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be a video file's path (.mp4, or .npy frames)")
+        if (self.pose_video is None) != (self.face_video is None):
+            given, missing = ("pose_video", "face_video") if self.face_video is None else ("face_video", "pose_video")
+            raise ValueError(f"{given}: Wan2.2 Animate moves the character by a pose and a face video together; give "
+                             f"--{missing.replace('_', '-')} PATH too")
         if self.last_image is not None and self.image is None:
             raise ValueError("last_image: a last frame needs a first one; give --image PATH too")
         if self.last_image is not None and self.frames < 5:

@@ -46,9 +46,11 @@ def read_frames(path: str | Path, flag: str) -> np.ndarray:
         raise ValueError(f"{flag}: {path} cannot be read as frames ({reason}); {_WHAT}") from None
 
 
-def control_frames(path: str | Path, flag: str, frames: int, size: tuple[int, int], mask: bool) -> list[Image.Image]:
-    """The `frames` frames of the video at `path` resized to `size` (width, height), RGB, or greyscale for a `mask`
-    (nearest neighbour: its edges stay hard). One frame a generated frame: another count is a one-line ValueError."""
+def control_frames(path: str | Path, flag: str, frames: int, size: tuple[int, int] | None, mask: bool
+                   ) -> list[Image.Image]:
+    """The `frames` frames of the video at `path` resized to `size` (width, height; None: as they are), RGB, or
+    greyscale for a `mask` (nearest neighbour: its edges stay hard). One frame a generated frame: another count is a
+    one-line ValueError."""
     from PIL import Image
 
     pixels = read_frames(path, flag)
@@ -56,12 +58,16 @@ def control_frames(path: str | Path, flag: str, frames: int, size: tuple[int, in
         raise ValueError(f"{flag}: {path} has {len(pixels)} frames and the video {frames} (--frames); give a video "
                          f"of {frames} frames, or as many --frames as it has (4k+1)")
     mode, resample = ("L", Image.NEAREST) if mask else ("RGB", Image.BICUBIC)
-    return [Image.fromarray(frame).convert(mode).resize(size, resample) for frame in pixels]
+    images = [Image.fromarray(frame).convert(mode) for frame in pixels]
+    return images if size is None else [image.resize(size, resample) for image in images]
 
 
-def pipeline_controls(settings: Any) -> dict[str, Any]:
+def pipeline_controls(settings: Any, face_size: int | None = None) -> dict[str, Any]:
     """The control arguments of a WanVACEPipeline call for `settings` (its `video`, `mask`, `reference_images` and
-    `conditioning_scale`): none where none is given."""
+    `conditioning_scale`), or of a WanAnimatePipeline call where it has a pose video (`animate_controls`): none
+    where none is given."""
+    if settings.pose_video is not None:
+        return animate_controls(settings, face_size)
     controls: dict[str, Any] = {}
     size = (settings.width, settings.height)
     for name, flag in (("video", "--video"), ("mask", "--mask")):
@@ -71,4 +77,20 @@ def pipeline_controls(settings: Any) -> dict[str, Any]:
         controls["reference_images"] = [read_image(path, "--reference-image") for path in settings.reference_images]
     if settings.conditioning_scale is not None:
         controls["conditioning_scale"] = float(settings.conditioning_scale)
+    return controls
+
+
+def animate_controls(settings: Any, face_size: int | None) -> dict[str, Any]:
+    """A WanAnimatePipeline call's controls: the pose video at the video's size, the face video at `face_size`
+    pixels square (its motion encoder's; None: as they are), the whole video one segment of `frames`, and with
+    `video` and `mask` its replacement mode (the background video and the character's mask)."""
+    size = (settings.width, settings.height)
+    face = None if face_size is None else (face_size, face_size)
+    controls = {"pose_video": control_frames(settings.pose_video, "--pose-video", settings.frames, size, False),
+                "face_video": control_frames(settings.face_video, "--face-video", settings.frames, face, False),
+                "segment_frame_length": settings.frames}
+    if settings.video is not None and settings.mask is not None:
+        controls.update(mode="replace",
+                        background_video=control_frames(settings.video, "--video", settings.frames, size, False),
+                        mask_video=control_frames(settings.mask, "--mask", settings.frames, size, True))
     return controls

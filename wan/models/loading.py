@@ -25,13 +25,13 @@ from safetensors.torch import load_file
 
 from wan.defaults import DEFAULT_MODEL
 from wan.models import kandinsky5_facts
-from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
+from wan.models.spec import ANIMATE_PIPELINE, EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
 
 #: the pipeline classes this project runs, as a model_index.json names them
-PIPELINES = (T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE, *kandinsky5_facts.PIPELINES)
+PIPELINES = (T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE, ANIMATE_PIPELINE, *kandinsky5_facts.PIPELINES)
 _HOW_TO_GET = (
     f"get weights with `hf download {DEFAULT_MODEL} --local-dir DIR`, "
     "or build an offline demo model with `nabla-wan make-tiny-model DIR`"
@@ -162,11 +162,10 @@ def _load_local(model: str, dtypes: dict, transformer: str | Path | None, image:
 def check_pipeline(name: str, model: str) -> None:
     """One-line ValueError unless `name` is a pipeline class this project runs."""
     if name not in PIPELINES:
-        # Animate's pose, face and background videos are not generate's inputs; its blocks take the patch in Python
-        elsewhere = " (a WanAnimatePipeline runs NABLA through wan.enable_nabla)" if name == "WanAnimatePipeline" else ""
         raise ValueError(f"model: {model} is a {name or 'pipeline of no class'}; allowed: a WanPipeline (text to "
                          f"video), {I2V_PIPELINE} (image to video), {VACE_PIPELINE} (control inputs), "
-                         f"{kandinsky5_facts.T2V_PIPELINE} or {kandinsky5_facts.I2V_PIPELINE} model{elsewhere}")
+                         f"{ANIMATE_PIPELINE} (pose and face videos), {kandinsky5_facts.T2V_PIPELINE} or "
+                         f"{kandinsky5_facts.I2V_PIPELINE} model")
 
 
 def pipeline_class(spec: ModelSpec, image: bool) -> type[DiffusionPipeline]:

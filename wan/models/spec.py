@@ -2,7 +2,8 @@
 
 Generation, training, the tiny and random model builders and every check ask a `ModelSpec`, never the files:
 - the pipeline class (`WanPipeline`: text to video; `WanImageToVideoPipeline`: image to video; `WanVACEPipeline`:
-  video from control inputs, a video, its mask and reference images, or from text alone);
+  video from control inputs, a video, its mask and reference images, or from text alone; `WanAnimatePipeline`: a
+  character image moved by a pose video and a face video, or put into a background video);
 - its experts: `transformer`, and Wan2.2 A14B's low-noise `transformer_2`, switched at `boundary_ratio`;
 - TI2V (`expand_timesteps`: Wan2.2 TI2V-5B's per-token timesteps; with an image, diffusers' image mode);
 - the image conditioning: Wan2.1 I2V reads one image's CLIP tokens (`image_dim`), FLF2V two (`pos_embed_seq_len`),
@@ -25,6 +26,7 @@ from nabla.config import SparsityConfig
 from wan.models import kandinsky5_facts
 
 T2V_PIPELINE, I2V_PIPELINE, VACE_PIPELINE = "WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"
+ANIMATE_PIPELINE = "WanAnimatePipeline"
 #: the pipeline attributes that hold experts, in the order of the steps they run
 EXPERT_NAMES = ("transformer", "transformer_2")
 #: the prompt tokens Wan's text encoder reads (WanPipeline's max_sequence_length; the embeddings it was trained on)
@@ -51,6 +53,8 @@ class ModelSpec:
     #: Kandinsky 5's `visual_cond`: its transformer reads a first frame's latents and their mask beside the noisy
     #: latents (zeros for text to video)
     visual_cond: bool = False
+    #: Wan2.2 Animate's face frames' side in pixels (its motion encoder's `motion_encoder_size`), else None
+    face_size: int | None = None
 
     @property
     def name(self) -> str:
@@ -61,6 +65,8 @@ class ModelSpec:
             return "Wan2.2 TI2V-5B"
         if self.clip_images == 2:
             return "Wan2.1 FLF2V"
+        if self.animate:
+            return "Wan2.2 Animate"
         kind = "I2V" if self.pipeline == I2V_PIPELINE else "VACE" if self.vace else "T2V"
         return f"Wan2.2 {kind}-A14B" if len(self.experts) > 1 else f"Wan2.1 {kind}"
 
@@ -68,6 +74,11 @@ class ModelSpec:
     def vace(self) -> bool:
         """A Wan VACE model: its transformer also runs VACE blocks on the control latents (video, mask, references)."""
         return self.pipeline == VACE_PIPELINE
+
+    @property
+    def animate(self) -> bool:
+        """A Wan2.2 Animate model: its character image is --image, its controls a pose and a face video."""
+        return self.pipeline == ANIMATE_PIPELINE
 
     @property
     def kandinsky5(self) -> bool:
@@ -98,7 +109,7 @@ class ModelSpec:
     def image_frames(self) -> int:
         """The frames a run takes as images: 0 (text to video), 1 (the first: Wan2.1 I2V) or 2 (the first and the
         last: Wan2.1 FLF2V, Wan2.2 I2V). A TI2V model takes an optional first frame (its image mode): 0 here."""
-        if self.pipeline == kandinsky5_facts.I2V_PIPELINE:
+        if self.pipeline in (kandinsky5_facts.I2V_PIPELINE, ANIMATE_PIPELINE):
             return 1
         if self.pipeline != I2V_PIPELINE or self.ti2v:
             return 0
@@ -131,9 +142,10 @@ class ModelSpec:
                        visual_cond=bool(transformer.get("visual_cond")))
         two = (index.get("transformer_2") or [None])[0] is not None
         clip = 0 if transformer.get("image_dim") is None else 2 if transformer.get("pos_embed_seq_len") else 1
+        face = transformer.get("motion_encoder_size") if index.get("_class_name") == ANIMATE_PIPELINE else None
         return cls(model, index.get("_class_name", ""), EXPERT_NAMES[:1 + two],
                    index.get("boundary_ratio") if two else None, bool(index.get("expand_timesteps")), clip,
-                   tuple(transformer.get("patch_size") or (1, 2, 2)), _vae_scale(vae))
+                   tuple(transformer.get("patch_size") or (1, 2, 2)), _vae_scale(vae), face_size=face)
 
     @classmethod
     def from_folder(cls, model: str) -> ModelSpec | None:

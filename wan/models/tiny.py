@@ -12,7 +12,8 @@ encoder: its transformers read the VAE's latents of the frames only) and `wan2.2
 VAE that patchifies 2x2 pixels before 8x downsampling: 16x spatial compression, 32 pixels a token), and `wan2.1-vace`
 (Wan2.1 VACE's: a WanVACEPipeline whose transformer runs one VACE block on the control latents, 96 channels: the
 video's latents outside and inside the mask and the 8x8 pixels of the mask under each latent, and adds its hint after
-main block 0).
+main block 0), and `wan2.2-animate` (Wan2.2 Animate's: a WanAnimatePipeline with a CLIP image encoder, 2 blocks each
+followed by a face adapter, and a motion encoder of 16-pixel faces).
 
 The weights are noise, so videos are noise too; the point is exercising the full pipeline
 (tokenizer -> UMT5 -> transformer -> UniPC -> VAE) with real shapes in well under a second on a CPU.
@@ -28,6 +29,7 @@ import torch
 from diffusers import (
     AutoencoderKLWan,
     UniPCMultistepScheduler,
+    WanAnimateTransformer3DModel,
     WanPipeline,
     WanTransformer3DModel,
     WanVACEPipeline,
@@ -36,7 +38,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, CLIPVisionModel, T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
-from wan.models.spec import EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
+from wan.models.spec import ANIMATE_PIPELINE, EXPERT_NAMES, I2V_PIPELINE, T2V_PIPELINE, VACE_PIPELINE, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import WanImageToVideoPipeline
@@ -86,6 +88,8 @@ TINY = {
     "wan2.2-i2v-a14b": ModelSpec("Wan2.2 I2V-A14B-style two-expert image-to-video", I2V_PIPELINE, EXPERT_NAMES,
                                  I2V_A14B_BOUNDARY_RATIO),
     "wan2.1-vace": ModelSpec("Wan2.1 VACE (video, mask and reference images as controls)", VACE_PIPELINE),
+    "wan2.2-animate": ModelSpec("Wan2.2 Animate (a character image moved by pose and face videos)", ANIMATE_PIPELINE,
+                                clip_images=1, face_size=16),
 }
 #: a VACE transformer's control channels over the VAE's 16: the latents outside and inside the mask (16 each) and
 #: the mask's 8x8 pixels under each latent (64), as WanVACEPipeline stacks them
@@ -106,6 +110,12 @@ def _tiny_transformer(spec: ModelSpec = TINY["wan2.1-t2v"]) -> WanTransformer3DM
     if spec.ti2v:
         extra = {"in_channels": TI2V_LATENT_CHANNELS, "out_channels": TI2V_LATENT_CHANNELS}
     model = WanTransformer3DModel
+    if spec.animate:  # 16 noise + 20 reference channels, as Wan2.1 I2V; a face adapter after every block; the motion
+        # encoder's convolutions halve 16-pixel faces to 4
+        model, extra = WanAnimateTransformer3DModel, {
+            **extra, "in_channels": 36, "motion_encoder_size": spec.face_size, "motion_encoder_channel_sizes": {"16": 8, "8": 8, "4": 8},
+            "motion_style_dim": 8, "motion_dim": 4, "motion_encoder_dim": 8, "face_encoder_hidden_dim": 8,
+            "face_encoder_num_heads": 2, "inject_face_latents_blocks": 1}
     if spec.vace:  # one VACE block (fewer than the main blocks, as in the real models), hinting main block 0
         model, extra = WanVACETransformer3DModel, {"vace_layers": [0], "vace_in_channels": VACE_IN_CHANNELS}
     return model(**{
@@ -167,6 +177,8 @@ def build_tiny_pipeline(seed: int = 0, family: str = "wan2.1-t2v"
         extra["expand_timesteps"] = True
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipeline = WanVACEPipeline if spec.vace else WanPipeline
+    if spec.animate:  # imported only here, as the I2V class below
+        from diffusers import WanAnimatePipeline as pipeline
     if spec.pipeline == I2V_PIPELINE:
         # imported only here: without torchvision, transformers 5 warns (on importing CLIPImageProcessor, as diffusers'
         # I2V pipeline module does) that it falls back to its PIL processor, which text-to-video users need not read
