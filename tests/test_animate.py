@@ -125,11 +125,14 @@ def test_generate_animates_the_character(folder, controls, replace, tmp_path):
     ("tiny", ["--pose-video", "{pose}", "--face-video", "{face}"],
      ("--pose-video: {tiny} is a WanPipeline model and takes no pose or face video; they need a Wan2.2 Animate model "
       "(WanAnimatePipeline), such as Wan-AI/Wan2.2-Animate-14B-Diffusers")),
-], ids=["no controls", "pose alone", "video alone", "vace control", "short pose", "not animate"])
+    ("animate without --image", ["--pose-video", "{pose}", "--face-video", "{face}"],
+     ("--image: {animate} is an image-to-video model (WanAnimatePipeline); give the character to animate with "
+      "--image PATH")),
+], ids=["no controls", "pose alone", "video alone", "vace control", "short pose", "not animate", "no image"])
 def test_bad_controls_are_refused_before_loading(model, flags, error, folder, tiny_model, controls, tmp_path,
                                                  monkeypatch, capsys):
     monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
-    models = {"animate": folder, "tiny": tiny_model}
+    models = {"animate": folder, "tiny": tiny_model, "animate without --image": folder}
     image = ["--image", controls["image"]] if model == "animate" else []
     flags = [flag.format(**controls) for flag in flags]
     assert run_cli("--model", models[model], "--prompt", "a cat", *image, *flags, "--height", SIDE, "--width", SIDE,

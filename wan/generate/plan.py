@@ -247,7 +247,8 @@ def check_model_images(spec: ModelSpec, image: str | None, last_image: str | Non
         raise ValueError(f"--image: {model} is a text-to-video model ({spec.pipeline}) and takes no image; image to "
                          f"video needs {needs}")
     if frames > 0 and image is None:
-        raise ValueError(f"--image: {model} is an image-to-video model ({spec.pipeline}); give its first frame with "
+        what = "the character to animate" if spec.animate else "its first frame"
+        raise ValueError(f"--image: {model} is an image-to-video model ({spec.pipeline}); give {what} with "
                          "--image PATH")
     if frames == 1 and last_image is not None:
         raise ValueError(f"--last-image: {model} takes one image, the first frame ({spec.name}); a first and a last "
