@@ -79,7 +79,7 @@ def test_threshold_one_is_the_stock_video_and_a_sparse_mask_is_not(pipe):
 @pytest.fixture
 def controls(tmp_path):
     """The character (first.png) and 9-frame pose, face, background and mask videos as .npy frames written by the
-    project's own writer (what `--output NAME.npy` writes)."""
+    project's own writer (what `--output NAME.npy` writes); a config with a step cache."""
     rng = np.random.RandomState(0)
     video = rng.rand(FRAMES, 40, 48, 3).astype(np.float32)
     mask = np.zeros_like(video)
@@ -88,7 +88,8 @@ def controls(tmp_path):
     paths = {name: write_video(frames, tmp_path / f"{name}.npy") for name, frames in (
         ("pose", video[::-1].copy()), ("face", rng.rand(FRAMES, 24, 24, 3).astype(np.float32)), ("background", video),
         ("mask", mask), ("short", video[:5]))}
-    return {**paths, "image": tmp_path / "first.png"}
+    (tmp_path / "cache.yaml").write_text("sparsity: {mode: nabla, threshold: 0.7}\ncache: {type: taylorseer}\n")
+    return {**paths, "image": tmp_path / "first.png", "cache": tmp_path / "cache.yaml"}
 
 
 def run_cli(*args) -> int:
@@ -128,7 +129,9 @@ def test_generate_animates_the_character(folder, controls, replace, tmp_path):
     ("animate without --image", ["--pose-video", "{pose}", "--face-video", "{face}"],
      ("--image: {animate} is an image-to-video model (WanAnimatePipeline); give the character to animate with "
       "--image PATH")),
-], ids=["no controls", "pose alone", "video alone", "vace control", "short pose", "not animate", "no image"])
+    ("animate", ["--pose-video", "{pose}", "--face-video", "{face}", "--config", "{cache}"],
+     "cache: not supported for {animate}, a Wan2.2 Animate model; drop the config's cache: section"),
+], ids=["no controls", "pose alone", "video alone", "vace control", "short pose", "not animate", "no image", "cache"])
 def test_bad_controls_are_refused_before_loading(model, flags, error, folder, tiny_model, controls, tmp_path,
                                                  monkeypatch, capsys):
     monkeypatch.setattr(wan.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
