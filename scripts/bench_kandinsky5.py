@@ -5,7 +5,8 @@
     python scripts/bench_kandinsky5.py --arch k5-pro --max-density 0.15        # 1280x768 x 241: 234,240 tokens
     python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2          # every path at a trained-like density
     python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --variants dense ours-fast --profile
-    python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --ours-thresholds 0.17 0.15 --diffusers-compile flex
+    python scripts/bench_kandinsky5.py --arch k5-lite --threshold 0.2 --ours-thresholds 0.17 0.15 \
+        --diffusers-compile flex                                               # ours also at 2 more P
     python scripts/bench_kandinsky5.py --smoke                                 # the tiny model on the CPU, seconds
 
 Variants, each on the same random-weight transformer (wan.models.random_kandinsky5, bf16) and inputs:

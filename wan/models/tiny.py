@@ -113,8 +113,8 @@ def _tiny_transformer(spec: ModelSpec = TINY["wan2.1-t2v"]) -> WanTransformer3DM
     if spec.animate:  # 16 noise + 20 reference channels, as Wan2.1 I2V; a face adapter after every block; the motion
         # encoder's convolutions halve 16-pixel faces to 4
         model, extra = WanAnimateTransformer3DModel, {
-            **extra, "in_channels": 36, "motion_encoder_size": spec.face_size, "motion_encoder_channel_sizes": {"16": 8, "8": 8, "4": 8},
-            "motion_style_dim": 8, "motion_dim": 4, "motion_encoder_dim": 8, "face_encoder_hidden_dim": 8,
+            **extra, "in_channels": 36, "motion_encoder_size": spec.face_size,
+            "motion_encoder_channel_sizes": {"16": 8, "8": 8, "4": 8}, "motion_style_dim": 8, "motion_dim": 4, "motion_encoder_dim": 8, "face_encoder_hidden_dim": 8,
             "face_encoder_num_heads": 2, "inject_face_latents_blocks": 1}
     if spec.vace:  # one VACE block (fewer than the main blocks, as in the real models), hinting main block 0
         model, extra = WanVACETransformer3DModel, {"vace_layers": [0], "vace_in_channels": VACE_IN_CHANNELS}
